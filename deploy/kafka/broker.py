@@ -1,0 +1,685 @@
+#!/usr/bin/env python3
+"""A local single-node Apache Kafka 4.x broker (KRaft, broker+controller in one) for dev and tests.
+
+Jars come from Maven Central through deploy/kafka/pom.xml (so no tarball, no Docker); config,
+data, logs, pid and state files all live in one cache dir: $VOICECLONE_KAFKA_HOME, default
+<repo>/.cache/kafka.
+
+    broker.py fetch      # download the jars once (marker: libs/.kafka-version)
+    broker.py start      # idempotent; the last stdout line is bootstrap=HOST:PORT
+    broker.py status     # exit 0 running, 1 running but not answering, 3 stopped
+    broker.py bootstrap  # just HOST:PORT (exit 3 when stopped)
+    broker.py stop       # SIGTERM, then SIGKILL after --timeout
+
+Standard library only, so it runs with any python3 >= 3.9, inside or outside the project venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+POM = HERE / "pom.xml"
+DEFAULT_HOME = HERE.parent.parent / ".cache" / "kafka"
+HOST = "127.0.0.1"
+DEFAULT_PORT = 9092
+NODE_ID = 1
+# C1-only JIT: ~30% faster broker start on small machines; set VOICECLONE_KAFKA_JVM_OPTS without
+# it (e.g. "-Xmx1g") when measuring throughput.
+DEFAULT_JVM_OPTS = "-Xms128m -Xmx512m -XX:TieredStopAtLevel=1"
+
+EXIT_OK, EXIT_FAIL, EXIT_STOPPED = 0, 1, 3
+
+# Logs to a file under the cache dir; the path comes in as a system property so this stays static.
+LOG4J2_XML = """\
+<?xml version="1.0" encoding="UTF-8"?>
+<Configuration status="WARN">
+  <Appenders>
+    <RollingFile name="file" fileName="${sys:kafka.logs.dir}/server.log"
+                 filePattern="${sys:kafka.logs.dir}/server.log.%i">
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+      <Policies><SizeBasedTriggeringPolicy size="20 MB"/></Policies>
+      <DefaultRolloverStrategy max="3"/>
+    </RollingFile>
+  </Appenders>
+  <Loggers>
+    <Root level="INFO"><AppenderRef ref="file"/></Root>
+    <Logger name="kafka.request.logger" level="WARN"/>
+    <Logger name="org.apache.kafka.clients.NetworkClient" level="WARN"/>
+  </Loggers>
+</Configuration>
+"""
+
+
+class BrokerError(Exception):
+    """A failure worth a one-line message (and maybe a log tail), not a traceback."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every path the manager uses, all under one cache dir."""
+
+    home: Path
+
+    @property
+    def libs(self) -> Path:
+        return self.home / "libs"
+
+    @property
+    def marker(self) -> Path:
+        # Inside libs/ so a libs dir shared by symlink carries its own version.
+        return self.libs / ".kafka-version"
+
+    @property
+    def server_properties(self) -> Path:
+        return self.home / "config" / "server.properties"
+
+    @property
+    def log4j_config(self) -> Path:
+        return self.home / "config" / "log4j2.xml"
+
+    @property
+    def data(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def server_log(self) -> Path:
+        return self.logs / "server.log"
+
+    @property
+    def stdout_log(self) -> Path:
+        return self.logs / "stdout.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.home / "broker.pid"
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / "state.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.home / ".lock"
+
+
+@dataclass(frozen=True)
+class State:
+    """What the last start chose; kept after stop so a restart can reuse the data dir."""
+
+    pid: int
+    port: int
+    controller_port: int
+    version: str
+    cluster_id: str
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{HOST}:{self.port}"
+
+
+_quiet = False
+
+
+def info(message: str) -> None:
+    if not _quiet:
+        print(f"[kafka] {message}", file=sys.stderr, flush=True)
+
+
+# --- small helpers -------------------------------------------------------------------------------
+
+
+def env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else None
+
+
+def kafka_version() -> str:
+    """The pom is the single source of truth; the env var is for trying another release."""
+    override = os.environ.get("VOICECLONE_KAFKA_VERSION", "").strip()
+    if override:
+        return override
+    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
+    node = ET.parse(POM).getroot().find("m:properties/m:kafka.version", ns)
+    if node is None or not (node.text or "").strip():
+        raise BrokerError(f"no <kafka.version> property in {POM}")
+    return node.text.strip()
+
+
+def require_tool(name: str, hint: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise BrokerError(f"'{name}' not found on PATH ({hint})")
+    return path
+
+
+def find_java() -> str:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").is_file():
+        return str(Path(java_home) / "bin" / "java")
+    return require_tool("java", "Kafka 4.x needs Java 17+")
+
+
+def read_state(layout: Layout) -> State | None:
+    try:
+        return State(**json.loads(layout.state_file.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_state(layout: Layout, state: State) -> None:
+    tmp = layout.state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state.__dict__, indent=2) + "\n")
+    tmp.replace(layout.state_file)
+    layout.pid_file.write_text(f"{state.pid}\n")
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def log_tail(layout: Layout, server_log_offset: int, lines: int = 40) -> str:
+    """The end of what this run logged: stdout.log (JVM errors) and server.log past the offset."""
+    chunks = []
+    for path, offset in ((layout.stdout_log, 0), (layout.server_log, server_log_offset)):
+        with contextlib.suppress(OSError), open(path, "rb") as handle:
+            handle.seek(offset if offset <= file_size(path) else 0)  # 0: the log rolled over
+            tail = handle.read().decode(errors="replace").splitlines()[-lines:]
+            if tail:
+                chunks.append(f"--- {path} (last {len(tail)} lines) ---\n" + "\n".join(tail))
+    return "\n".join(chunks) or "(the broker logged nothing)"
+
+
+@contextlib.contextmanager
+def locked(layout: Layout) -> Iterator[None]:
+    """Serialise start/stop/fetch on one cache dir (e.g. parallel pytest sessions)."""
+    layout.home.mkdir(parents=True, exist_ok=True)
+    with open(layout.lock_file, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+# --- fetching jars -------------------------------------------------------------------------------
+
+
+def fetch(layout: Layout, version: str) -> None:
+    """Copy kafka_2.13 and its runtime deps from Maven Central into libs/, unless already there."""
+    if layout.marker.is_file() and layout.marker.read_text().strip() == version:
+        return
+    mvn = require_tool("mvn", "Maven fetches the Kafka jars from Maven Central")
+    staging = layout.home / f"libs.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    info(f"fetching Kafka {version} jars from Maven Central ...")
+    started = time.monotonic()
+    cmd = [mvn, "-q", "-B", "-f", str(POM), f"-Dkafka.version={version}"]
+    cmd += ["dependency:copy-dependencies", f"-DoutputDirectory={staging}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise BrokerError(f"mvn failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+    # Swap in whole so an interrupted fetch never leaves a half-filled libs/ behind a marker.
+    if layout.libs.is_symlink() or layout.libs.is_file():
+        layout.libs.unlink()
+    shutil.rmtree(layout.libs, ignore_errors=True)
+    staging.rename(layout.libs)
+    layout.marker.write_text(f"{version}\n")
+    jars = list(layout.libs.glob("*.jar"))
+    size_mb = sum(jar.stat().st_size for jar in jars) / 1e6
+    info(f"fetched {len(jars)} jars ({size_mb:.0f} MB) in {time.monotonic() - started:.1f}s")
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+
+def process_cmdline(pid: int) -> str:
+    """The command line of a live process, '' if gone (zombies have an empty cmdline too)."""
+    if Path("/proc/self/cmdline").exists():
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            return ""
+    ps = ["ps", "-o", "command=", "-p", str(pid)]  # macOS and other /proc-less systems
+    return subprocess.run(ps, capture_output=True, text=True, check=False).stdout.strip()
+
+
+def home_flag(layout: Layout) -> str:
+    """Tags the JVM's command line so we only ever signal a broker from *this* cache dir."""
+    return f"-Dvoiceclone.kafka.home={layout.home}"
+
+
+def running_pid(layout: Layout) -> int | None:
+    """The pid of this cache dir's broker if it is alive; drops a stale pid file."""
+    try:
+        pid = int(layout.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if home_flag(layout) in process_cmdline(pid):
+        return pid
+    layout.pid_file.unlink(missing_ok=True)
+    return None
+
+
+def wait_for_exit(pid: int, layout: Layout, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if home_flag(layout) not in process_cmdline(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def terminate(pid: int, layout: Layout, timeout: float) -> None:
+    """SIGTERM lets Kafka shut down cleanly (no log recovery next start); SIGKILL if it hangs."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if not wait_for_exit(pid, layout, timeout):
+        info(f"pid {pid} ignored SIGTERM for {timeout:.0f}s; sending SIGKILL")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if not wait_for_exit(pid, layout, 10):
+            raise BrokerError(f"pid {pid} survived SIGKILL")
+    layout.pid_file.unlink(missing_ok=True)
+
+
+# --- readiness: a real Kafka request over a socket -----------------------------------------------
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    buf = b""
+    while len(buf) < size:
+        chunk = sock.recv(size - len(buf))
+        if not chunk:
+            raise ConnectionError("broker closed the connection")
+        buf += chunk
+    return buf
+
+
+def _request(sock: socket.socket, api_key: int, version: int, body: bytes) -> bytes:
+    """Send one request (header v1) and return the response after its correlation id."""
+    client_id = b"voiceclone-broker-py"
+    header = struct.pack(">hhih", api_key, version, 1, len(client_id)) + client_id
+    sock.sendall(struct.pack(">i", len(header) + len(body)) + header + body)
+    (size,) = struct.unpack(">i", _recv_exact(sock, 4))
+    return _recv_exact(sock, size)[4:]
+
+
+def _metadata_version(api_versions: bytes) -> int | None:
+    """Pick a non-flexible Metadata version (1..8) the broker supports, if any."""
+    error_code, count = struct.unpack_from(">hi", api_versions)
+    if error_code != 0:
+        raise ConnectionError(f"ApiVersions error {error_code}")
+    for i in range(count):
+        key, low, high = struct.unpack_from(">hhh", api_versions, 6 + 6 * i)
+        if key == 3 and max(low, 1) <= min(high, 8):
+            return max(low, 1)
+    return None
+
+
+def kafka_ready(port: int, timeout: float = 2.0) -> bool:
+    """True once the broker answers ApiVersions and Metadata lists at least one (unfenced) broker.
+
+    The listener accepts TCP before request processing is enabled, so a plain connect is not
+    enough; and a broker that answers but is still fenced is not in Metadata yet.
+    """
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as sock:
+            version = _metadata_version(_request(sock, 18, 0, b""))
+            if version is None:  # No Metadata version we can speak: ApiVersions has to do.
+                return True
+            # All topics (null array); v4+ adds allow_auto_topic_creation=false.
+            body = struct.pack(">i", -1) + (b"\x00" if version >= 4 else b"")
+            response = _request(sock, 3, version, body)
+            offset = 4 if version >= 3 else 0  # throttle_time_ms
+            (brokers,) = struct.unpack_from(">i", response, offset)
+            return brokers > 0
+    except (OSError, struct.error):
+        return False
+
+
+# --- configuration and storage -------------------------------------------------------------------
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Same as the JVM's listener: ignore TIME_WAIT leftovers of a previous broker.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def choose_port(explicit: int | None, preferred: int | None, name: str) -> int:
+    """explicit (0 = any free port; must be free) > preferred if free > any free port."""
+    if explicit:
+        if not port_is_free(explicit):
+            raise BrokerError(f"{name} port {explicit} on {HOST} is already in use")
+        return explicit
+    if explicit is None and preferred and port_is_free(preferred):
+        return preferred
+    return free_port()
+
+
+def server_properties(layout: Layout, port: int, controller_port: int) -> str:
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": NODE_ID,
+        "controller.quorum.bootstrap.servers": f"{HOST}:{controller_port}",
+        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "controller.listener.names": "CONTROLLER",
+        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "log.dirs": layout.data,
+        # One node: every internal topic must make do with a single replica, or the group,
+        # transaction (idempotent/transactional producers) and share coordinators never load.
+        "default.replication.factor": 1,
+        "min.insync.replicas": 1,
+        "offsets.topic.replication.factor": 1,
+        "offsets.topic.num.partitions": 1,
+        "transaction.state.log.replication.factor": 1,
+        "transaction.state.log.min.isr": 1,
+        "transaction.state.log.num.partitions": 1,
+        "share.coordinator.state.topic.replication.factor": 1,
+        "share.coordinator.state.topic.min.isr": 1,
+        # Dev/test conveniences: no 3 s wait before the first rebalance, topics on first use.
+        "group.initial.rebalance.delay.ms": 0,
+        "auto.create.topics.enable": "true",
+        "delete.topic.enable": "true",
+        "num.partitions": 3,
+        # After a crash the controller refuses the restarted broker until the old registration's
+        # session expires: 4 s here instead of the default 9 s.
+        "broker.session.timeout.ms": 4000,
+        "broker.heartbeat.interval.ms": 1000,
+        # A small machine: fewer threads than the server defaults.
+        "num.network.threads": 2,
+        "num.io.threads": 4,
+        "num.recovery.threads.per.data.dir": 2,
+        "log.retention.hours": 24,
+    }
+    return "".join(f"{key}={value}\n" for key, value in props.items())
+
+
+def java_command(layout: Layout, java: str, main: str, *args: str) -> list[str]:
+    jvm_opts = os.environ.get("VOICECLONE_KAFKA_JVM_OPTS", DEFAULT_JVM_OPTS).split()
+    return [
+        java,
+        *jvm_opts,
+        "-XX:+UseG1GC",
+        "-XX:MaxGCPauseMillis=20",
+        "-XX:+ExitOnOutOfMemoryError",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={layout.log4j_config}",
+        # Kafka logs until its last shutdown step; log4j's own shutdown hook would stop logging
+        # before that and complain on stdout.
+        "-Dlog4j2.shutdownHookEnabled=false",
+        f"-Dkafka.logs.dir={layout.logs}",
+        home_flag(layout),
+        "-cp",
+        str(layout.libs / "*"),
+        main,
+        *args,
+    ]
+
+
+def new_cluster_id() -> str:
+    # Kafka's Uuid text form; like Uuid.randomUuid, skip a leading '-' (CLIs take it for a flag).
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):
+            return text
+
+
+def prepare_storage(
+    layout: Layout, java: str, previous: State | None, version: str, fresh: bool
+) -> str:
+    """Keep the data dir across restarts, also after a crash (Kafka recovers its logs) or with a
+    new controller port (a sole voter updates its own endpoint); but wipe and format it when
+    asked, or when another Kafka version formatted it (formats are not forward-compatible).
+    Returns the cluster id.
+    """
+    formatted = (layout.data / "meta.properties").is_file()
+    if formatted and not fresh and previous is not None and previous.version == version:
+        return previous.cluster_id
+    shutil.rmtree(layout.data, ignore_errors=True)
+    cluster_id = new_cluster_id()
+    started = time.monotonic()
+    cmd = java_command(
+        layout,
+        java,
+        "kafka.tools.StorageTool",
+        "format",
+        "--standalone",
+        "--config",
+        str(layout.server_properties),
+        "--cluster-id",
+        cluster_id,
+    )
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BrokerError(f"formatting KRaft storage failed:\n{result.stdout}{result.stderr}")
+    info(
+        f"formatted fresh KRaft storage (cluster {cluster_id}) in {time.monotonic() - started:.1f}s"
+    )
+    return cluster_id
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not kafka_ready(port):
+        if proc.poll() is not None:
+            raise BrokerError(f"broker exited with code {proc.returncode} during startup")
+        if time.monotonic() > deadline:
+            raise BrokerError(f"broker did not answer on {HOST}:{port} within {timeout:.0f}s")
+        time.sleep(0.2)
+
+
+def launch(layout: Layout, args: argparse.Namespace, version: str) -> State:
+    """Configure, format if needed, and daemonise a new broker; wait until it serves clients."""
+    java = find_java()
+    previous = read_state(layout)
+    port = choose_port(args.port, DEFAULT_PORT, "broker")
+    controller_port = choose_port(
+        args.controller_port, previous.controller_port if previous else None, "controller"
+    )
+    for directory in (layout.logs, layout.server_properties.parent):
+        directory.mkdir(parents=True, exist_ok=True)
+    layout.log4j_config.write_text(LOG4J2_XML)
+    layout.server_properties.write_text(server_properties(layout, port, controller_port))
+    cluster_id = prepare_storage(layout, java, previous, version, args.fresh)
+
+    started = time.monotonic()
+    log_offset = file_size(layout.server_log)
+    with open(layout.stdout_log, "wb") as out:
+        # A new session: no controlling terminal, no SIGINT/SIGHUP from the starter's shell,
+        # and the broker outlives this process.
+        proc = subprocess.Popen(
+            java_command(layout, java, "kafka.Kafka", str(layout.server_properties)),
+            cwd=layout.home,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    state = State(proc.pid, port, controller_port, version, cluster_id)
+    write_state(layout, state)  # Before waiting, so `stop` can find a broker that hangs.
+    try:
+        wait_ready(proc, port, args.timeout)
+    except BrokerError as exc:
+        terminate(proc.pid, layout, 10)
+        hint = "if its data dir is broken, `start --fresh` wipes it"
+        raise BrokerError(f"{exc} ({hint})\n{log_tail(layout, log_offset)}") from exc
+    info(
+        f"broker ready in {time.monotonic() - started:.1f}s (pid {proc.pid}, "
+        f"Kafka {version}, logs {layout.server_log})"
+    )
+    return state
+
+
+def reuse_running(layout: Layout, timeout: float) -> State | None:
+    """The running broker if it answers (waiting out one still starting up); else stop it."""
+    pid = running_pid(layout)
+    state = read_state(layout)
+    if pid is None:
+        return None
+    if state is not None and state.pid == pid:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if kafka_ready(state.port):
+                info(f"reusing running broker (pid {pid})")
+                return state
+            time.sleep(0.5)
+    info(f"broker pid {pid} is not answering; restarting it")
+    terminate(pid, layout, 30)
+    return None
+
+
+def cmd_fetch(layout: Layout, args: argparse.Namespace) -> int:
+    with locked(layout):
+        fetch(layout, kafka_version())
+    info(f"jars in {layout.libs}")
+    return EXIT_OK
+
+
+def cmd_start(layout: Layout, args: argparse.Namespace) -> int:
+    with locked(layout):
+        state = reuse_running(layout, args.timeout)
+        if state is not None and args.fresh:
+            raise BrokerError("--fresh needs a stopped broker; run `stop` first")
+        if state is None:
+            version = kafka_version()
+            fetch(layout, version)
+            state = launch(layout, args, version)
+    print(state.bootstrap if args.quiet else f"bootstrap={state.bootstrap}")
+    return EXIT_OK
+
+
+def cmd_stop(layout: Layout, args: argparse.Namespace) -> int:
+    with locked(layout):
+        pid = running_pid(layout)
+        if pid is None:
+            info("not running")
+            return EXIT_OK
+        started = time.monotonic()
+        terminate(pid, layout, args.timeout)
+    info(f"stopped pid {pid} in {time.monotonic() - started:.1f}s")
+    return EXIT_OK
+
+
+def cmd_status(layout: Layout, args: argparse.Namespace) -> int:
+    pid = running_pid(layout)
+    state = read_state(layout)
+    if pid is None or state is None:
+        print("stopped")
+        return EXIT_STOPPED
+    if not kafka_ready(state.port):
+        print(f"running pid={pid} but not answering on {state.bootstrap}")
+        return EXIT_FAIL
+    print(f"running pid={pid} bootstrap={state.bootstrap} version={state.version}")
+    return EXIT_OK
+
+
+def cmd_bootstrap(layout: Layout, args: argparse.Namespace) -> int:
+    state = read_state(layout)
+    if running_pid(layout) is None or state is None:
+        info("not running")
+        return EXIT_STOPPED
+    print(state.bootstrap)
+    return EXIT_OK
+
+
+COMMANDS = {
+    "fetch": cmd_fetch,
+    "start": cmd_start,
+    "stop": cmd_stop,
+    "status": cmd_status,
+    "bootstrap": cmd_bootstrap,
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=Path(os.environ.get("VOICECLONE_KAFKA_HOME") or DEFAULT_HOME),
+        help="cache dir for jars, config, data, logs (env VOICECLONE_KAFKA_HOME)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=env_int("VOICECLONE_KAFKA_PORT"),
+        help=f"broker port; 0 = any free port (env VOICECLONE_KAFKA_PORT; default {DEFAULT_PORT} "
+        "if free, else any free port)",
+    )
+    parser.add_argument(
+        "--controller-port",
+        type=int,
+        default=env_int("VOICECLONE_KAFKA_CONTROLLER_PORT"),
+        help="KRaft controller port (env VOICECLONE_KAFKA_CONTROLLER_PORT; default: the last one "
+        "if free, else any free port)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for start (default 90) / a clean stop (default 30)",
+    )
+    parser.add_argument("--fresh", action="store_true", help="start: wipe the data dir first")
+    parser.add_argument(
+        "--quiet", "-q", action="store_true", help="start: print only HOST:PORT, no progress"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _quiet
+    args = parse_args(argv)
+    _quiet = args.quiet
+    if args.timeout is None:
+        args.timeout = 30.0 if args.command == "stop" else 90.0
+    layout = Layout(args.home.expanduser().resolve())
+    try:
+        return COMMANDS[args.command](layout, args)
+    except BrokerError as exc:
+        print(f"[kafka] error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
