@@ -1,0 +1,50 @@
+"""Voice-cloning backends behind one small interface (`Backend`), built by `make_backend`.
+
+Implementations: `modal` (the deployed GPU service, the default) and `http` (a service speaking
+the seed's HTTP contract). Every failure they report is a `BackendError`.
+"""
+
+from consumer.backends.base import (
+    MODEL_SIZES,
+    Backend,
+    CloneJob,
+    CloneResult,
+    GenerationParams,
+    call_budget,
+)
+from consumer.backends.errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ErrorCode,
+    GenerationFailed,
+    InvalidInput,
+)
+from consumer.backends.factory import BACKENDS, make_backend
+from consumer.backends.settings import (
+    BackendSettings,
+    HttpBackendSettings,
+    LocalBackendSettings,
+    ModalBackendSettings,
+)
+
+__all__ = [
+    "BACKENDS",
+    "MODEL_SIZES",
+    "Backend",
+    "BackendError",
+    "BackendSettings",
+    "BackendTimeout",
+    "BackendUnavailable",
+    "CloneJob",
+    "CloneResult",
+    "ErrorCode",
+    "GenerationFailed",
+    "GenerationParams",
+    "HttpBackendSettings",
+    "InvalidInput",
+    "LocalBackendSettings",
+    "ModalBackendSettings",
+    "call_budget",
+    "make_backend",
+]

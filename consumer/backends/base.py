@@ -1,0 +1,118 @@
+"""The backend seam: what a clone call takes, what it returns, and the interface behind it."""
+
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+# Errors and settings are re-exported so the seam's whole vocabulary imports from here.
+from consumer.backends.errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ErrorCode,
+    GenerationFailed,
+    InvalidInput,
+)
+from consumer.backends.settings import BackendSettings
+
+__all__ = [
+    "MODEL_SIZES",
+    "Backend",
+    "BackendError",
+    "BackendSettings",
+    "BackendTimeout",
+    "BackendUnavailable",
+    "CloneJob",
+    "CloneResult",
+    "ErrorCode",
+    "GenerationFailed",
+    "GenerationParams",
+    "InvalidInput",
+    "call_budget",
+]
+
+# Model size keys a request may name; each backend maps them to a deployment or weights.
+MODEL_SIZES: Final = ("1.7B", "0.6B")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling overrides; None leaves the engine's default in place."""
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
+    seed: int | None = None
+
+    def overrides(self) -> dict[str, float | int]:
+        """The parameters that were set, by name (what a remote call should carry)."""
+        return {name: value for name, value in vars(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
+class CloneJob:
+    """One validated clone request, with its reference audio already fetched."""
+
+    request_id: str
+    text: str
+    language: str  # engine language name: "Auto", "English", "Chinese", ...
+    model: str  # model size key, one of MODEL_SIZES
+    reference_audio: bytes = field(repr=False)  # as fetched; any format soundfile reads
+    reference_sha256: str
+    reference_text: str | None  # None: x-vector-only cloning
+    reference_uri: str
+    output_format: str  # "WAV" | "FLAC" | "OGG_OPUS" | "MP3": what the worker wants in the end
+    generation: GenerationParams = field(default_factory=GenerationParams)
+
+
+@dataclass(frozen=True)
+class CloneResult:
+    """Audio from a backend plus facts about the call; None where the backend cannot know."""
+
+    audio: bytes = field(repr=False)
+    format: str  # may differ from the job's output_format: the worker transcodes
+    sample_rate: int
+    duration_seconds: float
+    cold_start: bool | None
+    model_load_seconds: float | None
+    container_id: str | None
+    inference_seconds: float | None
+
+
+class Backend(Protocol):
+    """A voice-cloning engine behind one async call.
+
+    Every failure of `clone` is a `BackendError`; `asyncio.CancelledError` propagates untouched
+    once the backend has cleaned up (closed the connection, cancelled the remote call).
+    """
+
+    name: str
+
+    async def start(self) -> None:
+        """Acquire long-lived resources (connection pools, lookups). Cheap; no inference."""
+
+    # The backend takes the deadline itself (rather than being wrapped in asyncio.timeout) so it
+    # can pass it on (Modal's long poll, httpx) and cancel remote work before reporting.
+    async def clone(self, job: CloneJob, timeout: float | None) -> CloneResult:  # noqa: ASYNC109
+        """Clone `job`; give up with `BackendTimeout` after `timeout` seconds (None: no limit
+        beyond the backend's configured per-call bound)."""
+        ...
+
+    async def ready(self) -> bool:
+        """Whether the backend looks reachable now; cheap enough for a readiness probe."""
+        ...
+
+    async def close(self) -> None:
+        """Release resources; safe to call twice."""
+
+
+def call_budget(timeout: float | None, limit: float) -> float:
+    """Seconds one call may take: the caller's remaining time, capped by the configured limit.
+
+    Raises `BackendTimeout` when nothing is left, so no work starts for an expired request.
+    """
+    budget = limit if timeout is None else min(timeout, limit)
+    if budget <= 0:
+        raise BackendTimeout("the request's deadline passed before the backend was called")
+    return budget

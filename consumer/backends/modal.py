@@ -1,0 +1,222 @@
+"""The `modal` backend: the deployed GPU service, one Modal app per model size.
+
+Each call is spawned and then awaited with the worker's own deadline, because Modal keeps
+retrying a crash-looping deployment forever: the caller is the one that must give up. Whenever
+the worker gives up (deadline, cancellation, lost contact) it cancels the remote call too, so
+no GPU keeps working for a request nobody waits for.
+
+The remote contract (`Qwen3TTSService.clone`, written to match):
+    clone(text, language, reference_audio: bytes, reference_text: str | None,
+          output_format, generation: dict | None, request_id) -> dict with
+    audio (bytes), format, content_type, sample_rate, duration_seconds, cold_start,
+    model_load_seconds, container_id, inference_seconds.
+"""
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import modal
+import modal.exception
+import structlog
+
+from consumer.backends.base import CloneJob, CloneResult, call_budget
+from consumer.backends.errors import (
+    BackendTimeout,
+    BackendUnavailable,
+    GenerationFailed,
+    InvalidInput,
+)
+from consumer.backends.modal_errors import translate_modal_error
+from consumer.backends.settings import BackendSettings
+
+log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
+
+# Modal's own exception for an input cancelled elsewhere is a BaseException.
+_CALL_FAILURES = (Exception, modal.exception.InputCancellation)
+
+
+class ModalBackend:
+    """Clones through `Cls.from_name(app, class).clone.spawn` with a caller-side deadline."""
+
+    name = "modal"
+
+    def __init__(self, settings: BackendSettings) -> None:
+        self._settings = settings
+        self._modal = settings.modal
+        self._apps = settings.modal.apps()
+        self._services: dict[str, Any] = {}  # model size → instance of the deployed class
+        self._cancels: set[asyncio.Task[None]] = set()
+        self._readiness = _Readiness(settings)
+
+    async def start(self) -> None:
+        """Nothing to open: lookups are lazy and Modal's client connects on first use."""
+
+    async def close(self) -> None:
+        """Wait (bounded) for remote cancellations still in flight, then forget lookups."""
+        if self._cancels:
+            await asyncio.wait(set(self._cancels), timeout=self._modal.cancel_timeout_seconds)
+        self._services.clear()
+
+    async def ready(self) -> bool:
+        return await self._readiness.check()
+
+    async def clone(self, job: CloneJob, timeout: float | None) -> CloneResult:  # noqa: ASYNC109
+        service = self._service(job.model)
+        deadline = asyncio.get_running_loop().time() + call_budget(
+            timeout, self._settings.timeout_seconds
+        )
+        call = await self._spawn(service, job, deadline)
+        return result_from_output(await self._result(call, deadline))
+
+    def _service(self, model: str) -> Any:
+        service = self._services.get(model)
+        if service is None:
+            app = self._apps.get(model)
+            if app is None:
+                raise InvalidInput(f"model {model!r} is not served by this worker")
+            cls = modal.Cls.from_name(
+                app, self._modal.class_name, environment_name=self._modal.environment_name
+            )
+            service = self._services[model] = cls()  # lazy: no network until the first spawn
+        return service
+
+    async def _spawn(self, service: Any, job: CloneJob, deadline: float) -> Any:
+        # Shielded: if we stop waiting, the spawn still finishes, so its call can be cancelled.
+        spawn = asyncio.ensure_future(service.clone.spawn.aio(**remote_arguments(job)))
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(spawn)
+        except TimeoutError as exc:
+            await self._clean_up(self._cancel_once_spawned(spawn, "deadline"))
+            raise BackendTimeout("Modal did not accept the call before the deadline") from exc
+        except asyncio.CancelledError:
+            await self._clean_up(self._cancel_once_spawned(spawn, "cancelled"))
+            raise
+        except _CALL_FAILURES as exc:
+            error = translate_modal_error(exc)
+            if isinstance(error, BackendUnavailable):
+                # The lookup may have failed; look up afresh next time (e.g. after a deploy).
+                self._services.pop(job.model, None)
+            raise error from exc
+
+    async def _result(self, call: Any, deadline: float) -> object:
+        remaining = max(deadline - asyncio.get_running_loop().time(), 0.0)
+        try:
+            # `get`'s own timeout ends Modal's long poll; timeout_at is the hard bound.
+            async with asyncio.timeout_at(deadline):
+                return await call.get.aio(timeout=remaining)
+        except TimeoutError as exc:
+            await self._cancel_remote(call, "deadline")
+            raise BackendTimeout("no result from Modal before the deadline") from exc
+        except asyncio.CancelledError:
+            await self._cancel_remote(call, "cancelled")
+            raise
+        except _CALL_FAILURES as exc:
+            error = translate_modal_error(exc)
+            if isinstance(error, BackendUnavailable):
+                await self._cancel_remote(call, "lost")  # we stop waiting; so should the GPU
+            raise error from exc
+
+    async def _cancel_remote(self, call: Any, reason: str) -> None:
+        await self._clean_up(self._cancel_call(call, reason))
+
+    async def _clean_up(self, cleanup: Coroutine[Any, Any, None]) -> None:
+        """Run `cleanup` to its (bounded) end even if this task is cancelled again meanwhile."""
+        task = asyncio.create_task(cleanup)
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+        await asyncio.shield(task)
+
+    async def _cancel_once_spawned(self, spawn: asyncio.Future[Any], reason: str) -> None:
+        try:
+            async with asyncio.timeout(self._modal.cancel_timeout_seconds):
+                call = await spawn
+        except TimeoutError:
+            # The call, if made, runs on until the function's own timeout.
+            log.warning("modal_spawn_abandoned", reason=reason)
+            return
+        except Exception:
+            return  # the spawn failed: there is no call to cancel
+        await self._cancel_call(call, reason)
+
+    async def _cancel_call(self, call: Any, reason: str) -> None:
+        call_id = getattr(call, "object_id", None)
+        try:
+            async with asyncio.timeout(self._modal.cancel_timeout_seconds):
+                await call.cancel.aio()
+        except Exception as exc:  # the call still ends at the function's own timeout
+            log.warning("modal_call_cancel_failed", call_id=call_id, reason=reason, error=repr(exc))
+        else:
+            log.info("modal_call_cancelled", call_id=call_id, reason=reason)
+
+
+class _Readiness:
+    """Whether every served app can be looked up, re-checked at most once per TTL."""
+
+    def __init__(self, settings: BackendSettings) -> None:
+        self._modal = settings.modal
+        self._apps = sorted(set(settings.modal.apps().values()))
+        self._lock = asyncio.Lock()
+        self._answer = False
+        self._checked_at: float | None = None
+        self._ttl = settings.modal.ready_cache_seconds
+
+    async def check(self) -> bool:
+        async with self._lock:  # concurrent probes share one lookup
+            now = asyncio.get_running_loop().time()
+            fresh = self._checked_at is not None and now - self._checked_at < self._ttl
+            if not fresh:
+                self._answer = all(await asyncio.gather(*map(self._look_up, self._apps)))
+                self._checked_at = asyncio.get_running_loop().time()
+            return self._answer
+
+    async def _look_up(self, app: str) -> bool:
+        # A fresh reference each time: a hydrated one would answer from memory.
+        cls = modal.Cls.from_name(
+            app, self._modal.class_name, environment_name=self._modal.environment_name
+        )
+        try:
+            async with asyncio.timeout(self._modal.ready_timeout_seconds):
+                await cls.hydrate.aio()
+        except Exception as exc:
+            log.warning("modal_lookup_failed", app=app, error=repr(translate_modal_error(exc)))
+            return False
+        return True
+
+
+def remote_arguments(job: CloneJob) -> dict[str, Any]:
+    """Keyword arguments of the remote `clone` method for `job`."""
+    return {
+        "text": job.text,
+        "language": job.language,
+        "reference_audio": job.reference_audio,
+        "reference_text": job.reference_text,
+        "output_format": job.output_format,
+        "generation": job.generation.overrides() or None,
+        "request_id": job.request_id,
+    }
+
+
+def result_from_output(output: object) -> CloneResult:
+    """A `CloneResult` from the remote method's dict; `GenerationFailed` if it breaks contract."""
+    if not isinstance(output, dict) or not isinstance(output.get("audio"), bytes):
+        raise GenerationFailed("the Modal service returned no audio bytes (contract mismatch)")
+    try:
+        return CloneResult(
+            audio=output["audio"],
+            format=str(output["format"]),
+            sample_rate=int(output["sample_rate"]),
+            duration_seconds=float(output["duration_seconds"]),
+            cold_start=_optional(output.get("cold_start"), bool),
+            model_load_seconds=_optional(output.get("model_load_seconds"), float),
+            container_id=_optional(output.get("container_id"), str),
+            inference_seconds=_optional(output.get("inference_seconds"), float),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GenerationFailed(f"the Modal service broke its result contract: {exc!r}") from exc
+
+
+def _optional(value: object, convert: Callable[[Any], _T]) -> _T | None:
+    return None if value is None else convert(value)

@@ -1,0 +1,448 @@
+"""The modal backend, through a stand-in for Modal's cloud only.
+
+`modal.Cls.from_name` is replaced by a fake deployment registry whose calls behave like
+Modal's (`spawn.aio`, `get.aio(timeout=...)` raising the builtin `TimeoutError` when no output
+arrived, `cancel.aio()`), so the backend's deadline, cancellation and error mapping run for
+real against Modal's own exception types.
+"""
+
+import asyncio
+import io
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import modal
+import modal.exception as mx
+import pytest
+import soundfile
+
+from consumer.backends import (
+    BackendError,
+    BackendSettings,
+    BackendTimeout,
+    BackendUnavailable,
+    ErrorCode,
+    GenerationFailed,
+    GenerationParams,
+    InvalidInput,
+)
+from consumer.backends.modal import ModalBackend
+from tests.consumer.backends.conftest import CloneJobFactory, make_wav
+
+APP_LARGE = "voiceclone-qwen3-tts-1-7b"
+APP_SMALL = "voiceclone-qwen3-tts-0-6b"
+
+
+class Aio:
+    """What synchronicity gives Modal's methods: the async form lives under `.aio`."""
+
+    def __init__(self, function: Callable[..., Awaitable[Any]]) -> None:
+        self.aio = function
+
+
+def synthesize(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The GPU service's contract: audio for the text, plus facts about the call."""
+    seconds = len(arguments["text"]) * 0.05
+    return {
+        "audio": make_wav(seconds),
+        "format": "WAV",
+        "content_type": "audio/wav",
+        "sample_rate": 24_000,
+        "duration_seconds": seconds,
+        "cold_start": True,
+        "model_load_seconds": 41.5,
+        "container_id": "ta-123",
+        "inference_seconds": 2.25,
+    }
+
+
+class FakeCall:
+    """A spawned call: finishes after `run_seconds` (None: never) unless cancelled."""
+
+    def __init__(self, outcome: Callable[[], Any], run_seconds: float | None) -> None:
+        self.object_id = "fc-test"
+        self.get = Aio(self._get)
+        self.cancel = Aio(self._cancel)
+        self.cancelled = False
+        self._output: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._timer = (
+            None
+            if run_seconds is None
+            else asyncio.get_running_loop().call_later(run_seconds, self._finish, outcome)
+        )
+
+    def _finish(self, outcome: Callable[[], Any]) -> None:
+        try:
+            self._output.set_result(outcome())
+        except BaseException as exc:  # the remote raised: Modal re-raises it at get()
+            self._output.set_exception(exc)
+
+    async def _get(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109 (Modal's signature)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._output), timeout)
+        except TimeoutError:
+            raise TimeoutError from None  # Modal's poll raises the bare builtin
+
+    async def _cancel(self, terminate_containers: bool = False) -> None:
+        self.cancelled = True
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+@dataclass
+class FakeDeployment:
+    """One deployed app: how its `clone` calls behave, and what they were asked."""
+
+    outcome: Callable[[dict[str, Any]], Any] = synthesize
+    run_seconds: float | None = 0.01
+    spawn_seconds: float = 0.0
+    spawn_error: BaseException | None = None
+    lookup_error: BaseException | None = None
+    calls: list[FakeCall] = field(default_factory=list)
+    arguments: list[dict[str, Any]] = field(default_factory=list)
+    spawned: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def spawn(self, **arguments: Any) -> FakeCall:
+        if self.lookup_error is not None:  # spawn hydrates the class first
+            raise self.lookup_error
+        await asyncio.sleep(self.spawn_seconds)
+        if self.spawn_error is not None:
+            raise self.spawn_error
+        self.arguments.append(arguments)
+        call = FakeCall(lambda: self.outcome(arguments), self.run_seconds)
+        self.calls.append(call)
+        self.spawned.set()
+        return call
+
+    async def hydrate(self) -> None:
+        if self.lookup_error is not None:
+            raise self.lookup_error
+
+
+class FakeModal:
+    """Stands in for `modal.Cls.from_name`: deployed apps by name, and the lookups made."""
+
+    def __init__(self) -> None:
+        self.apps: dict[str, FakeDeployment] = {}
+        self.lookups: list[tuple[str, str, str | None]] = []
+
+    def from_name(self, app: str, name: str, *, environment_name: str | None = None) -> Any:
+        self.lookups.append((app, name, environment_name))
+        missing = mx.NotFoundError(f"Lookup failed for Cls '{name}' from the '{app}' app")
+        deployment = self.apps.get(app) or FakeDeployment(lookup_error=missing)
+        service = type("Service", (), {"clone": type("Method", (), {"spawn": None})()})()
+        service.clone.spawn = Aio(deployment.spawn)
+        cls = type("Cls", (), {"__call__": lambda self: service})()
+        cls.hydrate = Aio(deployment.hydrate)
+        return cls
+
+
+@pytest.fixture
+def fake_modal(monkeypatch: pytest.MonkeyPatch) -> FakeModal:
+    fake = FakeModal()
+    fake.apps = {APP_LARGE: FakeDeployment(), APP_SMALL: FakeDeployment()}
+    monkeypatch.setattr(modal.Cls, "from_name", fake.from_name)
+    return fake
+
+
+def make_backend(**settings: Any) -> ModalBackend:
+    return ModalBackend(BackendSettings(**settings))
+
+
+def raising(exc: BaseException) -> Callable[[dict[str, Any]], Any]:
+    def outcome(_: dict[str, Any]) -> Any:
+        raise exc
+
+    return outcome
+
+
+async def test_clone_returns_the_services_audio_and_facts(
+    fake_modal: FakeModal, clone_job: CloneJobFactory
+) -> None:
+    job = clone_job(text="x" * 40, generation=GenerationParams(temperature=0.7, seed=7))
+
+    result = await make_backend().clone(job, timeout=10)
+
+    assert soundfile.info(io.BytesIO(result.audio)).duration == pytest.approx(2.0)
+    assert (result.format, result.sample_rate, result.duration_seconds) == ("WAV", 24_000, 2.0)
+    assert (result.cold_start, result.model_load_seconds) == (True, 41.5)
+    assert (result.container_id, result.inference_seconds) == ("ta-123", 2.25)
+    assert fake_modal.apps[APP_LARGE].arguments == [
+        {
+            "text": job.text,
+            "language": "English",
+            "reference_audio": job.reference_audio,
+            "reference_text": job.reference_text,
+            "output_format": "WAV",
+            "generation": {"temperature": 0.7, "seed": 7},
+            "request_id": "req-1",
+        }
+    ]
+
+
+async def test_xvector_only_and_default_generation_are_sent_as_none(
+    fake_modal: FakeModal, clone_job: CloneJobFactory
+) -> None:
+    await make_backend().clone(clone_job(reference_text=None), timeout=10)
+
+    arguments = fake_modal.apps[APP_LARGE].arguments[0]
+    assert (arguments["reference_text"], arguments["generation"]) == (None, None)
+
+
+async def test_each_model_size_uses_its_own_app_looked_up_once(
+    fake_modal: FakeModal, clone_job: CloneJobFactory
+) -> None:
+    backend = make_backend(modal={"environment_name": "prod"})
+
+    for model in ("0.6B", "1.7B", "0.6B"):
+        await backend.clone(clone_job(model=model), timeout=10)
+
+    assert len(fake_modal.apps[APP_SMALL].calls) == 2
+    assert len(fake_modal.apps[APP_LARGE].calls) == 1
+    assert fake_modal.lookups == [
+        (APP_SMALL, "Qwen3TTSService", "prod"),
+        (APP_LARGE, "Qwen3TTSService", "prod"),
+    ]
+
+
+async def test_unserved_model_size_is_invalid_input(
+    fake_modal: FakeModal, clone_job: CloneJobFactory
+) -> None:
+    backend = make_backend(modal={"app_0_6b": ""})
+
+    with pytest.raises(InvalidInput, match=r"'0\.6B' is not served") as raised:
+        await backend.clone(clone_job(model="0.6B"), timeout=10)
+
+    assert raised.value.code == ErrorCode.INVALID_REQUEST
+    assert fake_modal.lookups == []
+
+
+async def test_deadline_cancels_the_remote_call(
+    fake_modal: FakeModal, clone_job: CloneJobFactory
+) -> None:
+    deployment = fake_modal.apps[APP_LARGE]
+    deployment.run_seconds = None  # e.g. a crash-looping container: Modal retries forever
+    started = time.monotonic()
+
+    with pytest.raises(BackendTimeout) as raised:
+        await make_backend().clone(clone_job(), timeout=0.3)
+
+    assert 0.25 <= time.monotonic() - started < 1.0
+    assert (raised.value.transient, raised.value.code) == (True, ErrorCode.INFERENCE_TIMEOUT)
+    assert deployment.calls[0].cancelled
+
+
+async def test_configured_limit_caps_the_callers_timeout(
+    fake_modal: FakeModal, clone_job: CloneJobFactory
+) -> None:
+    fake_modal.apps[APP_LARGE].run_seconds = None
+    started = time.monotonic()
+
+    with pytest.raises(BackendTimeout):
+        await make_backend(timeout_seconds=0.2).clone(clone_job(), timeout=None)
+
+    assert time.monotonic() - started < 1.0
+    assert fake_modal.apps[APP_LARGE].calls[0].cancelled
+
+
+async def test_expired_deadline_spawns_nothing(
+    fake_modal: FakeModal, clone_job: CloneJobFactory
+) -> None:
+    with pytest.raises(BackendTimeout):
+        await make_backend().clone(clone_job(), timeout=-1)
+
+    assert fake_modal.apps[APP_LARGE].calls == []
+
+
+async def test_cancellation_cancels_the_remote_call_and_propagates(
+    fake_modal: FakeModal, clone_job: CloneJobFactory
+) -> None:
+    deployment = fake_modal.apps[APP_LARGE]
+    deployment.run_seconds = None
+    task = asyncio.create_task(make_backend().clone(clone_job(), timeout=60))
+    await asyncio.wait_for(deployment.spawned.wait(), timeout=5)
+
+    task.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert deployment.calls[0].cancelled
+
+
+async def test_cancellation_during_spawn_cancels_the_call_once_made(
+    fake_modal: FakeModal, clone_job: CloneJobFactory
+) -> None:
+    deployment = fake_modal.apps[APP_LARGE]
+    deployment.spawn_seconds = 0.2  # e.g. uploading a large reference recording
+    deployment.run_seconds = None
+    task = asyncio.create_task(make_backend().clone(clone_job(), timeout=60))
+    await asyncio.sleep(0.05)
+
+    task.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(deployment.calls) == 1
+    assert deployment.calls[0].cancelled
+
+
+async def test_lost_contact_while_waiting_cancels_the_call(
+    fake_modal: FakeModal, clone_job: CloneJobFactory
+) -> None:
+    deployment = fake_modal.apps[APP_LARGE]
+    deployment.outcome = raising(mx.ConnectionError("connection to Modal lost"))
+
+    with pytest.raises(BackendUnavailable) as raised:
+        await make_backend().clone(clone_job(), timeout=10)
+
+    assert raised.value.transient
+    assert deployment.calls[0].cancelled
+
+
+class InvalidInputError(ValueError):
+    """Like the service's own bad-input exception, which Modal unpickles here."""
+
+    code = "TEXT_TOO_LONG"
+
+
+InvalidInputError.__name__ = "InvalidInput"
+
+REMOTE_TRACEBACK = """Could not deserialize remote exception due to local error:
+No module named 'service'
+Here is the remote traceback:
+Traceback (most recent call last):
+  File "/root/service.py", line 80, in clone
+    raise InvalidInput(message)
+service.InvalidInput: Unsupported language: Klingon. Supported: Auto, English
+"""
+
+
+@pytest.mark.parametrize(
+    ("exc", "error", "transient", "code"),
+    [
+        (mx.FunctionTimeoutError("timed out"), BackendTimeout, True, "INFERENCE_TIMEOUT"),
+        (mx.InternalFailure("preempted"), BackendUnavailable, True, "INFERENCE_FAILED"),
+        (mx.ResourceExhaustedError("rate limit"), BackendUnavailable, True, "INFERENCE_FAILED"),
+        (mx.ServiceError("unavailable"), BackendUnavailable, True, "INFERENCE_FAILED"),
+        (mx.OutputExpiredError(), GenerationFailed, True, "INFERENCE_FAILED"),
+        (mx.RemoteError("container exited"), GenerationFailed, False, "INFERENCE_FAILED"),
+        (mx.ExecutionError("could not run"), GenerationFailed, False, "INFERENCE_FAILED"),
+        (mx.DeserializationError("bad result"), GenerationFailed, False, "INFERENCE_FAILED"),
+        (mx.InputCancellation(), GenerationFailed, False, "INFERENCE_FAILED"),
+        (RuntimeError("CUDA out of memory"), GenerationFailed, False, "INFERENCE_FAILED"),
+        (ValueError("math domain error"), GenerationFailed, False, "INFERENCE_FAILED"),
+        (
+            ValueError("Unsupported language: Klingon. Supported: Auto"),
+            InvalidInput,
+            False,
+            "UNSUPPORTED_LANGUAGE",
+        ),
+        (InvalidInputError("50001 characters"), InvalidInput, False, "TEXT_TOO_LONG"),
+        (mx.ExecutionError(REMOTE_TRACEBACK), InvalidInput, False, "UNSUPPORTED_LANGUAGE"),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None,
+)
+async def test_call_failures_map_to_backend_errors(
+    fake_modal: FakeModal,
+    clone_job: CloneJobFactory,
+    exc: BaseException,
+    error: type[BackendError],
+    transient: bool,
+    code: str,
+) -> None:
+    fake_modal.apps[APP_LARGE].outcome = raising(exc)
+
+    with pytest.raises(error) as raised:
+        await make_backend().clone(clone_job(), timeout=10)
+
+    assert (raised.value.transient, raised.value.code) == (transient, code)
+    assert raised.value.__cause__ is exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (mx.AuthError("Token missing"), False),
+        (mx.PermissionDeniedError("not your workspace"), False),
+        (mx.VersionError("client too old"), False),
+        (mx.ConnectionError("cannot reach api.modal.com"), True),
+        (mx.ResourceExhaustedError("too many calls"), True),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None,
+)
+async def test_spawn_failures_are_unavailable(
+    fake_modal: FakeModal, clone_job: CloneJobFactory, exc: BaseException, transient: bool
+) -> None:
+    fake_modal.apps[APP_LARGE].spawn_error = exc
+
+    with pytest.raises(BackendUnavailable) as raised:
+        await make_backend().clone(clone_job(), timeout=10)
+
+    assert (raised.value.transient, raised.value.code) == (transient, "INFERENCE_FAILED")
+
+
+async def test_missing_app_is_permanent_and_looked_up_again_next_time(
+    fake_modal: FakeModal, clone_job: CloneJobFactory
+) -> None:
+    deployed = fake_modal.apps.pop(APP_LARGE)
+    backend = make_backend()
+
+    with pytest.raises(BackendUnavailable, match="not found") as raised:
+        await backend.clone(clone_job(), timeout=10)
+    assert not raised.value.transient
+
+    fake_modal.apps[APP_LARGE] = deployed  # deployed meanwhile
+    await backend.clone(clone_job(), timeout=10)
+    assert len(deployed.calls) == 1
+
+
+@pytest.mark.parametrize(
+    "output",
+    [None, {"format": "WAV"}, {**synthesize({"text": "hi"}), "sample_rate": "fast"}],
+    ids=["nothing", "no-audio", "bad-rate"],
+)
+async def test_result_breaking_the_contract_is_generation_failed(
+    fake_modal: FakeModal, clone_job: CloneJobFactory, output: object
+) -> None:
+    fake_modal.apps[APP_LARGE].outcome = lambda _: output
+
+    with pytest.raises(GenerationFailed, match="contract"):
+        await make_backend().clone(clone_job(), timeout=10)
+
+
+async def test_ready_when_every_served_app_is_found_and_cached(
+    fake_modal: FakeModal,
+) -> None:
+    backend = make_backend(modal={"ready_cache_seconds": 60})
+
+    assert await backend.ready()
+    fake_modal.apps.pop(APP_SMALL)
+    assert await backend.ready()  # answered from the cache
+    assert len(fake_modal.lookups) == 2
+
+
+async def test_not_ready_when_an_app_is_missing(fake_modal: FakeModal) -> None:
+    fake_modal.apps.pop(APP_SMALL)
+
+    assert not await make_backend(modal={"ready_cache_seconds": 0}).ready()
+    assert await make_backend(modal={"app_0_6b": None}).ready()  # the size is not served
+
+
+async def test_real_modal_client_without_credentials_is_permanently_unavailable(
+    monkeypatch: pytest.MonkeyPatch, clone_job: CloneJobFactory
+) -> None:
+    monkeypatch.delenv("MODAL_TOKEN_ID", raising=False)
+    monkeypatch.delenv("MODAL_TOKEN_SECRET", raising=False)
+    if modal.config.config.get("token_id"):
+        pytest.skip("Modal credentials are configured on this machine")
+    backend = make_backend()
+
+    async with asyncio.timeout(30):
+        with pytest.raises(BackendUnavailable, match="credentials") as raised:
+            await backend.clone(clone_job(), timeout=20)
+        assert not await backend.ready()
+
+    assert (raised.value.transient, raised.value.code) == (False, "INFERENCE_FAILED")
+    assert isinstance(raised.value.__cause__, mx.AuthError)
