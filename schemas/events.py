@@ -1,0 +1,274 @@
+"""Pydantic models of the events.
+
+The .avsc files in schemas/avro/ are the contract other teams read; these models mirror them
+exactly (tests/schemas/test_agreement.py proves it) and add the checks Avro cannot express.
+Field documentation lives in the .avsc files only, so it cannot drift.
+
+Conventions that keep the Avro mapping trivial:
+- an enum member's value is its Avro symbol (ModelName adds `hub_id` and `size`);
+- timestamps are UTC-aware datetimes cut to whole milliseconds (Avro timestamp-millis), so an
+  event survives an encode/decode round trip unchanged;
+- models are frozen and reject unknown fields.
+"""
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Annotated, Any, ClassVar, Final, Self
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+from schemas.topics import Topics
+
+AVRO_NAMESPACE: Final = "io.voiceclone.events"
+
+# Ids end up in object keys and paths, hence the character set and the ban on dot segments.
+SAFE_ID_PATTERN: Final = r"^[A-Za-z0-9._-]{1,128}$"
+_DOT_SEGMENTS: Final = frozenset({".", ".."})
+
+INT32_MIN: Final = -(2**31)
+INT32_MAX: Final = 2**31 - 1
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+
+
+def _not_dot_segment(value: str) -> str:
+    if value in _DOT_SEGMENTS:
+        raise ValueError("must not be '.' or '..'")
+    return value
+
+
+def _utc_millis(value: datetime) -> datetime:
+    value = value.astimezone(UTC)
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+SafeId = Annotated[
+    str, StringConstraints(pattern=SAFE_ID_PATTERN), AfterValidator(_not_dot_segment)
+]
+NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
+# Avro int/long are 32/64-bit: out-of-range numbers must fail here, not in the encoder.
+Int32 = Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+Count32 = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Count64 = Annotated[int, Field(ge=0, le=INT64_MAX)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc_millis)]
+StrMap = dict[str, str]
+
+
+def utc_now() -> datetime:
+    """The current time as the events carry it (UTC, whole milliseconds)."""
+    return _utc_millis(datetime.now(UTC))
+
+
+class Language(StrEnum):
+    AUTO = "AUTO"
+    CHINESE = "CHINESE"
+    ENGLISH = "ENGLISH"
+    JAPANESE = "JAPANESE"
+    KOREAN = "KOREAN"
+    GERMAN = "GERMAN"
+    FRENCH = "FRENCH"
+    RUSSIAN = "RUSSIAN"
+    PORTUGUESE = "PORTUGUESE"
+    SPANISH = "SPANISH"
+    ITALIAN = "ITALIAN"
+
+
+class ModelName(StrEnum):
+    QWEN3_TTS_12HZ_1_7B_BASE = "QWEN3_TTS_12HZ_1_7B_BASE"
+    QWEN3_TTS_12HZ_0_6B_BASE = "QWEN3_TTS_12HZ_0_6B_BASE"
+
+    @property
+    def hub_id(self) -> str:
+        """The Hugging Face Hub repository of the weights."""
+        return _MODEL_HUB_IDS[self]
+
+    @property
+    def size(self) -> str:
+        """The size key backends deploy by: "1.7B" or "0.6B"."""
+        return _MODEL_SIZES[self]
+
+    @classmethod
+    def _missing_(cls, value: object) -> "ModelName | None":
+        # Lets settings and CLIs name a model by its hub id as well as by its symbol.
+        return _MODELS_BY_HUB_ID.get(value) if isinstance(value, str) else None
+
+
+_MODEL_HUB_IDS: Final[Mapping[ModelName, str]] = MappingProxyType(
+    {
+        ModelName.QWEN3_TTS_12HZ_1_7B_BASE: "Qwen/Qwen3-TTS-12Hz-1.7B-Base",
+        ModelName.QWEN3_TTS_12HZ_0_6B_BASE: "Qwen/Qwen3-TTS-12Hz-0.6B-Base",
+    }
+)
+_MODEL_SIZES: Final[Mapping[ModelName, str]] = MappingProxyType(
+    {ModelName.QWEN3_TTS_12HZ_1_7B_BASE: "1.7B", ModelName.QWEN3_TTS_12HZ_0_6B_BASE: "0.6B"}
+)
+_MODELS_BY_HUB_ID: Final[Mapping[str, ModelName]] = MappingProxyType(
+    {hub_id: model for model, hub_id in _MODEL_HUB_IDS.items()}
+)
+DEFAULT_MODEL: Final = ModelName.QWEN3_TTS_12HZ_1_7B_BASE
+
+
+class AudioFormat(StrEnum):
+    WAV = "WAV"
+    FLAC = "FLAC"
+    OGG_OPUS = "OGG_OPUS"
+    MP3 = "MP3"
+
+
+class ErrorCode(StrEnum):
+    INVALID_REQUEST = "INVALID_REQUEST"
+    UNSUPPORTED_LANGUAGE = "UNSUPPORTED_LANGUAGE"
+    REFERENCE_AUDIO_UNAVAILABLE = "REFERENCE_AUDIO_UNAVAILABLE"
+    REFERENCE_AUDIO_INVALID = "REFERENCE_AUDIO_INVALID"
+    TEXT_TOO_LONG = "TEXT_TOO_LONG"
+    INFERENCE_FAILED = "INFERENCE_FAILED"
+    INFERENCE_TIMEOUT = "INFERENCE_TIMEOUT"
+    STORAGE_FAILED = "STORAGE_FAILED"
+    EXPIRED = "EXPIRED"
+    CANCELLED = "CANCELLED"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EventModel(_Record):
+    """Base of the top-level events: each is one Avro record in schemas/avro/."""
+
+    avro_name: ClassVar[str]
+
+    def to_avro(self) -> dict[str, Any]:
+        """The record as fastavro writes it (enum members are their symbols)."""
+        # Valid models serialize cleanly; on a model_construct-ed one, warnings would only
+        # precede the validation error the codec raises anyway.
+        return self.model_dump(warnings=False)
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> Self:
+        """Validate a record as fastavro reads it; raises pydantic.ValidationError."""
+        return cls.model_validate(record)
+
+
+class VoiceReference(_Record):
+    voice_id: NonEmptyStr
+    reference_audio_uri: NonEmptyStr
+    reference_text: str | None = None
+    reference_audio_sha256: Sha256Hex | None = None
+
+
+class GenerationParams(_Record):
+    temperature: FiniteFloat | None = None
+    top_k: Int32 | None = None
+    top_p: FiniteFloat | None = None
+    repetition_penalty: FiniteFloat | None = None
+    max_new_tokens: Int32 | None = None
+    seed: Int64 | None = None
+
+
+class CloneRequest(EventModel):
+    avro_name: ClassVar[str] = f"{AVRO_NAMESPACE}.CloneRequest"
+
+    request_id: SafeId
+    tenant_id: SafeId
+    voice: VoiceReference
+    text: str
+    language: Language = Language.AUTO
+    model: ModelName = DEFAULT_MODEL
+    output_format: AudioFormat = AudioFormat.WAV
+    generation: GenerationParams | None = None
+    deadline: UtcDatetime | None = None
+    created_at: UtcDatetime
+    metadata: StrMap = {}  # pydantic copies it per instance
+
+
+class AudioTimings(_Record):
+    queue_ms: Count64
+    reference_fetch_ms: Count64
+    inference_ms: Count64
+    encode_ms: Count64
+    upload_ms: Count64
+    total_ms: Count64
+
+
+class AudioReady(EventModel):
+    avro_name: ClassVar[str] = f"{AVRO_NAMESPACE}.AudioReady"
+
+    request_id: SafeId
+    tenant_id: SafeId
+    voice_id: NonEmptyStr
+    audio_url: NonEmptyStr
+    storage_uri: NonEmptyStr
+    content_type: NonEmptyStr
+    format: AudioFormat
+    sample_rate: Count32
+    duration_ms: Count64
+    size_bytes: Count64
+    sha256: Sha256Hex
+    model: ModelName
+    backend: str
+    language: Language
+    cold_start: bool
+    timings: AudioTimings
+    url_expires_at: UtcDatetime | None = None
+    completed_at: UtcDatetime
+    metadata: StrMap = {}  # pydantic copies it per instance
+
+
+class CloneFailed(EventModel):
+    avro_name: ClassVar[str] = f"{AVRO_NAMESPACE}.CloneFailed"
+
+    request_id: SafeId
+    tenant_id: SafeId
+    error_code: ErrorCode
+    message: str
+    retryable: bool
+    attempts: Count32
+    failed_at: UtcDatetime
+    metadata: StrMap = {}  # pydantic copies it per instance
+
+
+class CloneCancel(EventModel):
+    avro_name: ClassVar[str] = f"{AVRO_NAMESPACE}.CloneCancel"
+
+    request_id: SafeId
+    tenant_id: SafeId
+    requested_at: UtcDatetime
+    metadata: StrMap = {}  # pydantic copies it per instance
+
+
+Event = CloneRequest | AudioReady | CloneFailed | CloneCancel
+
+# Every event type, by Avro full name (what the event-type header and writer schemas name).
+EVENT_TYPES: Final[Mapping[str, type[Event]]] = MappingProxyType(
+    {cls.avro_name: cls for cls in (CloneRequest, AudioReady, CloneFailed, CloneCancel)}
+)
+
+# Which event type each topic carries, keyed by the Topics field naming the topic. The DLQ
+# holds requests the worker gave up on, byte for byte, so it decodes as CloneRequest.
+TOPIC_EVENT_TYPES: Final[Mapping[str, type[Event]]] = MappingProxyType(
+    {
+        "requests": CloneRequest,
+        "audio_ready": AudioReady,
+        "failed": CloneFailed,
+        "cancel": CloneCancel,
+        "dlq": CloneRequest,
+    }
+)
+
+
+def event_types_by_topic(topics: Topics) -> dict[str, type[Event]]:
+    """Map each configured topic name to the one event type it carries."""
+    routes: dict[str, type[Event]] = {}
+    for field, event_type in TOPIC_EVENT_TYPES.items():
+        name = getattr(topics, field)
+        if routes.setdefault(name, event_type) is not event_type:
+            raise ValueError(
+                f"topic {name!r} would carry both {routes[name].__name__} and "
+                f"{event_type.__name__}; give them separate topics"
+            )
+    return routes

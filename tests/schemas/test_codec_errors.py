@@ -1,0 +1,267 @@
+"""Bad input raises the typed codec errors, with the right reason, in both wire formats."""
+
+import os
+
+import pytest
+
+from schemas.codec import (
+    EVENT_TYPE_HEADER,
+    FINGERPRINT_HEADER,
+    Codec,
+    Encoded,
+    EventDecodeError,
+    EventEncodeError,
+    SchemalessCodec,
+    make_codec,
+)
+from schemas.errors import DecodeReason, EncodeReason, EventCodecError
+from schemas.events import AudioReady, CloneRequest
+from schemas.topics import Topics
+from tests.schemas.fake_registry import FakeSchemaRegistry
+from tests.schemas.pairs import CodecPair
+from tests.schemas.samples import full_audio_ready, full_cancel, full_request, minimal_request
+from tests.schemas.variants import registry_record, schemaless_record, shipped
+
+TOPICS = Topics()
+REQUESTS = TOPICS.requests
+
+
+async def _decode_error(
+    codec: Codec, value: bytes | None, headers: list, topic: str = REQUESTS
+) -> EventDecodeError:
+    with pytest.raises(EventDecodeError) as caught:
+        await codec.decode(topic, value, headers)
+    assert caught.value.topic == topic
+    return caught.value
+
+
+async def _valid(codecs: CodecPair) -> Encoded:
+    return await codecs.writer.encode(REQUESTS, full_request())
+
+
+@pytest.mark.parametrize("value", [None, b""])
+async def test_empty_value(codecs: CodecPair, value: bytes | None) -> None:
+    headers = (await _valid(codecs)).headers
+    assert (await _decode_error(codecs.reader, value, headers)).reason == DecodeReason.EMPTY
+
+
+async def test_random_bytes(codecs: CodecPair) -> None:
+    headers = (await _valid(codecs)).headers
+    prefix = b"\x00\x00\x00\x00\x01" if codecs.mode == "registry" else b""
+    for seed in range(50):
+        garbage = prefix + os.urandom(1 + seed * 7)
+        error = await _decode_error(codecs.reader, garbage, headers)
+        assert error.reason in {DecodeReason.CORRUPT, DecodeReason.INVALID_RECORD}
+
+
+async def test_truncated(codecs: CodecPair) -> None:
+    encoded = await _valid(codecs)
+    for cut in range(1, len(encoded.value)):
+        error = await _decode_error(codecs.reader, encoded.value[:cut], encoded.headers)
+        assert error.reason in {DecodeReason.CORRUPT, DecodeReason.INVALID_RECORD}, cut
+
+
+async def test_trailing_bytes(codecs: CodecPair) -> None:
+    encoded = await _valid(codecs)
+    error = await _decode_error(codecs.reader, encoded.value + b"\x00", encoded.headers)
+    assert error.reason == DecodeReason.CORRUPT
+
+
+async def test_too_large(codecs: CodecPair) -> None:
+    encoded = await _valid(codecs)
+    small = codecs.make(max_value_bytes=len(encoded.value) - 1)
+    error = await _decode_error(small, encoded.value, encoded.headers)
+    assert error.reason == DecodeReason.TOO_LARGE
+
+
+async def test_another_event_types_bytes_on_a_topic(codecs: CodecPair) -> None:
+    encoded = await codecs.writer.encode(TOPICS.audio_ready, full_audio_ready())
+    error = await _decode_error(codecs.reader, encoded.value, encoded.headers, REQUESTS)
+    assert error.reason == DecodeReason.WRONG_TYPE
+    assert "CloneRequest" in str(error)
+
+
+async def test_unknown_topic(codecs: CodecPair) -> None:
+    encoded = await _valid(codecs)
+    error = await _decode_error(codecs.reader, encoded.value, encoded.headers, "not.ours")
+    assert error.reason == DecodeReason.UNKNOWN_TOPIC
+
+
+async def test_invalid_record(codecs: CodecPair) -> None:
+    """Well-formed Avro that breaks a model rule (an unsafe id) is rejected on decode."""
+    record = {**minimal_request().to_avro(), "request_id": ".."}
+    if codecs.mode == "schemaless":
+        encoded = schemaless_record(shipped("clone_request"), record)
+    else:
+        schema_id = int.from_bytes((await _valid(codecs)).value[1:5], "big")
+        encoded = registry_record(schema_id, shipped("clone_request"), record)
+    error = await _decode_error(codecs.reader, encoded.value, encoded.headers)
+    assert error.reason == DecodeReason.INVALID_RECORD
+    assert "request_id" in str(error)
+
+
+# -- schemaless framing -----------------------------------------------------------------------
+
+
+async def test_missing_fingerprint_header() -> None:
+    codec = SchemalessCodec(topics=TOPICS)
+    encoded = await codec.encode(REQUESTS, full_request())
+    no_fingerprint = [h for h in encoded.headers if h[0] != FINGERPRINT_HEADER]
+    for headers in (
+        [],
+        no_fingerprint,
+        [(FINGERPRINT_HEADER, b"short")],
+        [(FINGERPRINT_HEADER, None)],
+    ):
+        error = await _decode_error(codec, encoded.value, headers)
+        assert error.reason == DecodeReason.BAD_HEADER
+
+
+async def test_unknown_fingerprint() -> None:
+    codec = SchemalessCodec(topics=TOPICS)
+    encoded = await codec.encode(REQUESTS, full_request())
+    error = await _decode_error(codec, encoded.value, [(FINGERPRINT_HEADER, b"\x01" * 8)])
+    assert error.reason == DecodeReason.UNKNOWN_SCHEMA
+
+
+async def test_last_fingerprint_header_wins() -> None:
+    codec = SchemalessCodec(topics=TOPICS)
+    encoded = await codec.encode(REQUESTS, full_request())
+    headers = [(FINGERPRINT_HEADER, b"\x01" * 8), *encoded.headers]
+    assert await codec.decode(REQUESTS, encoded.value, headers) == full_request()
+
+
+async def test_event_type_header_must_match_the_schema(codecs: CodecPair) -> None:
+    encoded = await _valid(codecs)
+    headers = [*encoded.headers, (EVENT_TYPE_HEADER, AudioReady.avro_name.encode())]
+    error = await _decode_error(codecs.reader, encoded.value, headers)
+    assert error.reason == DecodeReason.BAD_HEADER
+
+
+async def test_fingerprint_of_another_event_type() -> None:
+    codec = SchemalessCodec(topics=TOPICS)
+    request = await codec.encode(REQUESTS, full_request())
+    cancel = await codec.encode(TOPICS.cancel, full_cancel())
+    error = await _decode_error(codec, request.value, cancel.headers)
+    assert error.reason == DecodeReason.WRONG_TYPE
+
+
+# -- registry framing -------------------------------------------------------------------------
+
+
+async def test_wrong_magic_byte(registry: FakeSchemaRegistry) -> None:
+    codec = make_codec(registry.url, topics=TOPICS)
+    encoded = await codec.encode(REQUESTS, full_request())
+    for magic in (1, 0x7F, 0xFF):
+        error = await _decode_error(codec, bytes([magic]) + encoded.value[1:], encoded.headers)
+        assert error.reason == DecodeReason.BAD_MAGIC
+
+
+@pytest.mark.parametrize("value", [b"\x00", b"\x00\x00\x00\x00\x01"])
+async def test_too_short_for_wire_format(registry: FakeSchemaRegistry, value: bytes) -> None:
+    error = await _decode_error(make_codec(registry.url, topics=TOPICS), value, [])
+    assert error.reason == DecodeReason.CORRUPT
+
+
+async def test_unknown_schema_id(registry: FakeSchemaRegistry) -> None:
+    codec = make_codec(registry.url, topics=TOPICS)
+    encoded = await codec.encode(REQUESTS, full_request())
+    value = b"\x00" + (999).to_bytes(4, "big") + encoded.value[5:]
+    error = await _decode_error(codec, value, encoded.headers)
+    assert error.reason == DecodeReason.UNKNOWN_SCHEMA
+    assert not error.retryable
+
+
+async def test_schema_id_of_a_non_event_schema(registry: FakeSchemaRegistry) -> None:
+    from schema_registry.client import AsyncSchemaRegistryClient
+
+    client = AsyncSchemaRegistryClient(registry.url)
+    other = {"type": "record", "name": "Other", "fields": [{"name": "x", "type": "long"}]}
+    schema_id = await client.register("elsewhere-value", other)
+    value = b"\x00" + schema_id.to_bytes(4, "big") + b"\x02"
+    error = await _decode_error(make_codec(registry.url, topics=TOPICS), value, [])
+    assert error.reason == DecodeReason.WRONG_TYPE
+
+
+async def test_registry_outage_is_retryable(registry: FakeSchemaRegistry) -> None:
+    encoded = await make_codec(registry.url, topics=TOPICS).encode(REQUESTS, full_request())
+    registry.fail_with = 503
+    decode_error = await _decode_error(make_codec(registry.url, topics=TOPICS), encoded.value, [])
+    assert decode_error.reason == DecodeReason.REGISTRY_UNAVAILABLE
+    assert decode_error.retryable
+    with pytest.raises(EventEncodeError) as caught:
+        await make_codec(registry.url, topics=TOPICS).encode(REQUESTS, full_request())
+    assert caught.value.reason == EncodeReason.REGISTRY_UNAVAILABLE
+    assert caught.value.retryable
+
+
+async def test_registry_down_is_retryable() -> None:
+    codec = make_codec("http://127.0.0.1:9", topics=TOPICS)  # discard port: nothing listens
+    with pytest.raises(EventEncodeError) as caught:
+        await codec.encode(REQUESTS, full_request())
+    assert caught.value.reason == EncodeReason.REGISTRY_UNAVAILABLE
+    error = await _decode_error(codec, b"\x00\x00\x00\x00\x07\x02", [])
+    assert error.reason == DecodeReason.REGISTRY_UNAVAILABLE
+
+
+async def test_registry_rejecting_the_schema_is_not_retryable(registry: FakeSchemaRegistry) -> None:
+    registry.fail_with = 409  # what a registry says to an incompatible schema
+    with pytest.raises(EventEncodeError) as caught:
+        await make_codec(registry.url, topics=TOPICS).encode(REQUESTS, full_request())
+    assert caught.value.reason == EncodeReason.SCHEMA_REJECTED
+    assert not caught.value.retryable
+
+
+async def test_lookup_only_mode_with_unregistered_schema(registry: FakeSchemaRegistry) -> None:
+    codec = make_codec(registry.url, topics=TOPICS, auto_register=False)
+    with pytest.raises(EventEncodeError) as caught:
+        await codec.encode(REQUESTS, full_request())
+    assert caught.value.reason == EncodeReason.UNKNOWN_SCHEMA
+    assert registry.schemas == {}
+
+
+# -- encoding ---------------------------------------------------------------------------------
+
+
+async def test_encode_to_a_topic_of_another_event_type(codecs: CodecPair) -> None:
+    with pytest.raises(EventEncodeError) as caught:
+        await codecs.writer.encode(TOPICS.failed, full_request())
+    assert caught.value.reason == EncodeReason.WRONG_TOPIC
+    with pytest.raises(EventEncodeError) as caught:
+        await codecs.writer.encode("not.ours", full_request())
+    assert caught.value.reason == EncodeReason.UNKNOWN_TOPIC
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"request_id": "../etc"},  # breaks a model rule, fine for Avro
+        {"text": 42},  # wrong type
+        {"language": "KLINGON"},  # not a symbol
+        {"generation": {"top_k": 2**40}},  # not an Avro int
+    ],
+)
+async def test_encode_invalid_event(codecs: CodecPair, changes: dict[str, object]) -> None:
+    """Events built with model_construct skip validation; the codec still refuses them."""
+    event = CloneRequest.model_construct(**{**dict(minimal_request()), **changes})
+    with pytest.raises(EventEncodeError) as caught:
+        await codecs.writer.encode(REQUESTS, event)
+    assert caught.value.reason == EncodeReason.INVALID_EVENT
+    assert not caught.value.retryable
+
+
+async def test_encode_something_that_is_not_an_event(codecs: CodecPair) -> None:
+    with pytest.raises(EventEncodeError) as caught:
+        await codecs.writer.encode(REQUESTS, object())  # type: ignore[arg-type]
+    assert caught.value.reason == EncodeReason.INVALID_EVENT
+
+
+def test_errors_share_a_base_and_read_well() -> None:
+    error = EventDecodeError(DecodeReason.CORRUPT, "bad bytes", topic="t")
+    assert isinstance(error, EventCodecError)
+    assert issubclass(EventEncodeError, EventCodecError)
+    assert str(error) == "bad bytes"
+    assert error.reason == "corrupt"
+    assert "corrupt" in repr(error)
+    # Callers may raise it themselves with a plain string reason.
+    assert EventDecodeError("wrong_type", "expected CloneRequest").reason == DecodeReason.WRONG_TYPE

@@ -1,0 +1,165 @@
+"""Validation and conventions of the pydantic event models."""
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.events import (
+    EVENT_TYPES,
+    AudioFormat,
+    AudioReady,
+    CloneCancel,
+    CloneFailed,
+    CloneRequest,
+    GenerationParams,
+    Language,
+    ModelName,
+    event_types_by_topic,
+    utc_now,
+)
+from schemas.topics import Topics
+from tests.schemas.samples import (
+    SAMPLE_IDS,
+    SAMPLES,
+    full_audio_ready,
+    full_request,
+    minimal_request,
+)
+
+
+def _request(**changes: object) -> CloneRequest:
+    return CloneRequest.model_validate({**minimal_request().model_dump(), **changes})
+
+
+@pytest.mark.parametrize("good", ["a", "req-1", "A.b_c-9", "...", "a..b", ".hidden", "x" * 128])
+def test_ids_accept_safe_keys(good: str) -> None:
+    assert _request(request_id=good, tenant_id=good).request_id == good
+
+
+@pytest.mark.parametrize(
+    "bad", ["", ".", "..", "a/b", "../x", "a b", "a\n", "é", "x" * 129, "a:b", "a\\b"]
+)
+@pytest.mark.parametrize("field", ["request_id", "tenant_id"])
+def test_ids_reject_unsafe_keys(field: str, bad: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        _request(**{field: bad})
+
+
+def test_ids_are_checked_on_every_event() -> None:
+    with pytest.raises(ValidationError):
+        CloneCancel(request_id="..", tenant_id="t", requested_at=utc_now())
+    with pytest.raises(ValidationError):
+        AudioReady.model_validate({**full_audio_ready().model_dump(), "tenant_id": "a/b"})
+
+
+def test_text_has_no_length_limit_in_the_contract() -> None:
+    assert len(_request(text="x" * 1_000_000).text) == 1_000_000
+
+
+def test_naive_datetimes_are_rejected() -> None:
+    with pytest.raises(ValidationError, match="timezone"):
+        _request(created_at=datetime(2025, 1, 1, 12, 0))
+
+
+def test_datetimes_become_utc_whole_milliseconds() -> None:
+    ist = timezone(timedelta(hours=5, minutes=30))
+    event = _request(created_at=datetime(2025, 1, 1, 5, 30, 0, 123456, tzinfo=ist))
+    assert event.created_at == datetime(2025, 1, 1, 0, 0, 0, 123000, tzinfo=UTC)
+    assert event.created_at.tzinfo is UTC
+    assert utc_now().microsecond % 1000 == 0
+
+
+def test_defaults() -> None:
+    event = minimal_request()
+    assert event.language is Language.AUTO
+    assert event.model is ModelName.QWEN3_TTS_12HZ_1_7B_BASE
+    assert event.output_format is AudioFormat.WAV
+    assert event.generation is None
+    assert event.deadline is None
+    assert event.metadata == {}
+    assert minimal_request().metadata is not event.metadata  # not one shared dict
+    assert GenerationParams().model_dump() == dict.fromkeys(GenerationParams.model_fields)
+
+
+def test_model_names_map_to_hub_ids() -> None:
+    assert ModelName.QWEN3_TTS_12HZ_1_7B_BASE.hub_id == "Qwen/Qwen3-TTS-12Hz-1.7B-Base"
+    assert ModelName.QWEN3_TTS_12HZ_0_6B_BASE.hub_id == "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
+    assert ModelName("Qwen/Qwen3-TTS-12Hz-0.6B-Base") is ModelName.QWEN3_TTS_12HZ_0_6B_BASE
+    assert (
+        _request(model="Qwen/Qwen3-TTS-12Hz-0.6B-Base").model is ModelName.QWEN3_TTS_12HZ_0_6B_BASE
+    )
+    assert [m.size for m in ModelName] == ["1.7B", "0.6B"]
+    with pytest.raises(ValidationError):
+        _request(model="Qwen/Qwen3-TTS-12Hz-1.7B-CustomVoice")
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"attempts": 2**31}, "attempts"),
+        ({"attempts": -1}, "attempts"),
+        ({"error_code": "OOPS"}, "error_code"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_failed_field_checks(changes: dict[str, object], field: str) -> None:
+    base = {
+        "request_id": "r",
+        "tenant_id": "t",
+        "error_code": "EXPIRED",
+        "message": "m",
+        "retryable": False,
+        "attempts": 1,
+        "failed_at": utc_now(),
+    }
+    assert CloneFailed.model_validate(base).attempts == 1
+    with pytest.raises(ValidationError, match=field):
+        CloneFailed.model_validate({**base, **changes})
+
+
+@pytest.mark.parametrize(
+    "generation",
+    [{"seed": 2**63}, {"top_k": 2**31}, {"temperature": float("nan")}, {"top_p": float("inf")}],
+)
+def test_generation_values_must_fit_avro(generation: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        _request(generation=generation)
+
+
+def test_sha256_must_be_hex() -> None:
+    with pytest.raises(ValidationError, match="sha256"):
+        _request(
+            voice={"voice_id": "v", "reference_audio_uri": "u", "reference_audio_sha256": "abc"}
+        )
+
+
+def test_events_are_frozen() -> None:
+    event = full_request()
+    with pytest.raises(ValidationError):
+        event.text = "changed"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("topic_field", "event"), SAMPLES, ids=SAMPLE_IDS)
+def test_avro_dict_round_trip(topic_field: str, event: object) -> None:
+    assert isinstance(event, CloneRequest | AudioReady | CloneFailed | CloneCancel)
+    assert type(event).from_avro(event.to_avro()) == event
+    assert EVENT_TYPES[event.avro_name] is type(event)
+
+
+def test_topic_routing_is_data() -> None:
+    assert event_types_by_topic(Topics()) == {
+        "voice.clone.requests": CloneRequest,
+        "voice.clone.audio-ready": AudioReady,
+        "voice.clone.failed": CloneFailed,
+        "voice.clone.cancel": CloneCancel,
+        "voice.clone.requests.dlq": CloneRequest,
+    }
+    renamed = event_types_by_topic(Topics(requests="in", audio_ready="out"))
+    assert renamed["in"] is CloneRequest
+    assert renamed["out"] is AudioReady
+
+
+def test_one_topic_cannot_carry_two_event_types() -> None:
+    with pytest.raises(ValueError, match="both"):
+        event_types_by_topic(Topics(audio_ready="results", failed="results"))
