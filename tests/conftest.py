@@ -1,3 +1,3 @@
 """Fixtures shared across the suite live in tests/fixtures/, one module per outside system."""
 
-pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.model"]
+pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.model", "tests.fixtures.s3"]

@@ -1,0 +1,232 @@
+"""Filesystem storage under one root directory: the embedded default, no server needed.
+
+Each object ``<root>/<key>`` has a sidecar ``<root>/<key>@meta.json`` holding its content type,
+SHA-256 and custom metadata. ``@`` is outside the key alphabet, so no key can name a sidecar or
+an in-flight temp file, and ``read``/``path_for`` never hand one out.
+"""
+
+import asyncio
+import errno
+import json
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from pathlib import Path
+from stat import S_ISREG
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
+from urllib.request import url2pathname
+
+from producer.storage.base import (
+    DEFAULT_CONTENT_TYPE,
+    Lifecycle,
+    ObjectInfo,
+    StoredObject,
+    check_max_bytes,
+    sha256_hex,
+    validate_content_type,
+    validate_metadata,
+)
+from producer.storage.errors import (
+    InvalidKeyError,
+    ObjectNotFound,
+    ObjectTooLarge,
+    StorageError,
+    UriNotAllowed,
+)
+from producer.storage.keys import validate_key
+
+SIDECAR_SUFFIX = "@meta.json"
+# Errors a later attempt may not hit again (disk full, I/O hiccup); the rest are configuration.
+_TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.EINTR})
+# Striped rather than per-key so the lock table stays bounded however many keys are written.
+_LOCK_STRIPES = 64
+T = TypeVar("T")
+
+
+class LocalStorage(Lifecycle):
+    """Objects as files under ``root``; URLs are ``file://`` paths or ``public_base_url/<key>``."""
+
+    def __init__(self, root: Path, public_base_url: str | None = None) -> None:
+        # Resolved once so containment checks compare like with like even if root is a symlink.
+        self._root = Path(root).resolve()
+        self._public_base_url = public_base_url.rstrip("/") if public_base_url else None
+        self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._root.mkdir, parents=True, exist_ok=True)
+
+    async def close(self) -> None:
+        """Nothing to release; present for the Storage interface."""
+
+    def path_for(self, key: str) -> Path:
+        """The file behind ``key`` (for serving the directory over HTTP); validates the key."""
+        return self._root / validate_key(key)
+
+    async def put(
+        self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str]
+    ) -> StoredObject:
+        path = self.path_for(key)
+        digest = sha256_hex(data)
+        sidecar = {
+            "content_type": validate_content_type(content_type),
+            "sha256": digest,
+            "size_bytes": len(data),
+            "metadata": validate_metadata(metadata),
+        }
+        # Two in-process writers of one key could otherwise pair one's data with the other's
+        # sidecar.
+        async with self._locks[hash(key) % _LOCK_STRIPES]:
+            await self._to_thread(key, self._write, path, data, sidecar)
+        url, expires_at = await self.url_for(key)
+        return StoredObject(
+            key=key,
+            storage_uri=path.as_uri(),
+            url=url,
+            size_bytes=len(data),
+            sha256=digest,
+            url_expires_at=expires_at,
+        )
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        path = self.path_for(key)
+        return await self._to_thread(key, self._head, key, path)
+
+    async def read(self, uri: str, max_bytes: int) -> bytes:
+        check_max_bytes(max_bytes)
+        return await self._to_thread(uri, self._read, uri, max_bytes)
+
+    async def url_for(self, key: str) -> tuple[str, datetime | None]:
+        """The URL for ``key`` (whether or not it exists yet); local URLs never expire."""
+        path = self.path_for(key)
+        if self._public_base_url:
+            return f"{self._public_base_url}/{quote(key)}", None
+        return path.as_uri(), None
+
+    def _read(self, uri: str, max_bytes: int) -> bytes:
+        return _read_capped(self._path_from_uri(uri), max_bytes)
+
+    def _path_from_uri(self, uri: str) -> Path:
+        """Map a ``file://`` URI to a file inside the root, or raise UriNotAllowed."""
+        parts = urlsplit(uri)
+        if parts.scheme != "file" or parts.netloc not in {"", "localhost"}:
+            raise UriNotAllowed(f"only file:// URIs are readable from local storage: {uri!r}")
+        if parts.query or parts.fragment:
+            raise UriNotAllowed(f"file URI must not have a query or fragment: {uri!r}")
+        # resolve() follows symlinks and collapses "..", so containment is checked on the
+        # file that would actually be opened.
+        try:
+            path = Path(url2pathname(parts.path)).resolve()
+        except RuntimeError as exc:  # a symlink loop, before Python 3.13
+            raise UriNotAllowed(f"{uri!r} does not resolve: {exc}") from exc
+        if not path.is_relative_to(self._root):
+            raise UriNotAllowed(f"{uri!r} is outside the storage root")
+        try:
+            validate_key(path.relative_to(self._root).as_posix())
+        except InvalidKeyError as exc:
+            raise UriNotAllowed(f"{uri!r} does not name an object") from exc
+        return path
+
+    async def _to_thread(self, what: str, func: Callable[..., T], *args: object) -> T:
+        """Run blocking file I/O off the event loop, mapping OSError to StorageError."""
+        try:
+            return await asyncio.to_thread(func, *args)
+        except OSError as exc:
+            transient = exc.errno in _TRANSIENT_ERRNOS
+            raise StorageError(f"{what}: {exc}", transient=transient, key=what) from exc
+
+    def _write(self, path: Path, data: bytes, sidecar: dict[str, object]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.resolve().is_relative_to(self._root):
+            # A directory inside the root was replaced by a symlink pointing elsewhere.
+            raise UriNotAllowed(f"{path.parent} resolves outside the storage root")
+        sidecar_path = _sidecar_path(path)
+        tmp_data = _write_temp(path, data)
+        tmp_sidecar = _write_temp(path, json.dumps(sidecar, sort_keys=True).encode())
+        try:
+            # Drop the old sidecar first: a crash part-way leaves an object without a sidecar,
+            # which head() reports as unknown checksum (safe: it gets regenerated), never an
+            # object paired with a stale checksum.
+            sidecar_path.unlink(missing_ok=True)
+            os.replace(tmp_data, path)
+            os.replace(tmp_sidecar, sidecar_path)
+            _fsync_dir(path.parent)
+        finally:
+            tmp_data.unlink(missing_ok=True)
+            tmp_sidecar.unlink(missing_ok=True)
+
+    def _head(self, key: str, path: Path) -> ObjectInfo | None:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        if not S_ISREG(stat.st_mode):  # e.g. the key of a tenant's directory
+            return None
+        size = stat.st_size
+        sidecar = _load_sidecar(_sidecar_path(path), size)
+        return ObjectInfo(
+            key=key,
+            storage_uri=path.as_uri(),
+            size_bytes=size,
+            content_type=sidecar.get("content_type", DEFAULT_CONTENT_TYPE),
+            sha256=sidecar.get("sha256"),
+            metadata=sidecar.get("metadata", {}),
+        )
+
+
+def _sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _write_temp(path: Path, data: bytes) -> Path:
+    """Write ``data`` durably to a fresh temp file beside ``path`` (same filesystem: the
+    later rename is atomic)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}@tmp")
+    with tmp.open("xb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    return tmp
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the renames themselves, not only the file contents."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load_sidecar(sidecar_path: Path, size: int) -> dict[str, Any]:
+    """The sidecar's fields, or {} when it is missing, unreadable or describes other bytes."""
+    try:
+        sidecar = json.loads(sidecar_path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(sidecar, dict) or sidecar.get("size_bytes") != size:
+        return {}
+    return sidecar
+
+
+def _read_capped(path: Path, max_bytes: int) -> bytes:
+    try:
+        file = path.open("rb")
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise ObjectNotFound(f"{path} does not exist or is not a file", key=str(path)) from exc
+    with file:
+        size = os.fstat(file.fileno()).st_size
+        # Read one byte past the cap too: the file may have grown since fstat.
+        data = b"" if size > max_bytes else file.read(max_bytes + 1)
+    if size > max_bytes or len(data) > max_bytes:
+        raise ObjectTooLarge(
+            f"{path} is {max(size, len(data))} bytes; the cap is {max_bytes}",
+            max_bytes=max_bytes,
+            key=str(path),
+        )
+    return data
