@@ -1,0 +1,38 @@
+"""Topic administration: create the product's topics on a cluster."""
+
+import contextlib
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from producer.settings import ClientSettings
+
+
+async def create_topics(settings: ClientSettings, partitions: int | None = None) -> list[str]:
+    """Create every configured topic that does not exist yet; return the names created.
+
+    Safe to run repeatedly: topics that already exist are left as they are.
+    """
+    kafka = settings.kafka
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=kafka.bootstrap_servers, client_id=kafka.client_id
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [name for name in settings.topics.all() if name not in existing]
+        new = [
+            NewTopic(
+                name=name,
+                num_partitions=partitions or kafka.topic_partitions,
+                replication_factor=kafka.topic_replication_factor,
+            )
+            for name in wanted
+        ]
+        # Another process may create them between our listing and our request.
+        if new:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(new)
+        return wanted
+    finally:
+        await admin.close()
