@@ -2,8 +2,28 @@
 # Java 17+, Maven for the one-time jar fetch). Cache dir: $VOICECLONE_KAFKA_HOME or .cache/kafka.
 PYTHON ?= python3
 BROKER := $(PYTHON) deploy/kafka/broker.py
+# uv as a module of the machine's python: works whether or not a `uv` binary is on PATH.
+UV := $(PYTHON) -m uv
+UV_VERSION := 0.13.9
 
-.PHONY: broker-fetch broker-start broker-stop broker-status
+.PHONY: setup test lint run topics broker-fetch broker-start broker-stop broker-status
+
+setup: ## Install uv if missing, then the locked environment with every extra
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
+	$(UV) sync --all-extras --frozen
+
+test: setup ## Set up and run the whole suite; the suite starts and stops the local broker itself
+	$(UV) run --frozen pytest
+
+lint: setup ## ruff: lint and formatting
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check .
+
+run: setup broker-start topics ## The main job on embedded defaults: local broker, topics
+	@echo "Kafka is up at $$($(BROKER) bootstrap) with the product's topics."
+
+topics: ## Create the product's topics on the local broker (idempotent)
+	VOICECLONE_KAFKA__BOOTSTRAP_SERVERS=$$($(BROKER) bootstrap) $(UV) run --frozen voiceclone topics create
 
 broker-fetch: ## Download the Kafka jars from Maven Central (once; cached)
 	$(BROKER) fetch

@@ -8,6 +8,7 @@ the environment.
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producer.storage.settings import StorageSettings
 from schemas.topics import Topics
 
 
@@ -40,3 +41,4 @@ class ClientSettings(BaseSettings):
         description="Confluent-compatible Schema Registry URL. Unset: schemaless Avro with the "
         "writer schema's fingerprint in a header.",
     )
+    storage: StorageSettings = StorageSettings()

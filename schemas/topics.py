@@ -1,16 +1,21 @@
 """Kafka topic names. Every name is configurable; these are the defaults."""
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class Topics(BaseModel):
     """Names of the topics the product reads and writes."""
 
-    requests: str = "voice.clone.requests"
-    audio_ready: str = "voice.clone.audio-ready"
-    failed: str = "voice.clone.failed"
-    cancel: str = "voice.clone.cancel"
-    dlq: str = "voice.clone.requests.dlq"
+    requests: str = Field("voice.clone.requests", description="Clone requests (CloneRequest).")
+    audio_ready: str = Field(
+        "voice.clone.audio-ready", description="Successful outcomes (AudioReady)."
+    )
+    failed: str = Field("voice.clone.failed", description="Failed outcomes (CloneFailed).")
+    cancel: str = Field("voice.clone.cancel", description="Cancellations (CloneCancel).")
+    dlq: str = Field(
+        "voice.clone.requests.dlq",
+        description="Requests that could not be read, with their original bytes.",
+    )
 
     def all(self) -> list[str]:
         return [self.requests, self.audio_ready, self.failed, self.cancel, self.dlq]
