@@ -1,0 +1,13 @@
+"""The one error a pipeline stage raises: it becomes a clone-failed event."""
+
+from schemas.events import ErrorCode
+
+
+class CloneError(Exception):
+    """A request cannot be served; `code` and `retryable` go into the clone-failed event."""
+
+    def __init__(self, code: ErrorCode, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable

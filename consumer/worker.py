@@ -1,0 +1,166 @@
+"""The consume loop: fetch within the in-flight bound, run each request, commit finished prefixes.
+
+One loop, read top to bottom: make room (pause/resume), fetch, start a task per record, commit
+what is contiguous. Each record's task always ends in a published outcome or a dead letter
+before its offset is marked done; nothing is committed on cancellation.
+"""
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from consumer.handler import RecordHandler
+from consumer.offsets import OffsetTracker
+from consumer.settings import WorkerSettings
+
+log = structlog.get_logger(__name__)
+
+
+class Worker:
+    """Runs clone requests from the requests topic until `stop()` is called."""
+
+    def __init__(self, settings: WorkerSettings, handler: RecordHandler) -> None:
+        self._settings = settings
+        self._handler = handler
+        self._tracker = OffsetTracker()
+        self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def stop(self) -> None:
+        """Ask the loop to drain and exit; safe to call more than once, from a signal handler."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        consumer = self._make_consumer()
+        self._consumer = consumer
+        await consumer.start()
+        try:
+            consumer.subscribe([self._settings.topics.requests], listener=_Revocations(self))
+            await self._consume(consumer)
+        finally:
+            await self._drain(consumer)
+            await consumer.stop()
+            log.info("worker_stopped")
+
+    def _make_consumer(self) -> AIOKafkaConsumer:
+        kafka = self._settings.kafka
+        return AIOKafkaConsumer(
+            bootstrap_servers=kafka.bootstrap_servers,
+            client_id=f"{kafka.client_id}-worker",
+            group_id=self._settings.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_poll_interval_ms=self._settings.max_poll_interval_ms,
+        )
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        while not self._stopping.is_set():
+            free = self._settings.max_in_flight - self.in_flight
+            self._apply_backpressure(consumer, free)
+            if free <= 0:
+                # Keep polling (paused partitions return nothing) so the group does not evict
+                # us while long jobs run; wake as soon as a slot frees up.
+                await self._wait_for_slot()
+            batch = await consumer.getmany(
+                timeout_ms=self._settings.poll_timeout_ms, max_records=max(free, 1)
+            )
+            for records in batch.values():
+                for record in records:
+                    self._start(record)
+            await self._commit(consumer)
+
+    def _apply_backpressure(self, consumer: AIOKafkaConsumer, free: int) -> None:
+        if free <= 0:
+            consumer.pause(*consumer.assignment())
+        elif paused := consumer.paused():
+            consumer.resume(*paused)
+
+    async def _wait_for_slot(self) -> None:
+        self._slot_freed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._settings.poll_timeout_ms / 1000):
+                await self._slot_freed.wait()
+
+    def _start(self, record: ConsumerRecord) -> None:
+        tp = TopicPartition(record.topic, record.partition)
+        self._tracker.track(tp, record.offset)
+        task = asyncio.create_task(self._handle(tp, record))
+        self._tasks[task] = tp
+        task.add_done_callback(self._finished)
+
+    async def _handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
+        await self._handler.handle(record)
+        # Only reached once the outcome (or dead letter) is acknowledged by the broker.
+        self._tracker.done(tp, record.offset)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+        self._slot_freed.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # The handler turns every failure into an outcome; reaching here is a bug.
+            log.error("handler_crashed", error=repr(exc))
+
+    async def _commit(
+        self, consumer: AIOKafkaConsumer, only: Iterable[TopicPartition] = ()
+    ) -> None:
+        offsets = self._tracker.committable()
+        if wanted := set(only):
+            offsets = {tp: off for tp, off in offsets.items() if tp in wanted}
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # Uncommitted work is redelivered to whoever owns the partition next.
+            log.warning("commit_failed", error=repr(exc))
+        else:
+            self._tracker.mark_committed(offsets)
+
+    async def _settle(self, tasks: list[asyncio.Task[None]], grace: float) -> None:
+        """Let tasks finish within `grace` seconds, then cancel the rest (left uncommitted)."""
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _drain(self, consumer: AIOKafkaConsumer) -> None:
+        consumer.pause(*consumer.assignment())
+        log.info("worker_draining", in_flight=self.in_flight)
+        await self._settle(list(self._tasks), self._settings.shutdown_grace_seconds)
+        await self._commit(consumer)
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        mine = [task for task, tp in self._tasks.items() if tp in revoked]
+        log.info("partitions_revoked", partitions=len(revoked), in_flight=len(mine))
+        await self._settle(mine, self._settings.revoke_grace_seconds)
+        if self._consumer is not None:
+            await self._commit(self._consumer, only=revoked)
+        self._tracker.forget(revoked)
+
+
+class _Revocations(ConsumerRebalanceListener):
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._worker.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info(
+            "partitions_assigned",
+            partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+        )
