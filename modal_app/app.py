@@ -1,0 +1,314 @@
+"""The Qwen3-TTS GPU service on Modal: one app file for both model sizes.
+
+The size is chosen when the module is imported, from `VOICECLONE_MODEL_SIZE`, and fixes the
+app name, the model and the GPU list (see `modal_app.profiles`). Run from the repository root:
+
+    modal run -m modal_app.app::download_models             # once: both models into the Volume
+    VOICECLONE_MODEL_SIZE=1.7B modal deploy -m modal_app.app  # voiceclone-qwen3-tts-1-7b, A10G
+    VOICECLONE_MODEL_SIZE=0.6B modal deploy -m modal_app.app  # voiceclone-qwen3-tts-0-6b, T4
+
+Deploy-time settings, all optional: `VOICECLONE_MODAL_GPUS` (comma-separated, first choice
+first), `VOICECLONE_MODAL_GPU_SNAPSHOT` (`0` for CPU-only memory snapshots),
+`VOICECLONE_MODAL_MIN_CONTAINERS`, `VOICECLONE_MODAL_SCALEDOWN_SECONDS`.
+
+Containers restore from a memory snapshot taken after the model is loaded (with its GPU memory
+where Modal's GPU snapshots are enabled), so a cold start skips import, load and warm-up.
+"""
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import modal
+
+from modal_app.params import GenerationParams
+from modal_app.profiles import DEFAULT_SIZE, PROFILES, ModelProfile, profile_for
+
+if TYPE_CHECKING:
+    from modal_app.engine import CloneOutput
+
+logger = logging.getLogger(__name__)
+
+CACHE_MOUNT = "/cache"
+HF_HOME = f"{CACHE_MOUNT}/huggingface"
+VOLUME_NAME = "voiceclone-hf-cache"
+SYSTEM_PACKAGES = ("libsndfile1", "sox", "ffmpeg")
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """Everything this module reads from the environment, read once at import."""
+
+    profile: ModelProfile
+    gpus: tuple[str, ...]
+    gpu_snapshot: bool = True
+    min_containers: int = 0
+    scaledown_seconds: int = 300
+    timeout_seconds: int = 1800  # per call: long texts run to many minutes of audio
+    startup_timeout_seconds: int = 900  # first boot on a new snapshot: load from the Volume
+
+
+def settings_from_env(environ: Mapping[str, str] = os.environ) -> DeploySettings:
+    profile = profile_for(environ.get("VOICECLONE_MODEL_SIZE", DEFAULT_SIZE))
+    gpus = environ.get("VOICECLONE_MODAL_GPUS", "")
+    return DeploySettings(
+        profile=profile,
+        gpus=tuple(gpu.strip() for gpu in gpus.split(",") if gpu.strip()) or profile.gpus,
+        gpu_snapshot=_flag(environ.get("VOICECLONE_MODAL_GPU_SNAPSHOT", "1")),
+        min_containers=int(environ.get("VOICECLONE_MODAL_MIN_CONTAINERS", "0")),
+        scaledown_seconds=int(environ.get("VOICECLONE_MODAL_SCALEDOWN_SECONDS", "300")),
+    )
+
+
+def _flag(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered not in {"1", "true", "yes", "0", "false", "no"}:
+        raise ValueError(f"Expected a boolean (1/0, true/false), got {value!r}")
+    return lowered in {"1", "true", "yes"}
+
+
+def service_options(settings: DeploySettings, volume: modal.Volume) -> dict[str, Any]:
+    """Keyword arguments for `@app.cls`: resources, limits and snapshotting."""
+    options: dict[str, Any] = {
+        "gpu": list(settings.gpus),
+        "volumes": {CACHE_MOUNT: volume},
+        "timeout": settings.timeout_seconds,
+        "startup_timeout": settings.startup_timeout_seconds,
+        "scaledown_window": settings.scaledown_seconds,
+        "min_containers": settings.min_containers,
+        "enable_memory_snapshot": True,
+    }
+    if settings.gpu_snapshot:  # alpha: snapshot GPU memory too, so weights need no reload
+        options["experimental_options"] = {"enable_gpu_snapshot": True}
+    return options
+
+
+SETTINGS = settings_from_env()
+PROFILE = SETTINGS.profile
+
+hf_cache = modal.Volume.from_name(VOLUME_NAME, create_if_missing=True)
+image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .apt_install(*SYSTEM_PACKAGES)
+    # The locked versions of the project with its `engine` extra (run modal from the repo root).
+    .uv_sync(extras=["engine"])
+    .env(
+        {
+            "HF_HOME": HF_HOME,
+            "VOICECLONE_MODEL_SIZE": PROFILE.size,  # the container imports this module too
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
+    .add_local_python_source("modal_app")
+)
+app = modal.App(PROFILE.app_name, image=image)
+
+
+@app.function(volumes={CACHE_MOUNT: hf_cache}, timeout=3600)
+def download_models(sizes: str = "all") -> list[str]:
+    """Fill the Volume's Hugging Face cache with each model (`all`, or e.g. `0.6B`)."""
+    from huggingface_hub import snapshot_download  # only in the image
+
+    chosen = (
+        PROFILES.values() if sizes == "all" else [profile_for(size) for size in sizes.split(",")]
+    )
+    paths = [snapshot_download(profile.repo_id) for profile in chosen]
+    hf_cache.commit()
+    return paths
+
+
+def resolve_model(model: str) -> str:
+    """A local folder as is; a hub id from the Volume's cache only, never the network."""
+    if os.path.isdir(model):
+        return model
+    from huggingface_hub import snapshot_download  # only in the image
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(model, local_files_only=True)
+    except LocalEntryNotFoundError as exc:
+        raise RuntimeError(
+            f"{model} is not in the model Volume; run `modal run -m modal_app.app::download_models`"
+        ) from exc
+
+
+def container_id() -> str:
+    return os.environ.get("MODAL_TASK_ID") or socket.gethostname()
+
+
+@app.cls(**service_options(SETTINGS, hf_cache))
+class Qwen3TTSService:
+    """Voice cloning with one Qwen3-TTS model, loaded once per container.
+
+    `model` defaults to this app's size from the Volume; a folder path (e.g. a tiny model from
+    `modal_app.synthetic`) is used as is, which is how the tests run this class with `.local()`.
+    """
+
+    model: str = modal.parameter(default="")
+
+    @modal.enter(snap=True)
+    def load(self) -> None:
+        """Import, load and warm up before the snapshot, so restored containers skip all three."""
+        from modal_app.engine import Engine  # deploying needs no torch
+
+        started = time.perf_counter()
+        # Without GPU snapshots no GPU is visible yet: load on the CPU, move in `attach`.
+        device = None if SETTINGS.gpu_snapshot else "cpu"
+        self._engine: Engine = Engine.load(
+            resolve_model(self.model or PROFILE.repo_id), device=device
+        )
+        if self._engine.device.type == "cuda":
+            self._engine.warm_up()
+        self._load_seconds = time.perf_counter() - started
+        self._snapshot_task = os.environ.get("MODAL_TASK_ID")
+
+    @modal.enter(snap=False)
+    def attach(self) -> None:
+        """After restore: move onto the GPU if the snapshot was CPU-only, and note the facts."""
+        from modal_app.engine import pick_device
+
+        started = time.perf_counter()
+        best = pick_device(None)
+        if self._engine.device.type != best:
+            self._engine.to(best)
+            self._engine.warm_up()
+        self._container_id = container_id()
+        # The task id changes when a container is restored from a snapshot taken by another.
+        self._restored = self._snapshot_task not in (None, os.environ.get("MODAL_TASK_ID"))
+        restore_work = time.perf_counter() - started
+        self._model_load_seconds = (
+            restore_work if self._restored else self._load_seconds + restore_work
+        )
+        self._calls = 0
+
+    @modal.method()
+    def clone(
+        self,
+        text: str,
+        reference_audio: bytes,
+        reference_text: str | None = None,
+        language: str = "Auto",
+        output_format: str = "WAV",
+        generation: dict[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Speak `text` in the voice of `reference_audio` (bytes of any common audio format).
+
+        `reference_text` (its transcript) selects in-context cloning; without it only the
+        speaker embedding is used. `generation`: temperature, top_k, top_p,
+        repetition_penalty, max_new_tokens (per chunk), seed. `request_id` only labels the log
+        line. Raises `modal_app.errors.InvalidInput` or `GenerationFailed`.
+        """
+        from modal_app.engine import CloneInput
+
+        facts = self._begin_call()
+        voice = _voice(reference_audio, reference_text, output_format, generation)
+        output = self._engine.clone(CloneInput(text=text, language=language, **voice))
+        _log_call("clone", request_id, facts, output.inference_seconds, output.chunks)
+        return {**_audio_fields(output), **facts, "inference_seconds": output.inference_seconds}
+
+    @modal.method()
+    def clone_batch(
+        self,
+        texts: list[str],
+        reference_audio: bytes,
+        reference_text: str | None = None,
+        languages: list[str] | str = "Auto",
+        output_format: str = "WAV",
+        generation: dict[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Many texts in one voice, generated together. `languages`: one for all or one each."""
+        from modal_app.engine import BatchCloneInput
+
+        facts = self._begin_call()
+        voice = _voice(reference_audio, reference_text, output_format, generation)
+        result = self._engine.clone_batch(
+            BatchCloneInput(texts=texts, languages=languages, **voice)
+        )
+        chunks = sum(item.chunks for item in result.items)
+        _log_call("clone_batch", request_id, facts, result.inference_seconds, chunks)
+        return {
+            "items": [_audio_fields(item) for item in result.items],
+            "prompt_cache_hit": result.prompt_cache_hit,
+            "inference_seconds": result.inference_seconds,
+            **facts,
+        }
+
+    @modal.method()
+    def languages(self) -> list[str]:
+        return list(self._engine.languages)
+
+    @modal.method()
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "healthy",
+            "size": PROFILE.size,
+            **asdict(self._engine.describe()),
+            "container_id": self._container_id,
+            "model_load_seconds": self._model_load_seconds,
+            "restored_from_snapshot": self._restored,
+        }
+
+    @modal.asgi_app()
+    def web(self) -> Any:
+        """The seed's HTTP endpoints (/clone, /clone-batch, /health, /languages)."""
+        from modal_app.http_api import create_http_app
+
+        return create_http_app(self._engine)
+
+    def _begin_call(self) -> dict[str, Any]:
+        """Facts about this container for the caller; the first call it serves is the cold one."""
+        cold_start = self._calls == 0
+        self._calls += 1
+        return {
+            "cold_start": cold_start,
+            "model_load_seconds": self._model_load_seconds,
+            "restored_from_snapshot": self._restored,
+            "container_id": self._container_id,
+        }
+
+
+def _voice(
+    reference_audio: bytes,
+    reference_text: str | None,
+    output_format: str,
+    generation: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The engine request fields shared by `clone` and `clone_batch`."""
+    return {
+        "reference_audio": reference_audio,
+        "reference_text": reference_text,
+        "params": GenerationParams.from_mapping(generation),
+        "output_format": output_format,
+    }
+
+
+def _log_call(
+    method: str, request_id: str | None, facts: dict[str, Any], seconds: float, chunks: int
+) -> None:
+    """One line per call; never the text."""
+    logger.info(
+        "%s request_id=%s cold_start=%s chunks=%d inference_seconds=%.2f",
+        method,
+        request_id,
+        facts["cold_start"],
+        chunks,
+        seconds,
+    )
+
+
+def _audio_fields(output: "CloneOutput") -> dict[str, Any]:
+    return {
+        "audio": output.audio,
+        "format": output.audio_format.value,
+        "content_type": output.content_type,
+        "sample_rate": output.sample_rate,
+        "duration_seconds": output.duration_seconds,
+        "chunks": output.chunks,
+        "prompt_cache_hit": output.prompt_cache_hit,
+    }

@@ -1,0 +1,478 @@
+"""The Qwen3-TTS voice-cloning engine, shared by the Modal service and the worker's `local` backend.
+
+Pure Python (no Modal). One `Engine` wraps one loaded `Qwen3TTSModel` and adds what the model
+lacks for serving: validation with clear errors, an LRU of voice-clone prompts so a voice used
+again is not re-encoded, sentence chunking with all chunks generated as one batch, and encoding.
+Calls are serialised by a lock, so an engine can be shared by threads (e.g. an executor).
+"""
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import soxr
+import torch
+from qwen_tts import Qwen3TTSModel
+from qwen_tts.inference.qwen3_tts_model import VoiceClonePromptItem
+
+from modal_app.audio import AudioFormat, DecodedAudio, crossfade_join, encode_audio
+from modal_app.errors import EngineError, GenerationFailed, InvalidInput
+from modal_app.languages import SUPPORTED_LANGUAGES, normalize_language
+from modal_app.params import GenerationParams
+from modal_app.text import chunk_text
+
+logger = logging.getLogger(__name__)
+
+MODEL_SAMPLE_RATE = 24_000  # the speech tokenizer and speaker encoder both work at 24 kHz
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Serving limits and tuning. The defaults suit the real 0.6B/1.7B models on one GPU."""
+
+    chunk_chars: int = 200  # long texts are split into chunks of at most this many characters
+    max_chunks_per_batch: int = 16  # chunks generated together in one call
+    crossfade_seconds: float = 0.03
+    max_text_chars: int = 50_000  # the seed's limit
+    max_batch_texts: int = 64
+    min_reference_seconds: float = 0.5
+    max_reference_seconds: float = 60.0
+    prompt_cache_size: int = 32  # voices; 0 disables the cache
+
+
+@dataclass(frozen=True, kw_only=True)
+class VoiceRequest:
+    """What every request carries: the voice to clone and how to render the result."""
+
+    reference_audio: bytes | DecodedAudio  # bytes in any format libsndfile reads
+    reference_text: str | None = None  # transcript of the reference; None: x-vector-only mode
+    params: GenerationParams = field(default_factory=GenerationParams)
+    output_format: AudioFormat | str = AudioFormat.WAV
+
+
+@dataclass(frozen=True, kw_only=True)
+class CloneInput(VoiceRequest):
+    text: str
+    language: str = "Auto"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchCloneInput(VoiceRequest):
+    """Many texts in one voice; `languages` is one name for all or one per text."""
+
+    texts: Sequence[str]
+    languages: Sequence[str] | str = "Auto"
+
+
+@dataclass(frozen=True)
+class CloneOutput:
+    audio: bytes
+    audio_format: AudioFormat
+    sample_rate: int
+    duration_seconds: float
+    inference_seconds: float  # prompt + generation for the whole call (shared by a batch)
+    prompt_cache_hit: bool
+    chunks: int
+    waveform: np.ndarray = field(repr=False)  # float32 mono, before encoding
+
+    @property
+    def content_type(self) -> str:
+        return self.audio_format.content_type
+
+
+@dataclass(frozen=True)
+class BatchCloneOutput:
+    items: list[CloneOutput]
+    inference_seconds: float
+    prompt_cache_hit: bool
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    device: str
+    dtype: str
+    attention_implementation: str
+    gpu: str | None
+    languages: list[str]
+
+
+class PromptCache:
+    """Least-recently-used voice-clone prompts keyed by (reference audio digest, transcript)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._items: OrderedDict[tuple[str, str | None], VoiceClonePromptItem] = OrderedDict()
+
+    def get(self, key: tuple[str, str | None]) -> VoiceClonePromptItem | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: tuple[str, str | None], item: VoiceClonePromptItem) -> None:
+        if self._capacity <= 0:
+            return
+        self._items[key] = item
+        self._items.move_to_end(key)
+        while len(self._items) > self._capacity:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Engine:
+    """A loaded model plus the serving logic around it. Build with `Engine.load`."""
+
+    def __init__(
+        self,
+        tts: Qwen3TTSModel,
+        *,
+        model_name: str,
+        attn_implementation: str,
+        options: EngineOptions,
+        load_seconds: float,
+    ) -> None:
+        self._tts = tts
+        self.model_name = model_name
+        self.attn_implementation = attn_implementation
+        self.options = options
+        self.load_seconds = load_seconds
+        self.languages = _model_languages(tts)
+        self._prompts = PromptCache(options.prompt_cache_size)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike[str],
+        *,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        attn_implementation: str = "sdpa",
+        options: EngineOptions | None = None,
+    ) -> "Engine":
+        """Load from a local folder or a hub id. Device defaults to CUDA when present; dtype to
+        bf16 on GPUs that have it, fp16 on older ones (T4), fp32 on CPU."""
+        if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS}")
+        started = time.perf_counter()
+        device = pick_device(device)
+        tts = Qwen3TTSModel.from_pretrained(
+            os.fspath(model),
+            device_map=device,
+            dtype=pick_dtype(device, dtype),
+            attn_implementation=attn_implementation,
+        )
+        _pad_with_end_token(tts)
+        engine = cls(
+            tts,
+            model_name=os.fspath(model),
+            attn_implementation=attn_implementation,
+            options=options or EngineOptions(),
+            load_seconds=time.perf_counter() - started,
+        )
+        logger.info("Loaded %s on %s in %.1f s", engine.model_name, device, engine.load_seconds)
+        return engine
+
+    @property
+    def tts(self) -> Qwen3TTSModel:
+        """The underlying qwen-tts model, for benchmarks and diagnostics."""
+        return self._tts
+
+    @property
+    def device(self) -> torch.device:
+        return self._tts.model.device
+
+    def describe(self) -> EngineInfo:
+        device = self.device
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        return EngineInfo(
+            model=self.model_name,
+            device=str(device),
+            dtype=str(self._tts.model.dtype).removeprefix("torch."),
+            attention_implementation=self.attn_implementation,
+            gpu=gpu,
+            languages=list(self.languages),
+        )
+
+    def to(self, device: str, dtype: str | torch.dtype | None = None) -> None:
+        """Move the model, e.g. from a CPU memory snapshot onto the GPU. Clears the prompt cache."""
+        target = torch.device(device)
+        torch_dtype = pick_dtype(str(target), dtype)
+        with self._lock:
+            speech_tokenizer = self._tts.model.speech_tokenizer
+            self._tts.model.to(device=target, dtype=torch_dtype)
+            speech_tokenizer.model.to(device=target, dtype=torch_dtype)
+            speech_tokenizer.device = target
+            self._tts.device = target
+            self._prompts.clear()
+
+    def warm_up(self) -> None:
+        """One tiny generation, so the first real request does not pay for first-use setup."""
+        noise = np.random.default_rng(0).normal(0.0, 0.05, MODEL_SAMPLE_RATE).astype(np.float32)
+        with self._lock, _generation_errors():
+            prompt = self._tts.create_voice_clone_prompt(
+                ref_audio=(noise, MODEL_SAMPLE_RATE), x_vector_only_mode=True
+            )
+            self._tts.generate_voice_clone(
+                text="Hello.", language="Auto", voice_clone_prompt=prompt, max_new_tokens=4
+            )
+
+    def clone(self, request: CloneInput) -> CloneOutput:
+        """Speak `request.text` in the reference voice."""
+        result = self._run(request, [request.text], [request.language], labels=["text"])
+        return result.items[0]
+
+    def clone_batch(self, request: BatchCloneInput) -> BatchCloneOutput:
+        """Speak many texts in one voice; every chunk of every text goes through one batch."""
+        texts = list(request.texts)
+        if not texts:
+            raise InvalidInput("'texts' must be a non-empty list")
+        if len(texts) > self.options.max_batch_texts:
+            raise InvalidInput(
+                f"'texts' has {len(texts)} entries; the limit is {self.options.max_batch_texts}"
+            )
+        languages = _languages_per_text(request.languages, len(texts))
+        labels = [f"texts[{index}]" for index in range(len(texts))]
+        return self._run(request, texts, languages, labels)
+
+    def _run(
+        self,
+        request: VoiceRequest,
+        texts: list[str],
+        languages: list[str],
+        labels: list[str],
+    ) -> BatchCloneOutput:
+        texts = [self._checked_text(text, label) for text, label in zip(texts, labels, strict=True)]
+        languages = [normalize_language(name, self.languages) for name in languages]
+        audio_format = AudioFormat.parse(request.output_format)
+        transcript = (request.reference_text or "").strip() or None
+        with self._lock:
+            started = time.perf_counter()
+            prompt, cache_hit = self._prompt(request.reference_audio, transcript)
+            parts = self._synthesize(texts, languages, prompt, request.params)
+            inference_seconds = time.perf_counter() - started
+        fade = self.options.crossfade_seconds
+        items = [
+            _clone_output(
+                crossfade_join(chunks, MODEL_SAMPLE_RATE, fade),
+                len(chunks),
+                audio_format,
+                inference_seconds,
+                cache_hit,
+            )
+            for chunks in parts
+        ]
+        return BatchCloneOutput(
+            items=items, inference_seconds=inference_seconds, prompt_cache_hit=cache_hit
+        )
+
+    def _checked_text(self, text: str, label: str) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInput(f"'{label}' is required")
+        if len(text) > self.options.max_text_chars:
+            raise InvalidInput(
+                f"'{label}' has {len(text)} characters; the limit is {self.options.max_text_chars}"
+            )
+        return text.strip()
+
+    def _prompt(
+        self, reference: bytes | DecodedAudio, transcript: str | None
+    ) -> tuple[VoiceClonePromptItem, bool]:
+        """The voice-clone prompt for this voice, from the cache when the same audio and
+        transcript were seen before. Transcript given: ICL mode; none: x-vector-only mode."""
+        key = (_digest(reference), transcript)
+        cached = self._prompts.get(key)
+        if cached is not None:
+            return cached, True
+        audio = self._checked_reference(reference)
+        with _generation_errors():
+            # (array, 24000) in, so qwen-tts never resamples (librosa's first resample is slow).
+            prompt = self._tts.create_voice_clone_prompt(
+                ref_audio=(audio.samples, audio.sample_rate),
+                ref_text=transcript,
+                x_vector_only_mode=transcript is None,
+            )[0]
+        self._prompts.put(key, prompt)
+        return prompt, False
+
+    def _checked_reference(self, reference: bytes | DecodedAudio) -> DecodedAudio:
+        audio = (
+            reference if isinstance(reference, DecodedAudio) else DecodedAudio.from_bytes(reference)
+        )
+        if np.asarray(audio.samples).ndim != 1:
+            raise InvalidInput("Reference audio samples must be mono (one dimension)")
+        low, high = self.options.min_reference_seconds, self.options.max_reference_seconds
+        if not low <= audio.duration_seconds <= high:
+            raise InvalidInput(
+                f"Reference audio lasts {audio.duration_seconds:.2f} s; "
+                f"it must last between {low:g} and {high:g} s"
+            )
+        return resample(audio, MODEL_SAMPLE_RATE)
+
+    def _synthesize(
+        self,
+        texts: list[str],
+        languages: list[str],
+        prompt: VoiceClonePromptItem,
+        params: GenerationParams,
+    ) -> list[list[np.ndarray]]:
+        """Each text's chunk waveforms. All chunks of all texts share batches, as few as the
+        per-batch limit allows, so a long text costs about as much time as its longest chunk."""
+        jobs = [
+            (index, chunk, language)
+            for index, (text, language) in enumerate(zip(texts, languages, strict=True))
+            for chunk in chunk_text(text, self.options.chunk_chars)
+        ]
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        parts: list[list[np.ndarray]] = [[] for _ in texts]
+        step = self.options.max_chunks_per_batch
+        for start in range(0, len(jobs), step):
+            group = jobs[start : start + step]
+            chunks = [chunk for _, chunk, _ in group]
+            waves = self._generate(chunks, [language for *_, language in group], prompt, params)
+            for (index, _, _), wave in zip(group, waves, strict=True):
+                parts[index].append(wave)
+        return parts
+
+    def _generate(
+        self,
+        chunks: list[str],
+        languages: list[str],
+        prompt: VoiceClonePromptItem,
+        params: GenerationParams,
+    ) -> list[np.ndarray]:
+        with _generation_errors():
+            waves, sample_rate = self._tts.generate_voice_clone(
+                text=chunks,
+                language=languages,
+                voice_clone_prompt=[prompt] * len(chunks),
+                **params.sampling_kwargs(),
+            )
+        if sample_rate != MODEL_SAMPLE_RATE:
+            raise GenerationFailed(
+                f"Model produced {sample_rate} Hz audio, not {MODEL_SAMPLE_RATE}"
+            )
+        return [np.asarray(wave, dtype=np.float32) for wave in waves]
+
+
+def pick_device(requested: str | None) -> str:
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(device: str, requested: str | torch.dtype | None) -> torch.dtype:
+    """bf16 where the GPU computes it natively (Ampere and later), fp16 on older GPUs, fp32 on
+    CPU. `torch.cuda.is_bf16_supported` is not used: it reports emulated bf16 on a T4 as support."""
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested:
+        try:
+            return _DTYPES[requested.lower()]
+        except KeyError:
+            raise ValueError(f"Unknown dtype {requested!r}; use one of {sorted(_DTYPES)}") from None
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def resample(audio: DecodedAudio, sample_rate: int) -> DecodedAudio:
+    if audio.sample_rate == sample_rate:
+        return audio
+    samples = soxr.resample(
+        np.asarray(audio.samples, dtype=np.float32), audio.sample_rate, sample_rate
+    )
+    return DecodedAudio(samples=samples.astype(np.float32), sample_rate=sample_rate)
+
+
+@contextmanager
+def _generation_errors() -> Iterator[None]:
+    """Model failures become `GenerationFailed`; our own errors pass through unchanged."""
+    try:
+        yield
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise GenerationFailed(f"Generation failed: {exc}") from exc
+
+
+def _digest(reference: bytes | DecodedAudio) -> str:
+    hasher = hashlib.sha256()
+    if isinstance(reference, DecodedAudio):
+        hasher.update(np.ascontiguousarray(reference.samples, dtype=np.float32).tobytes())
+        hasher.update(str(reference.sample_rate).encode())
+    elif isinstance(reference, bytes | bytearray | memoryview):
+        hasher.update(reference)
+    else:
+        raise InvalidInput("Reference audio must be bytes or DecodedAudio")
+    return hasher.hexdigest()
+
+
+def _languages_per_text(languages: Sequence[str] | str, count: int) -> list[str]:
+    if isinstance(languages, str):
+        return [languages] * count
+    names = list(languages)
+    if len(names) == 1:
+        return names * count
+    if len(names) != count:
+        raise InvalidInput(f"'languages' has {len(names)} entries for {count} texts")
+    return names
+
+
+def _pad_with_end_token(tts: Qwen3TTSModel) -> None:
+    """Transformers warns on every call when the talker has no pad token and then pads with the
+    end token; qwen-tts cuts each sequence at that token anyway, so set it and skip the noise."""
+    generation_config = tts.model.talker.generation_config
+    if generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tts.model.config.talker_config.codec_eos_token_id
+
+
+def _model_languages(tts: Qwen3TTSModel) -> tuple[str, ...]:
+    """Our language names that this model's codec actually knows (all eleven for the real ones)."""
+    known = tts.get_supported_languages()
+    if known is None:  # the model states no constraint
+        return SUPPORTED_LANGUAGES
+    return tuple(name for name in SUPPORTED_LANGUAGES if name.lower() in set(known))
+
+
+def _clone_output(
+    waveform: np.ndarray,
+    chunks: int,
+    audio_format: AudioFormat,
+    inference_seconds: float,
+    cache_hit: bool,
+) -> CloneOutput:
+    return CloneOutput(
+        audio=encode_audio(waveform, MODEL_SAMPLE_RATE, audio_format),
+        audio_format=audio_format,
+        sample_rate=MODEL_SAMPLE_RATE,
+        duration_seconds=len(waveform) / MODEL_SAMPLE_RATE,
+        inference_seconds=inference_seconds,
+        prompt_cache_hit=cache_hit,
+        chunks=chunks,
+        waveform=waveform,
+    )

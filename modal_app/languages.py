@@ -1,0 +1,31 @@
+"""Language names the service accepts: the seed's capitalised words, matched case-insensitively."""
+
+from collections.abc import Sequence
+
+from modal_app.errors import InvalidInput
+
+DEFAULT_LANGUAGE = "Auto"
+SUPPORTED_LANGUAGES: tuple[str, ...] = (
+    DEFAULT_LANGUAGE,
+    "Chinese",
+    "English",
+    "Japanese",
+    "Korean",
+    "German",
+    "French",
+    "Russian",
+    "Portuguese",
+    "Spanish",
+    "Italian",
+)
+_BY_LOWER = {name.lower(): name for name in SUPPORTED_LANGUAGES}
+
+
+def normalize_language(name: str | None, supported: Sequence[str] = SUPPORTED_LANGUAGES) -> str:
+    """The canonical spelling of `name` if it is in `supported`; None or blank means `Auto`."""
+    if name is None or not name.strip():
+        return DEFAULT_LANGUAGE
+    canonical = _BY_LOWER.get(name.strip().lower())
+    if canonical is None or canonical not in supported:
+        raise InvalidInput(f"Unsupported language: {name}. Supported: {', '.join(supported)}")
+    return canonical

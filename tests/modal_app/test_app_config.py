@@ -1,0 +1,153 @@
+"""What the Modal app declares for each model size, read without credentials or torch.
+
+The module is imported afresh under each environment; `App.cls` is wrapped (and still called)
+to see the snapshot options, which Modal keeps only in the definition it sends at deploy time.
+"""
+
+import importlib
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import modal
+import pytest
+
+from modal_app.profiles import PROFILES, SERVICE_CLASS_NAME, profile_for
+
+ENV_KEYS = (
+    "VOICECLONE_MODEL_SIZE",
+    "VOICECLONE_MODAL_GPUS",
+    "VOICECLONE_MODAL_GPU_SNAPSHOT",
+    "VOICECLONE_MODAL_MIN_CONTAINERS",
+    "VOICECLONE_MODAL_SCALEDOWN_SECONDS",
+)
+EXPECTED = {
+    "1.7B": ("voiceclone-qwen3-tts-1-7b", "Qwen/Qwen3-TTS-12Hz-1.7B-Base", ["A10G", "L4"]),
+    "0.6B": ("voiceclone-qwen3-tts-0-6b", "Qwen/Qwen3-TTS-12Hz-0.6B-Base", ["T4", "L4"]),
+}
+REPO_ROOT = Path(__file__).resolve().parents[2]
+METHODS = {"clone", "clone_batch", "languages", "health", "web"}
+
+LoadApp = Callable[..., tuple[ModuleType, dict[str, Any]]]
+
+
+@pytest.fixture
+def load_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[LoadApp]:
+    declared: dict[str, Any] = {}
+    real_cls = modal.App.cls
+
+    def recording_cls(self: modal.App, *args: Any, **kwargs: Any) -> Any:
+        declared.clear()
+        declared.update(kwargs)
+        return real_cls(self, *args, **kwargs)
+
+    monkeypatch.setattr(modal.App, "cls", recording_cls)
+
+    def load(**env: str) -> tuple[ModuleType, dict[str, Any]]:
+        for key in ENV_KEYS:
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        sys.modules.pop("modal_app.app", None)
+        return importlib.import_module("modal_app.app"), declared
+
+    yield load
+    sys.modules.pop("modal_app.app", None)  # the next importer gets the default environment
+
+
+@pytest.mark.parametrize("size", ["1.7B", "0.6B"])
+def test_each_size_declares_its_app_gpus_volume_limits_and_snapshots(
+    load_app: LoadApp, size: str
+) -> None:
+    app_name, repo_id, gpus = EXPECTED[size]
+
+    module, declared = load_app(VOICECLONE_MODEL_SIZE=size.lower())
+    service = getattr(module, SERVICE_CLASS_NAME)
+    info = service().clone.info()
+
+    assert module.app.name == app_name
+    assert module.PROFILE.repo_id == repo_id
+    assert isinstance(service, modal.Cls)
+    assert info.gpus == [(gpu, 1) for gpu in gpus]
+    assert (info.timeout, info.startup_timeout) == (1800, 900)
+    assert {path: mount.name for path, mount in info.volumes.items()} == {
+        "/cache": "voiceclone-hf-cache"
+    }
+    assert set(info.method_names) >= METHODS
+    assert declared["enable_memory_snapshot"] is True
+    assert declared["experimental_options"] == {"enable_gpu_snapshot": True}
+    assert (declared["min_containers"], declared["scaledown_window"]) == (0, 300)
+
+
+def test_the_default_size_is_the_large_model(load_app: LoadApp) -> None:
+    module, _ = load_app()
+
+    assert module.app.name == "voiceclone-qwen3-tts-1-7b"
+
+
+def test_the_download_function_fills_the_shared_volume(load_app: LoadApp) -> None:
+    module, _ = load_app()
+    info = module.download_models.info()
+
+    assert {path: mount.name for path, mount in info.volumes.items()} == {
+        "/cache": "voiceclone-hf-cache"
+    }
+    assert info.gpus == []
+    assert info.timeout == 3600
+    assert module.HF_HOME.startswith("/cache/")
+
+
+def test_gpu_list_and_snapshot_mode_are_configurable(load_app: LoadApp) -> None:
+    module, declared = load_app(
+        VOICECLONE_MODEL_SIZE="0.6B",
+        VOICECLONE_MODAL_GPUS="L4, A100-40GB",
+        VOICECLONE_MODAL_GPU_SNAPSHOT="0",
+        VOICECLONE_MODAL_MIN_CONTAINERS="1",
+        VOICECLONE_MODAL_SCALEDOWN_SECONDS="120",
+    )
+
+    assert getattr(module, SERVICE_CLASS_NAME)().clone.info().gpus == [("L4", 1), ("A100-40GB", 1)]
+    assert declared["enable_memory_snapshot"] is True  # CPU snapshots still
+    assert "experimental_options" not in declared
+    assert (declared["min_containers"], declared["scaledown_window"]) == (1, 120)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"VOICECLONE_MODEL_SIZE": "7B"}, r"Unknown model size '7B'; expected one of 1\.7B, 0\.6B"),
+        ({"VOICECLONE_MODAL_GPU_SNAPSHOT": "maybe"}, r"Expected a boolean .*got 'maybe'"),
+    ],
+)
+def test_bad_settings_fail_the_import_with_one_sentence(
+    load_app: LoadApp, env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_app(**env)
+
+
+def test_importing_the_app_needs_no_torch_or_fastapi() -> None:
+    """Deploying runs on a machine without the engine extra; only containers import those."""
+    probe = "import sys, modal_app.app; print(sorted({'torch', 'fastapi'} & set(sys.modules)))"
+
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+
+    assert result.stdout.strip() == "[]"
+
+
+def test_profiles_give_the_worker_stable_names() -> None:
+    assert SERVICE_CLASS_NAME == "Qwen3TTSService"
+    assert {size: profile.app_name for size, profile in PROFILES.items()} == {
+        size: expected[0] for size, expected in EXPECTED.items()
+    }
+    assert profile_for(" 0.6b ").size == "0.6B"
