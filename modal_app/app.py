@@ -21,15 +21,13 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import modal
 
+from modal_app.contract import BatchCloneInput, CloneInput, CloneOutput
 from modal_app.params import GenerationParams
 from modal_app.profiles import DEFAULT_SIZE, PROFILES, ModelProfile, profile_for
-
-if TYPE_CHECKING:
-    from modal_app.engine import CloneOutput
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +153,7 @@ class Qwen3TTSService:
         """Import, load and warm up before the snapshot, so restored containers skip all three."""
         from modal_app.engine import Engine  # deploying needs no torch
 
+        logging.basicConfig(level=logging.INFO)  # containers have no logging set up otherwise
         started = time.perf_counter()
         # Without GPU snapshots no GPU is visible yet: load on the CPU, move in `attach`.
         device = None if SETTINGS.gpu_snapshot else "cpu"
@@ -203,8 +202,6 @@ class Qwen3TTSService:
         repetition_penalty, max_new_tokens (per chunk), seed. `request_id` only labels the log
         line. Raises `modal_app.errors.InvalidInput` or `GenerationFailed`.
         """
-        from modal_app.engine import CloneInput
-
         facts = self._begin_call()
         voice = _voice(reference_audio, reference_text, output_format, generation)
         output = self._engine.clone(CloneInput(text=text, language=language, **voice))
@@ -223,8 +220,6 @@ class Qwen3TTSService:
         request_id: str | None = None,
     ) -> dict[str, Any]:
         """Many texts in one voice, generated together. `languages`: one for all or one each."""
-        from modal_app.engine import BatchCloneInput
-
         facts = self._begin_call()
         voice = _voice(reference_audio, reference_text, output_format, generation)
         result = self._engine.clone_batch(
@@ -302,7 +297,7 @@ def _log_call(
     )
 
 
-def _audio_fields(output: "CloneOutput") -> dict[str, Any]:
+def _audio_fields(output: CloneOutput) -> dict[str, Any]:
     return {
         "audio": output.audio,
         "format": output.audio_format.value,

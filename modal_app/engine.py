@@ -11,10 +11,8 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
 import soxr
@@ -23,10 +21,33 @@ from qwen_tts import Qwen3TTSModel
 from qwen_tts.inference.qwen3_tts_model import VoiceClonePromptItem
 
 from modal_app.audio import AudioFormat, DecodedAudio, crossfade_join, encode_audio
+from modal_app.contract import (
+    BatchCloneInput,
+    BatchCloneOutput,
+    CloneInput,
+    CloneOutput,
+    EngineInfo,
+    EngineOptions,
+    VoiceRequest,
+)
 from modal_app.errors import EngineError, GenerationFailed, InvalidInput
 from modal_app.languages import SUPPORTED_LANGUAGES, normalize_language
 from modal_app.params import GenerationParams
+from modal_app.prompt_cache import PromptCache
 from modal_app.text import chunk_text
+
+__all__ = [  # the engine's public API, in one import
+    "BatchCloneInput",
+    "BatchCloneOutput",
+    "CloneInput",
+    "CloneOutput",
+    "Engine",
+    "EngineInfo",
+    "EngineOptions",
+    "GenerationParams",
+    "pick_device",
+    "pick_dtype",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,105 +61,6 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """Serving limits and tuning. The defaults suit the real 0.6B/1.7B models on one GPU."""
-
-    chunk_chars: int = 200  # long texts are split into chunks of at most this many characters
-    max_chunks_per_batch: int = 16  # chunks generated together in one call
-    crossfade_seconds: float = 0.03
-    max_text_chars: int = 50_000  # the seed's limit
-    max_batch_texts: int = 64
-    min_reference_seconds: float = 0.5
-    max_reference_seconds: float = 60.0
-    prompt_cache_size: int = 32  # voices; 0 disables the cache
-
-
-@dataclass(frozen=True, kw_only=True)
-class VoiceRequest:
-    """What every request carries: the voice to clone and how to render the result."""
-
-    reference_audio: bytes | DecodedAudio  # bytes in any format libsndfile reads
-    reference_text: str | None = None  # transcript of the reference; None: x-vector-only mode
-    params: GenerationParams = field(default_factory=GenerationParams)
-    output_format: AudioFormat | str = AudioFormat.WAV
-
-
-@dataclass(frozen=True, kw_only=True)
-class CloneInput(VoiceRequest):
-    text: str
-    language: str = "Auto"
-
-
-@dataclass(frozen=True, kw_only=True)
-class BatchCloneInput(VoiceRequest):
-    """Many texts in one voice; `languages` is one name for all or one per text."""
-
-    texts: Sequence[str]
-    languages: Sequence[str] | str = "Auto"
-
-
-@dataclass(frozen=True)
-class CloneOutput:
-    audio: bytes
-    audio_format: AudioFormat
-    sample_rate: int
-    duration_seconds: float
-    inference_seconds: float  # prompt + generation for the whole call (shared by a batch)
-    prompt_cache_hit: bool
-    chunks: int
-    waveform: np.ndarray = field(repr=False)  # float32 mono, before encoding
-
-    @property
-    def content_type(self) -> str:
-        return self.audio_format.content_type
-
-
-@dataclass(frozen=True)
-class BatchCloneOutput:
-    items: list[CloneOutput]
-    inference_seconds: float
-    prompt_cache_hit: bool
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    model: str
-    device: str
-    dtype: str
-    attention_implementation: str
-    gpu: str | None
-    languages: list[str]
-
-
-class PromptCache:
-    """Least-recently-used voice-clone prompts keyed by (reference audio digest, transcript)."""
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._items: OrderedDict[tuple[str, str | None], VoiceClonePromptItem] = OrderedDict()
-
-    def get(self, key: tuple[str, str | None]) -> VoiceClonePromptItem | None:
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
-
-    def put(self, key: tuple[str, str | None], item: VoiceClonePromptItem) -> None:
-        if self._capacity <= 0:
-            return
-        self._items[key] = item
-        self._items.move_to_end(key)
-        while len(self._items) > self._capacity:
-            self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 class Engine:
@@ -159,7 +81,7 @@ class Engine:
         self.options = options
         self.load_seconds = load_seconds
         self.languages = _model_languages(tts)
-        self._prompts = PromptCache(options.prompt_cache_size)
+        self._prompts: PromptCache[VoiceClonePromptItem] = PromptCache(options.prompt_cache_size)
         self._lock = threading.Lock()
 
     @classmethod

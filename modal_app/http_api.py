@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from modal_app.engine import (
+from modal_app.contract import (
     BatchCloneInput,
     BatchCloneOutput,
     CloneInput,

@@ -14,12 +14,12 @@ from modal_app.engine import (
     CloneInput,
     Engine,
     EngineOptions,
-    PromptCache,
     pick_dtype,
 )
 from modal_app.errors import GenerationFailed, InvalidInput
 from modal_app.languages import SUPPORTED_LANGUAGES
 from modal_app.params import GenerationParams
+from modal_app.prompt_cache import PromptCache
 from tests.fixtures.model import (
     REFERENCE_TRANSCRIPT,
     SAMPLE_RATE,

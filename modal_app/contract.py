@@ -1,0 +1,81 @@
+"""What goes into and comes out of the engine: plain data, no torch, so callers (the Modal
+service, the HTTP layer, the worker's local backend) can build requests without the model."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from modal_app.audio import AudioFormat, DecodedAudio
+from modal_app.params import GenerationParams
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Serving limits and tuning. The defaults suit the real 0.6B/1.7B models on one GPU."""
+
+    chunk_chars: int = 200  # long texts are split into chunks of at most this many characters
+    max_chunks_per_batch: int = 16  # chunks generated together in one call
+    crossfade_seconds: float = 0.03
+    max_text_chars: int = 50_000  # the seed's limit
+    max_batch_texts: int = 64
+    min_reference_seconds: float = 0.5
+    max_reference_seconds: float = 60.0
+    prompt_cache_size: int = 32  # voices; 0 disables the cache
+
+
+@dataclass(frozen=True, kw_only=True)
+class VoiceRequest:
+    """What every request carries: the voice to clone and how to render the result."""
+
+    reference_audio: bytes | DecodedAudio  # bytes in any format libsndfile reads
+    reference_text: str | None = None  # transcript of the reference; None: x-vector-only mode
+    params: GenerationParams = field(default_factory=GenerationParams)
+    output_format: AudioFormat | str = AudioFormat.WAV
+
+
+@dataclass(frozen=True, kw_only=True)
+class CloneInput(VoiceRequest):
+    text: str
+    language: str = "Auto"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchCloneInput(VoiceRequest):
+    """Many texts in one voice; `languages` is one name for all or one per text."""
+
+    texts: Sequence[str]
+    languages: Sequence[str] | str = "Auto"
+
+
+@dataclass(frozen=True)
+class CloneOutput:
+    audio: bytes
+    audio_format: AudioFormat
+    sample_rate: int
+    duration_seconds: float
+    inference_seconds: float  # prompt + generation for the whole call (shared by a batch)
+    prompt_cache_hit: bool
+    chunks: int
+    waveform: np.ndarray = field(repr=False)  # float32 mono, before encoding
+
+    @property
+    def content_type(self) -> str:
+        return self.audio_format.content_type
+
+
+@dataclass(frozen=True)
+class BatchCloneOutput:
+    items: list[CloneOutput]
+    inference_seconds: float
+    prompt_cache_hit: bool
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    device: str
+    dtype: str
+    attention_implementation: str
+    gpu: str | None
+    languages: list[str]
