@@ -11,10 +11,12 @@ import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import structlog
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
+from producer.follow import assign_since
 from schemas.codec import Codec, EventDecodeError
 from schemas.events import CloneCancel
 
@@ -92,20 +94,9 @@ class CancelWatcher:
             await self._consumer.stop()
 
     async def _seek_to_lookback(self) -> None:
-        await self._consumer.topics()  # loads cluster metadata, which an unassigned consumer lacks
-        partitions = self._consumer.partitions_for_topic(self._topic) or set()
-        if not partitions:
+        since = datetime.fromtimestamp(time.time() - self._lookback, UTC)
+        if not await assign_since(self._consumer, [self._topic], since):
             log.warning("cancel_topic_missing", topic=self._topic)
-        tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
-        self._consumer.assign(tps)
-        since_ms = int((time.time() - self._lookback) * 1000)
-        found = await self._consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
-        for tp in tps:
-            hit = found.get(tp)
-            if hit is None:
-                await self._consumer.seek_to_end(tp)
-            else:
-                self._consumer.seek(tp, hit.offset)
 
     async def _apply(self, topic: str, value: bytes | None, headers: list) -> None:
         try:

@@ -15,8 +15,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from producer.follow import assign_since
 from producer.settings import ClientSettings
 from producer.storage import Storage, make_storage
 from schemas.codec import Codec, EventDecodeError, make_codec
@@ -127,7 +128,7 @@ class VoiceCloneClient:
         await consumer.start()
         try:
             topics = [self._settings.topics.audio_ready, self._settings.topics.failed]
-            await _seek_since(consumer, topics, since or _an_hour_ago())
+            await assign_since(consumer, topics, since or _an_hour_ago())
             async for record in consumer:
                 try:
                     event = await self._codec.decode(record.topic, record.value, record.headers)
@@ -159,20 +160,3 @@ class VoiceCloneClient:
 
 def _an_hour_ago() -> datetime:
     return datetime.fromtimestamp(time.time() - 3600, UTC)
-
-
-async def _seek_since(consumer: AIOKafkaConsumer, topics: list[str], since: datetime) -> None:
-    await consumer.topics()  # loads cluster metadata, which an unassigned consumer lacks
-    tps = [
-        TopicPartition(topic, partition)
-        for topic in topics
-        for partition in sorted(consumer.partitions_for_topic(topic) or ())
-    ]
-    consumer.assign(tps)
-    found = await consumer.offsets_for_times(dict.fromkeys(tps, int(since.timestamp() * 1000)))
-    for tp in tps:
-        hit = found.get(tp)
-        if hit is None:
-            await consumer.seek_to_end(tp)
-        else:
-            consumer.seek(tp, hit.offset)
