@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from modal_app.profiles import PROFILES, SERVICE_CLASS_NAME
+
 
 def _size_table(one_seven: str | None, zero_six: str | None) -> dict[str, str]:
     """Model size key → configured value, leaving out sizes that are not served."""
@@ -20,15 +22,15 @@ class ModalBackendSettings(BaseModel):
     """How to reach the deployed Modal GPU service."""
 
     app_1_7b: str | None = Field(
-        "voiceclone-qwen3-tts-1-7b",
+        PROFILES["1.7B"].app_name,
         description="Modal app serving the 1.7B model; empty: the 1.7B model is not served.",
     )
     app_0_6b: str | None = Field(
-        "voiceclone-qwen3-tts-0-6b",
+        PROFILES["0.6B"].app_name,
         description="Modal app serving the 0.6B model; empty: the 0.6B model is not served.",
     )
     class_name: str = Field(
-        "Qwen3TTSService",
+        SERVICE_CLASS_NAME,
         description="Name of the Modal class (in each app) that has the `clone` method.",
     )
     environment_name: str | None = Field(
