@@ -1,7 +1,9 @@
 """Voice-cloning backends behind one small interface (`Backend`), built by `make_backend`.
 
-Implementations: `modal` (the deployed GPU service, the default) and `http` (a service speaking
-the seed's HTTP contract). Every failure they report is a `BackendError`.
+Implementations: `modal` (the deployed GPU service, the default), `http` (a service speaking
+the seed's HTTP contract) and `local` (the same engine as the Modal service, run in this process;
+needs the `engine` extra, imported only when that backend is built). Every failure they report
+is a `BackendError`.
 """
 
 from consumer.backends.base import (

@@ -14,6 +14,10 @@ from consumer.backends.errors import (
 )
 from consumer.backends.settings import BackendSettings
 
+# The engine's own parameters (torch-free): validated once, where the request is read, so every
+# backend receives values the engine accepts. Bad values raise `modal_app.errors.InvalidInput`.
+from modal_app.params import GenerationParams
+
 __all__ = [
     "MODEL_SIZES",
     "Backend",
@@ -32,22 +36,6 @@ __all__ = [
 
 # Model size keys a request may name; each backend maps them to a deployment or weights.
 MODEL_SIZES: Final = ("1.7B", "0.6B")
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Sampling overrides; None leaves the engine's default in place."""
-
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float | None = None
-    max_new_tokens: int | None = None
-    seed: int | None = None
-
-    def overrides(self) -> dict[str, float | int]:
-        """The parameters that were set, by name (what a remote call should carry)."""
-        return {name: value for name, value in vars(self).items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -90,7 +78,8 @@ class Backend(Protocol):
     name: str
 
     async def start(self) -> None:
-        """Acquire long-lived resources (connection pools, lookups). Cheap; no inference."""
+        """Acquire long-lived resources (connection pools, lookups, a local model); no inference.
+        A backend that cannot work as configured fails here with `BackendUnavailable`."""
 
     # The backend takes the deadline itself (rather than being wrapped in asyncio.timeout) so it
     # can pass it on (Modal's long poll, httpx) and cancel remote work before reporting.

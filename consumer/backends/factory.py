@@ -24,8 +24,14 @@ def _http(settings: BackendSettings) -> Backend:
     return HttpBackend(settings)
 
 
+def _local(settings: BackendSettings) -> Backend:
+    from consumer.backends.local import LocalBackend
+
+    return LocalBackend(settings)
+
+
 # Backend kind → constructor; a kind missing here is rejected by `make_backend`.
-BACKENDS: dict[str, BackendFactory] = {"modal": _modal, "http": _http}
+BACKENDS: dict[str, BackendFactory] = {"modal": _modal, "http": _http, "local": _local}
 
 
 def make_backend(settings: BackendSettings) -> Backend:

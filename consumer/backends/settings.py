@@ -95,14 +95,19 @@ class LocalBackendSettings(BaseModel):
 
     model_1_7b: str | None = Field(
         "Qwen/Qwen3-TTS-12Hz-1.7B-Base",
-        description="Hub id or local path of the 1.7B weights; empty: not served.",
+        description="Local directory of the 1.7B weights, or a hub id already in the Hugging "
+        "Face cache (never downloaded); empty: not served.",
     )
     model_0_6b: str | None = Field(
         "Qwen/Qwen3-TTS-12Hz-0.6B-Base",
-        description="Hub id or local path of the 0.6B weights; empty: not served.",
+        description="Local directory of the 0.6B weights, or a hub id already in the Hugging "
+        "Face cache (never downloaded); empty: not served.",
     )
     device: str = Field(
-        "auto", description='Torch device for inference: "auto", "cpu", "cuda", "cuda:1", ...'
+        "auto",
+        pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+        description='Torch device for inference: "auto" (CUDA when present, else CPU), "cpu", '
+        '"cuda", "cuda:1", "mps".',
     )
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch. Unset: torch's default."

@@ -1,0 +1,297 @@
+"""The `local` backend: the Modal service's engine (`modal_app.engine`) run in this process.
+
+For development, tests and single-machine deployments; needs the `engine` extra (torch,
+qwen-tts). torch is imported when the backend starts, never before, so a worker without the
+extra still imports `consumer.backends`.
+
+- `start()` loads every served size, so a misconfigured worker fails at start with a message
+  saying what to set. Weights come from a local directory or the Hugging Face cache, never the
+  network, so that failure is immediate even offline. Sizes configured with the same weights
+  share one engine.
+- Each engine runs in a thread of its own (the engine serialises calls with a lock anyway):
+  inference never blocks the event loop, and two sizes can generate side by side.
+- A thread cannot be interrupted: a call that outlives its deadline reports `BackendTimeout`
+  at once but runs to its end in that thread, and its result is discarded. Calls queued behind
+  it wait, within their own deadlines; calls that time out while queued never run.
+"""
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+
+from consumer.backends.base import CloneJob, CloneResult, call_budget
+from consumer.backends.errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    GenerationFailed,
+    InvalidInput,
+    invalid_input_from_message,
+)
+from consumer.backends.settings import BackendSettings, LocalBackendSettings
+from modal_app import errors as engine_errors
+from modal_app.contract import CloneInput, CloneOutput
+
+if TYPE_CHECKING:
+    from modal_app.engine import Engine
+
+log = structlog.get_logger(__name__)
+
+# Per size: the variable naming its weights and the official hub id, for error messages.
+_SIZE_VARIABLES = {
+    "1.7B": "VOICECLONE_BACKEND__LOCAL__MODEL_1_7B",
+    "0.6B": "VOICECLONE_BACKEND__LOCAL__MODEL_0_6B",
+}
+_OFFICIAL_WEIGHTS = {
+    "1.7B": str(LocalBackendSettings.model_fields["model_1_7b"].default),
+    "0.6B": str(LocalBackendSettings.model_fields["model_0_6b"].default),
+}
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """One model to load: as configured, where it was found, and the sizes it serves."""
+
+    configured: str  # a directory or a hub id
+    folder: str
+    sizes: list[str]
+
+
+@dataclass(eq=False)  # hashed by identity: sizes with the same weights share one
+class _LoadedModel:
+    """One engine, the thread that runs it, and how many calls it has started."""
+
+    engine: "Engine"
+    executor: ThreadPoolExecutor
+    calls: int = 0
+
+    def clone(self, request: CloneInput) -> tuple[CloneOutput, bool]:
+        """Runs in `executor`: the first call to start on this engine is its cold start."""
+        cold_start = self.calls == 0
+        self.calls += 1
+        return self.engine.clone(request), cold_start
+
+
+class LocalBackend:
+    """Clones with Qwen3-TTS engines loaded in this process, one thread per engine."""
+
+    name = "local"
+
+    def __init__(self, settings: BackendSettings) -> None:
+        self._settings = settings
+        self._models: dict[str, _LoadedModel] = {}  # size → its loaded model
+
+    async def start(self) -> None:
+        if self._models:
+            return
+        local = self._settings.local
+        found = await asyncio.to_thread(_find_weights, local)  # imports torch: seconds
+        try:
+            for weights in found:
+                model = await _load_model(weights, local)
+                self._models.update(dict.fromkeys(weights.sizes, model))
+        except BaseException:
+            await self.close()  # the caller never gets a started backend to close
+            raise
+
+    async def clone(self, job: CloneJob, timeout: float | None) -> CloneResult:  # noqa: ASYNC109
+        model = self._model(job.model)
+        budget = call_budget(timeout, self._settings.timeout_seconds)
+        output, cold_start = await _run(model, clone_input(job), budget)
+        return CloneResult(
+            audio=output.audio,
+            format=output.audio_format.value,
+            sample_rate=output.sample_rate,
+            duration_seconds=output.duration_seconds,
+            cold_start=cold_start,
+            model_load_seconds=model.engine.load_seconds,
+            container_id=None,  # no container: the engine runs in the worker's process
+            inference_seconds=output.inference_seconds,
+        )
+
+    async def ready(self) -> bool:
+        return bool(self._models)
+
+    async def close(self) -> None:
+        """Stop the engine threads. A generation already running ends on its own (threads cannot
+        be interrupted); calls still queued are dropped, so close only after draining."""
+        models, self._models = self._models, {}
+        for model in set(models.values()):
+            model.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _model(self, size: str) -> _LoadedModel:
+        if not self._models:
+            raise RuntimeError("LocalBackend.start() must be awaited before use")
+        model = self._models.get(size)
+        if model is None:
+            served = ", ".join(sorted(self._models))
+            raise InvalidInput(f"model {size!r} is not served by this worker (it serves {served})")
+        return model
+
+
+def clone_input(job: CloneJob) -> CloneInput:
+    """The engine's request for `job`; no transcript selects x-vector-only cloning."""
+    return CloneInput(
+        text=job.text,
+        language=job.language,
+        reference_audio=job.reference_audio,
+        reference_text=job.reference_text,
+        params=job.generation,
+        output_format=job.output_format,
+    )
+
+
+async def _run(model: _LoadedModel, request: CloneInput, budget: float) -> tuple[CloneOutput, bool]:
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(budget):
+            return await loop.run_in_executor(model.executor, model.clone, request)
+    except TimeoutError as exc:
+        raise BackendTimeout(
+            f"the local engine gave no answer within {budget:.1f} s "
+            "(the generation runs on in its thread; its result will be discarded)"
+        ) from exc
+    except Exception as exc:
+        raise _translate(exc) from exc
+
+
+def _translate(exc: Exception) -> BackendError:
+    """The engine's errors → ours; anything else it raises is a failed generation."""
+    if isinstance(exc, engine_errors.InvalidInput):
+        return invalid_input_from_message(str(exc))
+    if isinstance(exc, engine_errors.GenerationFailed):
+        return GenerationFailed(str(exc))
+    return GenerationFailed(f"the local engine failed ({type(exc).__name__}: {exc})")
+
+
+def _find_weights(settings: LocalBackendSettings) -> list[_Weights]:
+    """Every served model's folder, all found before any is loaded (loading takes a while)."""
+    grouped = _sizes_by_weights(settings.models())
+    if not grouped:
+        variables = " or ".join(_SIZE_VARIABLES.values())
+        raise BackendUnavailable(
+            f"the local backend serves no model size; set {variables}", transient=False
+        )
+    _prepare_torch(settings)
+    return [
+        _Weights(configured, _weights_folder(configured, sizes), sizes)
+        for configured, sizes in grouped.items()
+    ]
+
+
+def _sizes_by_weights(models: dict[str, str]) -> dict[str, list[str]]:
+    """Weights → the sizes configured with them, so each distinct model loads once."""
+    grouped: dict[str, list[str]] = {}
+    for size, weights in models.items():
+        folder = os.path.expanduser(weights)
+        key = os.path.realpath(folder) if os.path.isdir(folder) else weights
+        grouped.setdefault(key, []).append(size)
+    return grouped
+
+
+def _prepare_torch(settings: LocalBackendSettings) -> None:
+    """Import torch and the engine, and check the configured device exists."""
+    try:
+        import torch
+
+        import modal_app.engine  # noqa: F401  (fail here once, not per size)
+    except ImportError as exc:
+        raise BackendUnavailable(
+            "the local backend needs the engine extra (torch, qwen-tts): "
+            f"`uv sync --extra engine` ({exc})",
+            transient=False,
+        ) from exc
+    if settings.device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailable(
+            f"VOICECLONE_BACKEND__LOCAL__DEVICE is {settings.device!r} but torch sees no CUDA "
+            'device; set it to "auto" or "cpu"',
+            transient=False,
+        )
+
+
+async def _load_model(weights: _Weights, settings: LocalBackendSettings) -> _LoadedModel:
+    """Load `weights` in the thread that will run it, off the event loop."""
+    executor = ThreadPoolExecutor(
+        max_workers=1,
+        thread_name_prefix=f"engine-{'-'.join(weights.sizes)}",
+        initializer=_set_torch_threads,
+        initargs=(settings.threads,),
+    )
+    try:
+        engine = await asyncio.get_running_loop().run_in_executor(
+            executor, _load_engine, weights, settings.device
+        )
+    except BaseException:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    log.info(
+        "local_model_loaded",
+        sizes=weights.sizes,
+        model=weights.configured,
+        device=str(engine.device),
+        load_seconds=round(engine.load_seconds, 2),
+    )
+    return _LoadedModel(engine, executor)
+
+
+def _set_torch_threads(threads: int | None) -> None:
+    """Runs first in each engine thread: torch's thread count is set per calling thread."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _load_engine(weights: _Weights, device: str) -> "Engine":
+    from modal_app.engine import Engine
+
+    try:
+        engine = Engine.load(weights.folder, device=None if device == "auto" else device)
+    except Exception as exc:
+        problem = f"loading it failed ({type(exc).__name__}: {exc})"
+        raise _unloadable(weights.sizes, weights.configured, problem) from exc
+    if engine.device.type == "cuda":
+        engine.warm_up()  # first-use CUDA setup now rather than in the first request
+    return engine
+
+
+def _weights_folder(weights: str, sizes: list[str]) -> str:
+    """The folder holding `weights`: the directory itself, or a hub id's snapshot in the cache.
+
+    Never downloads: `local_files_only` answers at once, where a download attempt offline would
+    hang on network timeouts before failing.
+    """
+    folder = os.path.expanduser(weights)
+    if os.path.isdir(folder):
+        return folder
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(weights, local_files_only=True)
+    except HFValidationError as exc:  # not a hub id, so meant as a path
+        raise _unloadable(sizes, weights, "there is no such directory") from exc
+    except LocalEntryNotFoundError as exc:
+        problem = (
+            "it is neither a directory nor a hub id in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}); the worker never downloads weights"
+        )
+        raise _unloadable(sizes, weights, problem) from exc
+
+
+def _unloadable(sizes: list[str], weights: str, problem: str) -> BackendUnavailable:
+    """A permanent start failure that says how to point the worker at a model."""
+    variables = " / ".join(f"{_SIZE_VARIABLES[size]}=/path/to/model" for size in sizes)
+    downloads = " / ".join(f"`uv run hf download {_OFFICIAL_WEIGHTS[size]}`" for size in sizes)
+    return BackendUnavailable(
+        f"the local backend cannot load the {' and '.join(sizes)} model from {weights!r}: "
+        f"{problem}. Point {variables} at a model directory (set it empty to not serve that "
+        f"size), put the official weights in the Hugging Face cache first ({downloads}), or, "
+        "to try the pipeline offline, build the synthetic test model (it speaks noise) with "
+        "`uv run python -m modal_app.synthetic DIR` and point at DIR.",
+        transient=False,
+    )
