@@ -215,7 +215,8 @@ class Engine:
             raise InvalidInput(f"'{label}' is required")
         if len(text) > self.options.max_text_chars:
             raise InvalidInput(
-                f"'{label}' has {len(text)} characters; the limit is {self.options.max_text_chars}"
+                f"Text too long: '{label}' has {len(text)} characters;"
+                f" the limit is {self.options.max_text_chars}"
             )
         return text.strip()
 
