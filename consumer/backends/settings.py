@@ -94,12 +94,12 @@ class LocalBackendSettings(BaseModel):
     """The in-process engine (needs the `engine` extra: torch, qwen-tts)."""
 
     model_1_7b: str | None = Field(
-        "Qwen/Qwen3-TTS-12Hz-1.7B-Base",
+        PROFILES["1.7B"].repo_id,
         description="Local directory of the 1.7B weights, or a hub id already in the Hugging "
         "Face cache (never downloaded); empty: not served.",
     )
     model_0_6b: str | None = Field(
-        "Qwen/Qwen3-TTS-12Hz-0.6B-Base",
+        PROFILES["0.6B"].repo_id,
         description="Local directory of the 0.6B weights, or a hub id already in the Hugging "
         "Face cache (never downloaded); empty: not served.",
     )
