@@ -2,8 +2,11 @@
 
 import asyncio
 import contextlib
+import functools
 import signal
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer
@@ -23,7 +26,12 @@ log = structlog.get_logger(__name__)
 
 
 async def serve(settings: WorkerSettings, ready: asyncio.Event | None = None) -> None:
-    """Run one worker until SIGTERM/SIGINT (or cancellation): drain, commit, close, return."""
+    """Run one worker until SIGTERM/SIGINT or cancellation: stop fetching, drain in-flight
+    requests within the grace period, commit, close. Cancellation is re-raised once drained.
+
+    `ready` is set once every component has started and the cancel topic's lookback window
+    has been read; the worker then joins its group.
+    """
     codec = make_codec(settings.schema_registry_url)
     async with AsyncExitStack() as stack:
         storage = make_storage(settings.storage)
@@ -40,22 +48,37 @@ async def serve(settings: WorkerSettings, ready: asyncio.Event | None = None) ->
 
         cancels = CancelRegistry(ttl_seconds=settings.cancel_lookback_seconds)
         watcher = CancelWatcher(
-            _cancel_consumer(settings),
+            functools.partial(_cancel_consumer, settings),
             settings.topics.cancel,
             codec,
             cancels,
             settings.cancel_lookback_seconds,
         )
-        watching = asyncio.create_task(watcher.run(), name="cancel-watcher")
-        stack.push_async_callback(_cancel_and_wait, watching)
+        await watcher.start()
+        stack.push_async_callback(watcher.stop)
 
         pipeline = Pipeline(settings.limits, fetcher, backend, storage)
         worker = Worker(settings, RecordHandler(codec, pipeline, publisher, cancels))
-        _on_signals(worker.stop)
+        stack.enter_context(_stop_on_signals(worker.stop))
+        log.info("worker_started", backend=backend.name, max_in_flight=settings.max_in_flight)
         if ready is not None:
             ready.set()
-        log.info("worker_started", backend=backend.name, max_in_flight=settings.max_in_flight)
-        await worker.run()
+        await _run_to_completion(worker)
+
+
+async def _run_to_completion(worker: Worker) -> None:
+    """Run the worker; when we are cancelled, stop it and wait for its drain, then re-raise.
+
+    The worker runs in a task of its own so that its drain is not itself cancelled; a second
+    cancellation while waiting does cut the drain short.
+    """
+    running = asyncio.create_task(worker.run(), name="worker")
+    try:
+        await asyncio.shield(running)
+    except asyncio.CancelledError:
+        worker.stop()
+        await running
+        raise
 
 
 def _cancel_consumer(settings: WorkerSettings) -> AIOKafkaConsumer:
@@ -67,14 +90,22 @@ def _cancel_consumer(settings: WorkerSettings) -> AIOKafkaConsumer:
     )
 
 
-def _on_signals(stop: "callable[[], None]") -> None:
+@contextlib.contextmanager
+def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
+    """Call `stop` on SIGTERM/SIGINT while the block runs; the previous handlers (say
+    asyncio.run's own for SIGINT) are put back after."""
     loop = asyncio.get_running_loop()
+    previous: dict[signal.Signals, Any] = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
+        handler = signal.getsignal(sig)
+        # Not possible off the main thread or on Windows: then cancellation is the way to stop.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop)
-
-
-async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+            previous[sig] = handler
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            if handler is not None:  # None: set outside Python, nothing we can put back
+                signal.signal(sig, handler)

@@ -1,8 +1,15 @@
 """One record, start to finish: decode, run the pipeline (cancellable), publish the outcome.
 
 `handle` returns only after an outcome or a dead letter is acknowledged by the broker, and never
-raises for a bad message: undecodable input and unexpected failures go to the dead-letter topic
-with the original bytes, so nothing is lost and the loop goes on.
+raises for a bad message: undecodable input, unexpected failures and outcomes the broker refuses
+go to the dead-letter topic with the original bytes, so nothing is lost and the loop goes on.
+
+Unknown languages. The schema lets writers add enum symbols and tells readers to map ones they
+do not know to the default (AUTO: the model detects the language), so a request from a producer
+on a newer schema is served, not refused. That needs the writer's schema: with a Schema Registry
+the worker fetches it by id; in schemaless mode it must be one this worker ships, and a record
+written with a schema it has never seen (`unknown_schema`), or naming a symbol its own schema
+lacks (`corrupt`), is dead-lettered. A registry outage is waited out, never dead-lettered.
 """
 
 import asyncio
@@ -15,6 +22,7 @@ from consumer.cancels import CancelRegistry
 from consumer.errors import CloneError
 from consumer.pipeline import Pipeline
 from producer.publisher import DeadLetter, OutcomePublisher
+from producer.retry import codec_outage, retry_while
 from schemas.codec import Codec, EventDecodeError
 from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode
 
@@ -32,34 +40,42 @@ class RecordHandler:
         pipeline: Pipeline,
         publisher: OutcomePublisher,
         cancels: CancelRegistry,
+        decode_retry_seconds: float = 1.0,
     ) -> None:
         self._codec = codec
         self._pipeline = pipeline
         self._publisher = publisher
         self._cancels = cancels
+        self._decode_retry_seconds = decode_retry_seconds
 
     async def handle(self, record: ConsumerRecord) -> None:
         log_ = log.bind(partition=record.partition, offset=record.offset)
         try:
             request = await self._decode(record)
         except EventDecodeError as exc:
-            log_.warning("dead_letter", reason=exc.reason, error=str(exc))
+            # The reason only: a decoder's message may quote the record's bytes.
+            log_.warning("dead_letter", reason=exc.reason)
             await self._publisher.dead_letter(_dead_letter(record, exc))
             return
         log_ = log_.bind(request_id=request.request_id)
         try:
             outcome = await self._outcome(request)
+            await self._publisher.publish(outcome, _trace_headers(record))
         except Exception as exc:
-            # A defect, not a property of the request: keep the original for replay.
+            # A defect, or an outcome the broker refuses: keep the original for replay.
             log_.exception("handler_failed")
             await self._publisher.dead_letter(_dead_letter(record, exc))
             return
-        trace = [(k, v) for k, v in record.headers if k in _TRACE_HEADERS]
-        await self._publisher.publish(outcome, trace)
-        log_.info("outcome_published", outcome=type(outcome).__name__)
+        log_.info("outcome_published", outcome=type(outcome).__name__, **_outcome_fields(outcome))
 
     async def _decode(self, record: ConsumerRecord) -> CloneRequest:
-        event = await self._codec.decode(record.topic, record.value, record.headers)
+        """The request in `record`; waits out a schema registry outage."""
+        event = await retry_while(
+            codec_outage,
+            lambda: self._codec.decode(record.topic, record.value, record.headers),
+            backoff_seconds=self._decode_retry_seconds,
+            what="decoding a request",
+        )
         if not isinstance(event, CloneRequest):
             raise EventDecodeError(
                 "wrong_type", f"expected CloneRequest, got {type(event).__name__}"
@@ -75,6 +91,8 @@ class RecordHandler:
     async def _cancellable(self, request: CloneRequest) -> AudioReady:
         """Run the pipeline, racing it against a cancel event for this request."""
         with self._cancels.watch(request.tenant_id, request.request_id) as cancelled:
+            if cancelled.is_set():  # cancelled while queued: never start the work
+                raise _cancelled()
             work = asyncio.ensure_future(self._pipeline.process(request))
             waiter = asyncio.ensure_future(cancelled.wait())
             try:
@@ -86,8 +104,23 @@ class RecordHandler:
                     work.cancel()
                     await asyncio.gather(work, return_exceptions=True)
             if work.cancelled():
-                raise CloneError(ErrorCode.CANCELLED, "cancelled by a clone-cancel event")
+                raise _cancelled()
             return work.result()
+
+
+def _cancelled() -> CloneError:
+    return CloneError(ErrorCode.CANCELLED, "cancelled by a clone-cancel event")
+
+
+def _trace_headers(record: ConsumerRecord) -> list[tuple[str, bytes]]:
+    return [(key, value) for key, value in record.headers if key in _TRACE_HEADERS]
+
+
+def _outcome_fields(outcome: AudioReady | CloneFailed) -> dict[str, object]:
+    """What the outcome log line says beyond its type (never the request's text)."""
+    if isinstance(outcome, CloneFailed):
+        return {"error_code": str(outcome.error_code), "retryable": outcome.retryable}
+    return {"format": str(outcome.format), "duration_ms": outcome.duration_ms}
 
 
 def _failed(request: CloneRequest, error: CloneError) -> CloneFailed:

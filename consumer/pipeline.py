@@ -6,17 +6,24 @@ one thing to turn into a clone-failed event.
 """
 
 import asyncio
-import hashlib
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from urllib.parse import quote
 
 import structlog
 
-from consumer.backends.base import Backend, BackendError, CloneJob, CloneResult, GenerationParams
+from consumer.backends.audio import AudioFacts, read_audio_facts
+from consumer.backends.base import (
+    Backend,
+    BackendError,
+    BackendTimeout,
+    CloneJob,
+    CloneResult,
+    GenerationParams,
+)
 from consumer.errors import CloneError
 from consumer.reference import (
     ReferenceAudio,
@@ -26,19 +33,14 @@ from consumer.reference import (
 )
 from consumer.settings import LimitSettings
 from modal_app.audio import AudioFormat, DecodedAudio, encode_audio
+from modal_app.errors import InvalidInput as InvalidParameter
 from producer.storage import Storage, StorageError, StoredObject, object_key
 from schemas.events import AudioReady, AudioTimings, CloneRequest, ErrorCode
 
 log = structlog.get_logger(__name__)
 
-_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-_EXTENSIONS = {"WAV": "wav", "FLAC": "flac", "OGG_OPUS": "ogg", "MP3": "mp3"}
-_CONTENT_TYPES = {
-    "WAV": "audio/wav",
-    "FLAC": "audio/flac",
-    "OGG_OPUS": "audio/ogg",
-    "MP3": "audio/mpeg",
-}
+# Storage metadata must be printable ASCII within S3's 2 KiB; caller ids are arbitrary text.
+_MAX_METADATA_VALUE = 256
 
 
 @dataclass
@@ -62,14 +64,19 @@ class StageClock:
         return round((time.perf_counter() - self.started) * 1000)
 
 
+@dataclass(frozen=True)
+class EncodedAudio:
+    """The bytes that will be stored, and what they hold (what the event reports)."""
+
+    data: bytes = field(repr=False)
+    facts: AudioFacts
+
+
 def validate(request: CloneRequest, limits: LimitSettings, now: datetime) -> None:
-    """Reject what no backend should see: bad ids, empty or oversize text, a passed deadline."""
-    for name in ("request_id", "tenant_id"):
-        value = getattr(request, name)
-        if not _ID.fullmatch(value) or value in {".", ".."}:
-            raise CloneError(
-                ErrorCode.INVALID_REQUEST, f"{name} must match [A-Za-z0-9._-]{{1,128}}"
-            )
+    """Reject what no backend should see: empty or oversize text, a passed deadline.
+
+    Ids need no check here: decoding validated them (`SafeId`), or the record was dead-lettered.
+    """
     if not request.text.strip():
         raise CloneError(ErrorCode.INVALID_REQUEST, "text is empty")
     if len(request.text) > limits.max_text_chars:
@@ -77,8 +84,12 @@ def validate(request: CloneRequest, limits: LimitSettings, now: datetime) -> Non
             ErrorCode.TEXT_TOO_LONG,
             f"text has {len(request.text)} characters; the limit is {limits.max_text_chars}",
         )
-    if request.deadline is not None and request.deadline <= now:
+    if expired(request, now):
         raise CloneError(ErrorCode.EXPIRED, "the request's deadline passed before work started")
+
+
+def expired(request: CloneRequest, now: datetime) -> bool:
+    return request.deadline is not None and request.deadline <= now
 
 
 class Pipeline:
@@ -105,7 +116,7 @@ class Pipeline:
         with clock.stage("inference"):
             result = await self.clone(request, reference)
         with clock.stage("encode"):
-            audio = await self.encode(result, request.output_format.value)
+            audio = await self.encode(result, AudioFormat(request.output_format.value))
         with clock.stage("upload"):
             stored = await self.store(request, audio)
         return self._audio_ready(request, result, audio, stored, clock, received)
@@ -138,25 +149,40 @@ class Pipeline:
         )
         try:
             return await self._backend.clone(job, timeout=self._timeout(request))
+        except BackendTimeout as exc:
+            if expired(request, datetime.now(UTC)):  # cut short by the caller's own deadline
+                raise CloneError(
+                    ErrorCode.EXPIRED, "the request's deadline passed during inference"
+                ) from exc
+            raise CloneError(exc.code, str(exc), retryable=exc.transient) from exc
         except BackendError as exc:
             raise CloneError(exc.code, str(exc), retryable=exc.transient) from exc
 
-    async def encode(self, result: CloneResult, wanted: str) -> bytes:
-        if result.format == wanted:
-            return result.audio
-        # Transcoding is CPU work: keep it off the event loop.
-        return await asyncio.to_thread(transcode, result.audio, wanted)
-
-    async def store(self, request: CloneRequest, audio: bytes) -> StoredObject:
-        fmt = request.output_format.value
-        key = object_key(request.tenant_id, request.request_id, _EXTENSIONS[fmt])
+    async def encode(self, result: CloneResult, wanted: AudioFormat) -> EncodedAudio:
+        """The result in the wanted format, described from the final bytes themselves."""
         try:
-            return await self._storage.put(
-                key,
-                audio,
-                _CONTENT_TYPES[fmt],
-                {"request-id": request.request_id, "voice-id": request.voice.voice_id},
-            )
+            data = result.audio
+            if result.format != wanted.value:
+                # Transcoding is CPU work: keep it off the event loop.
+                data = await asyncio.to_thread(transcode, data, wanted)
+            return EncodedAudio(data, read_audio_facts(data))
+        except BackendError as exc:  # read_audio_facts: the bytes are not audio
+            raise CloneError(exc.code, str(exc), retryable=exc.transient) from exc
+        except (InvalidParameter, ValueError, RuntimeError) as exc:  # soundfile's errors
+            raise CloneError(
+                ErrorCode.INFERENCE_FAILED,
+                f"the backend's {result.format} audio cannot be encoded as {wanted.value}: {exc}",
+            ) from exc
+
+    async def store(self, request: CloneRequest, audio: EncodedAudio) -> StoredObject:
+        fmt = AudioFormat(request.output_format.value)
+        key = object_key(request.tenant_id, request.request_id, fmt.extension)
+        metadata = {
+            "request-id": request.request_id,
+            "voice-id": quote(request.voice.voice_id, safe="")[:_MAX_METADATA_VALUE],
+        }
+        try:
+            return await self._storage.put(key, audio.data, fmt.content_type, metadata)
         except StorageError as exc:
             raise CloneError(ErrorCode.STORAGE_FAILED, str(exc), retryable=exc.transient) from exc
 
@@ -173,12 +199,11 @@ class Pipeline:
         self,
         request: CloneRequest,
         result: CloneResult,
-        audio: bytes,
+        audio: EncodedAudio,
         stored: StoredObject,
         clock: StageClock,
         received: datetime,
     ) -> AudioReady:
-        fmt = request.output_format.value
         queue_ms = max(0, round((received - request.created_at).total_seconds() * 1000))
         return AudioReady(
             request_id=request.request_id,
@@ -186,12 +211,12 @@ class Pipeline:
             voice_id=request.voice.voice_id,
             audio_url=stored.url,
             storage_uri=stored.storage_uri,
-            content_type=_CONTENT_TYPES[fmt],
+            content_type=AudioFormat(request.output_format.value).content_type,
             format=request.output_format,
-            sample_rate=result.sample_rate,
-            duration_ms=round(result.duration_seconds * 1000),
-            size_bytes=len(audio),
-            sha256=stored.sha256 or hashlib.sha256(audio).hexdigest(),
+            sample_rate=audio.facts.sample_rate,
+            duration_ms=round(audio.facts.duration_seconds * 1000),
+            size_bytes=stored.size_bytes,
+            sha256=stored.sha256,
             model=request.model,
             backend=self._backend.name,
             language=request.language,
@@ -210,14 +235,18 @@ class Pipeline:
         )
 
 
-def transcode(data: bytes, wanted: str) -> bytes:
+def transcode(data: bytes, wanted: AudioFormat) -> bytes:
     """Re-encode audio a backend returned in another format than the request asked for."""
     audio = DecodedAudio.from_bytes(data)
-    return encode_audio(audio.samples, audio.sample_rate, AudioFormat.parse(wanted))
+    return encode_audio(audio.samples, audio.sample_rate, wanted)
 
 
 def _generation(request: CloneRequest) -> GenerationParams:
+    """The request's generation parameters, checked against the engine's rules."""
     params = request.generation
     if params is None:
         return GenerationParams()
-    return GenerationParams(**params.model_dump())
+    try:
+        return GenerationParams(**params.model_dump())
+    except InvalidParameter as exc:
+        raise CloneError(ErrorCode.INVALID_REQUEST, str(exc)) from exc

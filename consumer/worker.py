@@ -12,13 +12,17 @@ from collections.abc import Iterable
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import KafkaError
 
 from consumer.handler import RecordHandler
 from consumer.offsets import OffsetTracker
 from consumer.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
+
+_SESSION_TIMEOUT_MS = 10_000  # aiokafka's default: how long a silent member stays in the group
+# Time a rebalance allows beyond the revoke grace: committing and sending the rejoin request.
+_REJOIN_MARGIN_MS = 10_000
 
 
 class Worker:
@@ -27,7 +31,7 @@ class Worker:
     def __init__(self, settings: WorkerSettings, handler: RecordHandler) -> None:
         self._settings = settings
         self._handler = handler
-        self._tracker = OffsetTracker()
+        self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -44,9 +48,9 @@ class Worker:
     async def run(self) -> None:
         consumer = self._make_consumer()
         self._consumer = consumer
-        await consumer.start()
         try:
-            consumer.subscribe([self._settings.topics.requests], listener=_Revocations(self))
+            await consumer.start()
+            consumer.subscribe([self._settings.topics.requests], listener=_Rebalances(self))
             await self._consume(consumer)
         finally:
             await self._drain(consumer)
@@ -63,23 +67,34 @@ class Worker:
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             max_poll_interval_ms=self._settings.max_poll_interval_ms,
+            session_timeout_ms=_SESSION_TIMEOUT_MS,
+            # The revocation callback waits up to the revoke grace for in-flight work; the group
+            # must wait that long for us to rejoin, or it would evict us before we commit.
+            rebalance_timeout_ms=max(
+                _SESSION_TIMEOUT_MS,
+                round(self._settings.revoke_grace_seconds * 1000) + _REJOIN_MARGIN_MS,
+            ),
         )
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         while not self._stopping.is_set():
-            free = self._settings.max_in_flight - self.in_flight
+            free = self._free_slots()
             self._apply_backpressure(consumer, free)
             if free <= 0:
-                # Keep polling (paused partitions return nothing) so the group does not evict
-                # us while long jobs run; wake as soon as a slot frees up.
                 await self._wait_for_slot()
+            # Full or not, poll: it is what keeps us in the group while long jobs run. When
+            # full, every partition is paused, so the poll returns at once and fetches nothing.
             batch = await consumer.getmany(
-                timeout_ms=self._settings.poll_timeout_ms, max_records=max(free, 1)
+                timeout_ms=self._settings.poll_timeout_ms if free > 0 else 0,
+                max_records=max(free, 1),
             )
             for records in batch.values():
                 for record in records:
                     self._start(record)
             await self._commit(consumer)
+
+    def _free_slots(self) -> int:
+        return self._settings.max_in_flight - self.in_flight
 
     def _apply_backpressure(self, consumer: AIOKafkaConsumer, free: int) -> None:
         if free <= 0:
@@ -96,9 +111,15 @@ class Worker:
     def _start(self, record: ConsumerRecord) -> None:
         tp = TopicPartition(record.topic, record.partition)
         self._tracker.track(tp, record.offset)
-        task = asyncio.create_task(self._handle(tp, record))
+        task = asyncio.create_task(self._handle(tp, record), name=f"record-{tp.partition}")
         self._tasks[task] = tp
         task.add_done_callback(self._finished)
+        log.info(
+            "record_started",
+            partition=record.partition,
+            offset=record.offset,
+            in_flight=len(self._tasks),
+        )
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         await self._handler.handle(record)
@@ -109,7 +130,8 @@ class Worker:
         self._tasks.pop(task, None)
         self._slot_freed.set()
         if not task.cancelled() and (exc := task.exception()) is not None:
-            # The handler turns every failure into an outcome; reaching here is a bug.
+            # The handler turns every failure into an outcome or a dead letter; reaching here
+            # means even the dead letter failed. The offset stays uncommitted (redelivered).
             log.error("handler_crashed", error=repr(exc))
 
     async def _commit(
@@ -122,7 +144,7 @@ class Worker:
             return
         try:
             await consumer.commit(offsets)
-        except (CommitFailedError, KafkaError) as exc:
+        except KafkaError as exc:  # CommitFailedError and IllegalStateError included
             # Uncommitted work is redelivered to whoever owns the partition next.
             log.warning("commit_failed", error=repr(exc))
         else:
@@ -144,15 +166,23 @@ class Worker:
         await self._commit(consumer)
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        if not revoked:  # the first join "revokes" the empty assignment
+            return
         mine = [task for task, tp in self._tasks.items() if tp in revoked]
-        log.info("partitions_revoked", partitions=len(revoked), in_flight=len(mine))
+        log.info("partitions_revoked", partitions=_names(revoked), in_flight=len(mine))
         await self._settle(mine, self._settings.revoke_grace_seconds)
         if self._consumer is not None:
             await self._commit(self._consumer, only=revoked)
         self._tracker.forget(revoked)
 
+    def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("partitions_assigned", partitions=_names(assigned))
+        # New partitions start unpaused; while full, a poll would fetch past the bound.
+        if self._consumer is not None and self._free_slots() <= 0:
+            self._consumer.pause(*assigned)
 
-class _Revocations(ConsumerRebalanceListener):
+
+class _Rebalances(ConsumerRebalanceListener):
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
 
@@ -160,7 +190,8 @@ class _Revocations(ConsumerRebalanceListener):
         await self._worker.on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        log.info(
-            "partitions_assigned",
-            partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
-        )
+        self._worker.on_assigned(set(assigned))
+
+
+def _names(tps: Iterable[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}:{tp.partition}" for tp in tps)

@@ -1,18 +1,20 @@
 """Publishing outcomes: audio-ready and clone-failed events, and dead letters.
 
 One idempotent producer (acks=all) per process. `publish` returns only once the broker has
-acknowledged the record, so the caller may then mark the request's offset done.
+acknowledged the record, so the caller may then mark the request's offset done. Outages (of
+the broker or the schema registry) are retried for as long as they last; what is raised is a
+record that can never be sent (too large, invalid), for the caller to dead-letter.
 """
 
-import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
+from producer.retry import codec_outage, retry_while
 from producer.settings import KafkaSettings
 from schemas.codec import Codec
 from schemas.events import AudioReady, CloneFailed
@@ -37,8 +39,11 @@ class DeadLetter:
     attempts: int = 1
 
     def error_headers(self) -> list[tuple[str, bytes]]:
+        # Codec errors carry a short machine reason (`corrupt`, `unknown_schema`, ...).
+        reason = getattr(self.error, "reason", None)
         return [
             ("dlq.error.type", type(self.error).__name__.encode()),
+            *([("dlq.error.reason", str(reason).encode())] if reason is not None else []),
             ("dlq.error.message", str(self.error)[:1000].encode()),
             ("dlq.original.topic", self.topic.encode()),
             ("dlq.original.partition", str(self.partition).encode()),
@@ -77,7 +82,12 @@ class OutcomePublisher:
 
     async def publish(self, event: AudioReady | CloneFailed, headers: Headers = ()) -> None:
         topic = self._topics.audio_ready if isinstance(event, AudioReady) else self._topics.failed
-        encoded = await self._codec.encode(topic, event)
+        encoded = await retry_while(
+            codec_outage,
+            lambda: self._codec.encode(topic, event),
+            backoff_seconds=self._backoff,
+            what=f"encoding for {topic}",
+        )
         await self._send(
             topic, event.request_id.encode(), encoded.value, [*encoded.headers, *headers]
         )
@@ -91,11 +101,15 @@ class OutcomePublisher:
     ) -> None:
         # The producer already retries within its delivery timeout; past that we keep trying,
         # since marking the offset done without an acknowledged outcome would lose the request.
-        while True:
-            try:
-                await self._producer.send_and_wait(topic, value, key=key, headers=list(headers))
-            except KafkaError as exc:
-                log.warning("publish_retry", topic=topic, error=repr(exc))
-                await asyncio.sleep(self._backoff)
-            else:
-                return
+        await retry_while(
+            _broker_outage,
+            lambda: self._producer.send_and_wait(topic, value, key=key, headers=list(headers)),
+            backoff_seconds=self._backoff,
+            what=f"sending to {topic}",
+        )
+
+
+def _broker_outage(exc: Exception) -> bool:
+    """An error that may pass; a record too large or a closed producer never will."""
+    # A delivery timeout is not flagged retriable, but it is an outage, not a bad record.
+    return isinstance(exc, KafkaError) and (exc.retriable or isinstance(exc, KafkaTimeoutError))

@@ -1,0 +1,186 @@
+"""The pipeline's stages with real parts: file references, a seed-contract HTTP service, local
+storage. What each failure becomes, and that the audio-ready event describes the stored file."""
+
+import io
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import soundfile
+
+from consumer.backends import BackendSettings, CloneResult
+from consumer.backends.http import HttpBackend
+from consumer.errors import CloneError
+from consumer.pipeline import Pipeline, validate
+from consumer.reference import ReferenceFetcher, ReferenceSettings
+from consumer.settings import LimitSettings
+from modal_app.audio import AudioFormat as EngineFormat
+from producer.storage import LocalStorage, object_key
+from schemas.events import AudioFormat, ErrorCode
+from tests.consumer.backends.conftest import make_wav
+from tests.consumer.backends.test_http import (
+    SECONDS_PER_CHARACTER,
+    SeedServer,
+    seed_server,  # noqa: F401 (fixture)
+)
+from tests.fixtures.worker import clone_request
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+async def storage(tmp_path: Path) -> AsyncIterator[LocalStorage]:
+    async with LocalStorage(tmp_path / "audio") as storage:
+        yield storage
+
+
+@pytest.fixture
+async def pipeline(
+    seed_server: SeedServer,  # noqa: F811
+    reference_root: Path,
+    storage: LocalStorage,
+) -> AsyncIterator[Pipeline]:
+    backend = HttpBackend(BackendSettings(kind="http", http={"base_url": seed_server.url}))
+    await backend.start()
+    references = ReferenceSettings(allowed_schemes=["file"], file_root=reference_root)
+    async with ReferenceFetcher(references) as fetcher:
+        yield Pipeline(LimitSettings(max_text_chars=100), fetcher, backend, storage)
+    await backend.close()
+
+
+@pytest.fixture
+def voice_uri(reference_root: Path) -> str:
+    return (reference_root / "voice.wav").as_uri()
+
+
+def code_of(error: pytest.ExceptionInfo[CloneError]) -> tuple[ErrorCode, bool]:
+    return error.value.code, error.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        ({"text": "   "}, ErrorCode.INVALID_REQUEST),
+        ({"text": "a" * 101}, ErrorCode.TEXT_TOO_LONG),
+        ({"deadline": NOW}, ErrorCode.EXPIRED),
+        ({"deadline": NOW - timedelta(seconds=1)}, ErrorCode.EXPIRED),
+    ],
+)
+def test_validate_rejects(overrides: dict[str, object], code: ErrorCode) -> None:
+    request = clone_request("file:///voice.wav", **overrides)
+
+    with pytest.raises(CloneError) as raised:
+        validate(request, LimitSettings(max_text_chars=100), NOW)
+
+    assert code_of(raised) == (code, False)
+
+
+def test_validate_accepts_text_at_the_limit_and_a_future_deadline() -> None:
+    request = clone_request(
+        "file:///voice.wav", text="a" * 100, deadline=NOW + timedelta(milliseconds=1)
+    )
+
+    validate(request, LimitSettings(max_text_chars=100), NOW)
+
+
+@pytest.mark.parametrize("fmt", list(AudioFormat))
+async def test_audio_ready_describes_the_stored_file_in_every_format(
+    pipeline: Pipeline, storage: LocalStorage, voice_uri: str, fmt: AudioFormat
+) -> None:
+    # The seed service always answers WAV: every other format is transcoded by the worker.
+    text = "x" * 40
+    request = clone_request(voice_uri, text=text, output_format=fmt, generation=None)
+
+    ready = await pipeline.process(request)
+
+    extension = EngineFormat(fmt).extension
+    path = storage.path_for(object_key(request.tenant_id, request.request_id, extension))
+    data = path.read_bytes()
+    samples, sample_rate = soundfile.read(io.BytesIO(data))
+    assert ready.audio_url == path.as_uri()
+    assert (ready.size_bytes, ready.content_type) == (len(data), EngineFormat(fmt).content_type)
+    assert (ready.sample_rate, ready.duration_ms) == (
+        sample_rate,
+        round(len(samples) / sample_rate * 1000),
+    )
+    assert ready.duration_ms == round(len(text) * SECONDS_PER_CHARACTER * 1000)
+    assert ready.backend == "http"
+    assert set(ready.timings.model_dump()) >= {"reference_fetch_ms", "inference_ms", "upload_ms"}
+
+
+async def test_a_voice_id_that_is_not_ascii_is_stored_as_metadata_escaped(
+    pipeline: Pipeline, storage: LocalStorage, voice_uri: str
+) -> None:
+    request = clone_request(voice_uri)
+    request = request.model_copy(
+        update={"voice": request.voice.model_copy(update={"voice_id": " Zoë's voice / 2 "})}
+    )
+
+    ready = await pipeline.process(request)
+
+    info = await storage.head(object_key(request.tenant_id, request.request_id, "wav"))
+    assert info is not None
+    assert info.metadata["voice-id"] == "%20Zo%C3%AB%27s%20voice%20%2F%202%20"
+    assert ready.voice_id == " Zoë's voice / 2 "
+
+
+async def test_a_deadline_that_cuts_inference_short_is_expired(
+    pipeline: Pipeline,
+    seed_server: SeedServer,  # noqa: F811
+    voice_uri: str,
+) -> None:
+    seed_server.delay_seconds = 5
+    request = clone_request(voice_uri, deadline=datetime.now(UTC) + timedelta(seconds=0.5))
+
+    with pytest.raises(CloneError) as raised:
+        await pipeline.process(request)
+
+    assert code_of(raised) == (ErrorCode.EXPIRED, False)
+
+
+@pytest.mark.parametrize(
+    ("reference", "code"),
+    [
+        ("missing.wav", ErrorCode.REFERENCE_AUDIO_UNAVAILABLE),
+        ("not-audio.wav", ErrorCode.REFERENCE_AUDIO_INVALID),
+    ],
+)
+async def test_reference_failures(
+    pipeline: Pipeline, reference_root: Path, reference: str, code: ErrorCode
+) -> None:
+    (reference_root / "not-audio.wav").write_bytes(b"RIFF, but not really")
+
+    with pytest.raises(CloneError) as raised:
+        await pipeline.process(clone_request((reference_root / reference).as_uri()))
+
+    assert code_of(raised) == (code, False)
+
+
+def backend_result(audio: bytes) -> CloneResult:
+    return CloneResult(
+        audio=audio,
+        format="WAV",
+        sample_rate=44_100,
+        duration_seconds=1.0,
+        cold_start=None,
+        model_load_seconds=None,
+        container_id=None,
+        inference_seconds=None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("audio", "wanted"),
+    [
+        (make_wav(1.0, sample_rate=44_100), EngineFormat.OGG_OPUS),  # Opus has no 44.1 kHz
+        (b"not audio at all", EngineFormat.WAV),
+    ],
+)
+async def test_audio_that_cannot_be_encoded_is_a_failed_inference(
+    pipeline: Pipeline, audio: bytes, wanted: EngineFormat
+) -> None:
+    with pytest.raises(CloneError) as raised:
+        await pipeline.encode(backend_result(audio), wanted)
+
+    assert code_of(raised) == (ErrorCode.INFERENCE_FAILED, False)

@@ -1,0 +1,342 @@
+"""The worker end to end on the real broker, with the http backend against a seed-contract server.
+
+Bad input, cancellation, backpressure and rebalancing; `serve()` runs in-process as a task and
+every test ends by cancelling it, which must drain cleanly.
+"""
+
+import asyncio
+import contextlib
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from structlog.testing import capture_logs
+
+from consumer.backends import BackendSettings
+from consumer.settings import LimitSettings, WorkerSettings
+from schemas.codec import make_codec
+from schemas.events import AudioReady, CloneFailed, ErrorCode
+from schemas.topics import Topics
+from tests.consumer.backends.test_http import SeedServer, seed_server  # noqa: F401 (fixture)
+from tests.fixtures.worker import (
+    Outcomes,
+    Requests,
+    WorkerSettingsFactory,
+    clone_request,
+    group_lag,
+    running_worker,
+)
+from tests.schemas.variants import schemaless_record, shipped, with_symbol
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def http_settings(
+    make_worker_settings: WorkerSettingsFactory,
+    seed_server: SeedServer,  # noqa: F811
+) -> WorkerSettingsFactory:
+    """Worker settings with the http backend pointed at the seed server."""
+
+    def make(**overrides: Any) -> WorkerSettings:
+        backend = BackendSettings(kind="http", http={"base_url": seed_server.url})
+        return make_worker_settings(backend=backend, **overrides)
+
+    return make
+
+
+@pytest.fixture
+def voice_uri(reference_root: Path) -> str:
+    return (reference_root / "voice.wav").as_uri()
+
+
+async def assert_all_committed(settings: WorkerSettings) -> None:
+    lag = await group_lag(
+        settings.kafka.bootstrap_servers, settings.group_id, settings.topics.requests
+    )
+    assert set(lag.values()) == {0}, lag
+
+
+async def test_bad_input_gets_its_outcome_or_dead_letter_and_the_worker_goes_on(
+    http_settings: WorkerSettingsFactory, voice_uri: str, reference_root: Path
+) -> None:
+    settings = http_settings(limits=LimitSettings(max_text_chars=5_000))
+    expected = {
+        ErrorCode.TEXT_TOO_LONG: clone_request(voice_uri, text="a" * 1_000_000),
+        ErrorCode.EXPIRED: clone_request(
+            voice_uri, deadline=datetime.now(UTC) - timedelta(minutes=1)
+        ),
+        ErrorCode.REFERENCE_AUDIO_UNAVAILABLE: clone_request(
+            (reference_root / "missing.wav").as_uri()
+        ),
+    }
+    outside_root = clone_request("file:///etc/passwd")
+    not_allowed_scheme = clone_request("ftp://example.com/voice.wav")
+    good = clone_request(voice_uri, text="Say it: the passphrase is swordfish.")
+    garbage = os.urandom(256)
+    unknown_language = clone_request(voice_uri)
+    newer = with_symbol(shipped("clone_request"), "Language", "KLINGON")
+    newer_writer = schemaless_record(newer, unknown_language.to_avro() | {"language": "KLINGON"})
+    ours = await make_codec().encode(settings.topics.requests, unknown_language)
+    dead = [
+        (garbage, [("traceparent", b"00-abc-def-01")], "bad_header"),
+        (newer_writer.value, newer_writer.headers, "unknown_schema"),
+        # Our schema's fingerprint, a symbol it does not have.
+        (newer_writer.value, ours.headers, "corrupt"),
+    ]
+
+    with capture_logs() as logs:
+        async with (
+            Requests(settings) as requests,
+            Outcomes(settings) as outcomes,
+            running_worker(settings),
+        ):
+            for value, headers, _ in dead:
+                await requests.send_raw(value, headers, key=b"bad")
+            await requests.send(*expected.values(), outside_root, not_allowed_scheme)
+            await requests.send(good)
+
+            await outcomes.wait_for(
+                [r.request_id for r in (*expected.values(), outside_root, not_allowed_scheme, good)]
+            )
+            await outcomes.wait_for_dead_letters(len(dead))
+
+    for code, request in expected.items():
+        failed = outcomes.first(request.request_id)
+        assert isinstance(failed, CloneFailed)
+        assert failed.error_code == code
+        assert failed.metadata == request.metadata
+    for request in (outside_root, not_allowed_scheme):
+        failed = outcomes.first(request.request_id)
+        assert isinstance(failed, CloneFailed)
+        assert (failed.error_code, failed.retryable) == (
+            ErrorCode.REFERENCE_AUDIO_UNAVAILABLE,
+            False,
+        )
+    assert isinstance(outcomes.first(good.request_id), AudioReady)
+    letters = {
+        dict(letter.headers)["dlq.error.reason"].decode(): letter
+        for letter in outcomes.dead_letters
+    }
+    assert letters.keys() == {reason for _, _, reason in dead}
+    for value, headers, reason in dead:
+        letter = letters[reason]
+        assert (letter.key, letter.value) == (b"bad", value)
+        assert list(letter.headers[: len(headers)]) == headers  # the originals, first
+        extra = dict(letter.headers[len(headers) :])
+        assert extra["dlq.error.type"] == b"EventDecodeError"
+        assert extra["dlq.original.topic"] == settings.topics.requests.encode()
+        assert {"dlq.original.partition", "dlq.original.offset"} <= extra.keys()
+    assert outcomes.duplicates() == {}
+    assert logs, "nothing was logged"
+    assert "swordfish" not in repr(logs)  # request text never reaches the logs
+    await assert_all_committed(settings)
+
+
+async def test_cancel_stops_an_in_flight_and_a_queued_request(
+    http_settings: WorkerSettingsFactory,
+    seed_server: SeedServer,  # noqa: F811
+    voice_uri: str,
+) -> None:
+    settings = http_settings(max_in_flight=1)
+    seed_server.delay_seconds = 60  # the first request holds the only slot until cancelled
+    in_flight, queued, after = (clone_request(voice_uri) for _ in range(3))
+
+    async with (
+        Requests(settings) as requests,
+        Outcomes(settings) as outcomes,
+        running_worker(settings),
+    ):
+        await requests.send(in_flight)
+        await asyncio.wait_for(seed_server.entered.wait(), 30)
+        await requests.send(queued)
+        # One cancel partition: the queued request's cancel is known before its slot frees.
+        await requests.cancel(queued)
+        await requests.cancel(in_flight)
+        await outcomes.wait_for([in_flight.request_id, queued.request_id])
+        await asyncio.wait_for(seed_server.disconnected.wait(), 10)
+        seed_server.delay_seconds = 0
+        await requests.send(after)
+        await outcomes.wait_for([after.request_id])
+
+    for request in (in_flight, queued):
+        failed = outcomes.first(request.request_id)
+        assert isinstance(failed, CloneFailed)
+        assert (failed.error_code, failed.retryable) == (ErrorCode.CANCELLED, False)
+    assert isinstance(outcomes.first(after.request_id), AudioReady)
+    # The queued request never reached the backend.
+    assert len(seed_server.requests) == 2
+    await assert_all_committed(settings)
+
+
+async def test_in_flight_stays_bounded_and_long_jobs_keep_the_member_in_its_group(
+    http_settings: WorkerSettingsFactory,
+    seed_server: SeedServer,  # noqa: F811
+    voice_uri: str,
+) -> None:
+    # Each job outlasts max.poll.interval: a loop that stopped polling while full would be
+    # evicted, and its partitions revoked and assigned again.
+    settings = http_settings(max_in_flight=2, max_poll_interval_ms=1_000)
+    seed_server.delay_seconds = 1.5
+    batch = [clone_request(voice_uri) for _ in range(6)]
+
+    with capture_logs() as logs:
+        async with (
+            Requests(settings) as requests,
+            Outcomes(settings) as outcomes,
+            running_worker(settings),
+        ):
+            await requests.send(*batch)
+            await outcomes.wait_for([r.request_id for r in batch], within_s=60)
+            events = [entry["event"] for entry in logs]
+
+    in_flight = [entry["in_flight"] for entry in logs if entry["event"] == "record_started"]
+    assert len(in_flight) == len(batch)
+    assert max(in_flight) == settings.max_in_flight
+    assert all(isinstance(outcomes.first(r.request_id), AudioReady) for r in batch)
+    assert events.count("partitions_assigned") == 1
+    assert "partitions_revoked" not in events
+    await assert_all_committed(settings)
+
+
+async def test_a_joining_worker_gets_partitions_after_the_first_commits_its_finished_work(
+    http_settings: WorkerSettingsFactory,
+    seed_server: SeedServer,  # noqa: F811
+    voice_uri: str,
+) -> None:
+    settings = http_settings(max_in_flight=4)
+    # Long enough that the first worker still runs its first four when the second joins (the
+    # rebalance reaches it with its next heartbeat, at most 3 s later).
+    seed_server.delay_seconds = 5.0
+    batch = [clone_request(voice_uri) for _ in range(8)]
+
+    with capture_logs() as logs:
+        async with (
+            Requests(settings) as requests,
+            Outcomes(settings) as outcomes,
+            running_worker(settings),
+        ):
+            await requests.send(*batch)
+            await wait_for_backend_calls(seed_server, settings.max_in_flight)
+            async with running_worker(settings):
+                await outcomes.wait_for([r.request_id for r in batch], within_s=60)
+
+    revoked = [entry for entry in logs if entry["event"] == "partitions_revoked"]
+    assigned = [entry for entry in logs if entry["event"] == "partitions_assigned"]
+    # The first worker's own assignment, its share after the join, and the second's share.
+    assert len(assigned) >= 3
+    assert revoked[0]["in_flight"] == settings.max_in_flight
+    assert all(isinstance(outcomes.first(r.request_id), AudioReady) for r in batch)
+    # The first worker finished and committed its in-flight requests before handing over, so
+    # the second one redid none of them.
+    assert outcomes.duplicates() == {}
+    assert len(seed_server.requests) == len(batch)
+    await assert_all_committed(settings)
+
+
+async def wait_for_backend_calls(server: SeedServer, count: int, within_s: float = 30.0) -> None:
+    async with asyncio.timeout(within_s):
+        while len(server.requests) < count:
+            server.entered.clear()  # the server runs on this loop: no call slips in between
+            await server.entered.wait()
+
+
+async def test_a_cancel_sent_before_the_worker_started_still_wins(
+    http_settings: WorkerSettingsFactory,
+    seed_server: SeedServer,  # noqa: F811
+    voice_uri: str,
+) -> None:
+    settings = http_settings()
+    request = clone_request(voice_uri)
+
+    async with (
+        Requests(settings) as requests,
+        Outcomes(settings) as outcomes,
+    ):
+        await requests.cancel(request)
+        await requests.send(request)
+        async with running_worker(settings):  # ready: the cancel topic has been read back
+            await outcomes.wait_for([request.request_id])
+
+    failed = outcomes.first(request.request_id)
+    assert isinstance(failed, CloneFailed)
+    assert failed.error_code == ErrorCode.CANCELLED
+    assert seed_server.requests == []
+
+
+async def test_an_outcome_the_broker_refuses_is_dead_lettered_and_the_worker_goes_on(
+    http_settings: WorkerSettingsFactory,
+    worker_topics: Topics,
+    kafka_bootstrap: str,
+    voice_uri: str,
+    reference_root: Path,
+) -> None:
+    async with small_messages_topic(kafka_bootstrap, max_bytes=20_000) as failed_topic:
+        settings = http_settings(topics=worker_topics.model_copy(update={"failed": failed_topic}))
+        # Its clone-failed event carries the metadata back: too large for the topic.
+        too_big = clone_request(
+            (reference_root / "missing.wav").as_uri(), metadata={"blob": "x" * 50_000}
+        )
+        good = clone_request(voice_uri)
+
+        async with (
+            Requests(settings) as requests,
+            Outcomes(settings) as outcomes,
+            running_worker(settings),
+        ):
+            await requests.send(too_big, good)
+            await outcomes.wait_for([good.request_id])
+            await outcomes.wait_for_dead_letters(1)
+
+        (letter,) = outcomes.dead_letters
+        original = await make_codec().encode(settings.topics.requests, too_big)
+        assert letter.value == original.value
+        assert dict(letter.headers)["dlq.error.type"] == b"MessageSizeTooLargeError"
+        assert isinstance(outcomes.first(good.request_id), AudioReady)
+        await assert_all_committed(settings)
+
+
+@contextlib.asynccontextmanager
+async def small_messages_topic(bootstrap: str, max_bytes: int) -> AsyncIterator[str]:
+    """A fresh one-partition topic that refuses records over `max_bytes`."""
+    name = f"small-{uuid.uuid4().hex[:12]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        config = {"max.message.bytes": str(max_bytes)}
+        await admin.create_topics([NewTopic(name, 1, 1, topic_configs=config)])
+        yield name
+    finally:
+        await admin.delete_topics([name])
+        await admin.close()
+
+
+async def test_cancelling_serve_finishes_in_flight_work_and_restores_signal_handling(
+    http_settings: WorkerSettingsFactory,
+    seed_server: SeedServer,  # noqa: F811
+    voice_uri: str,
+) -> None:
+    settings = http_settings()
+    seed_server.delay_seconds = 1.0
+    request = clone_request(voice_uri)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+    async with (
+        Requests(settings) as requests,
+        Outcomes(settings) as outcomes,
+    ):
+        async with running_worker(settings):  # leaving it cancels serve()
+            await requests.send(request)
+            await wait_for_backend_calls(seed_server, 1)
+        # The drain let the call finish: its outcome was published before serve() returned.
+        await outcomes.wait_for([request.request_id], within_s=5)
+
+    assert isinstance(outcomes.first(request.request_id), AudioReady)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    await assert_all_committed(settings)

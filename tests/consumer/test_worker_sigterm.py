@@ -1,0 +1,162 @@
+"""`voiceclone worker` as a process, configured by environment variables: SIGTERM under load
+drains what is in flight and exits 0; a second worker of the group then finishes the rest."""
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from consumer.backends import BackendSettings
+from consumer.settings import WorkerSettings
+from schemas.events import AudioReady
+from tests.consumer.backends.test_http import SeedServer, seed_server  # noqa: F401 (fixture)
+from tests.fixtures.worker import (
+    Outcomes,
+    Requests,
+    WorkerSettingsFactory,
+    clone_request,
+    group_lag,
+    running_worker,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+VOICECLONE = Path(sys.executable).with_name("voiceclone")  # what `uv run voiceclone` runs
+SHUTDOWN_GRACE_S = 10
+
+
+def settings_env(settings: BaseModel, prefix: str = "VOICECLONE") -> dict[str, str]:
+    """The environment variables that configure `settings` (nested groups joined by `__`)."""
+    env: dict[str, str] = {}
+
+    def add(name: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                add(f"{name}__{key.upper()}", item)
+        elif value is not None:
+            env[name] = value if isinstance(value, str) else json.dumps(value)
+
+    for key, value in settings.model_dump(mode="json").items():
+        add(f"{prefix}_{key.upper()}", value)
+    return env
+
+
+class WorkerProcess:
+    """A running `voiceclone worker` and the JSON log lines it has written so far."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.logs: list[dict[str, Any]] = []
+        self._logged = asyncio.Event()
+        self._reader = asyncio.create_task(self._read_logs())
+
+    async def _read_logs(self) -> None:
+        assert self.process.stderr is not None
+        async for line in self.process.stderr:
+            try:
+                self.logs.append(json.loads(line))
+            except json.JSONDecodeError:  # a library printing plain text
+                self.logs.append({"event": "<text>", "line": line.decode(errors="replace")})
+            self._logged.set()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [entry for entry in self.logs if entry.get("event") == name]
+
+    async def wait_for_log(self, name: str, count: int = 1, within_s: float = 60.0) -> None:
+        """Until the process has logged `name` `count` times."""
+        async with asyncio.timeout(within_s):
+            while len(self.events(name)) < count:
+                if self.process.returncode is not None:
+                    raise AssertionError(f"worker exited before logging {name}: {self.logs}")
+                self._logged.clear()
+                await self._logged.wait()
+
+    async def exit_code(self, within_s: float) -> int:
+        async with asyncio.timeout(within_s):
+            code = await self.process.wait()
+        await self._reader
+        return code
+
+
+@asynccontextmanager
+async def worker_process(settings: WorkerSettings) -> AsyncIterator[WorkerProcess]:
+    env = {**os.environ, **settings_env(settings), "VOICECLONE_LOG_FORMAT": "json"}
+    process = await asyncio.create_subprocess_exec(
+        str(VOICECLONE), "worker", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    worker = WorkerProcess(process)
+    try:
+        yield worker
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def test_settings_env_configures_the_same_settings(
+    make_worker_settings: WorkerSettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_worker_settings(backend=BackendSettings(kind="http"), max_in_flight=3)
+    for name, value in settings_env(settings).items():
+        monkeypatch.setenv(name, value)
+
+    assert WorkerSettings() == settings
+
+
+async def test_sigterm_under_load_drains_and_a_second_worker_finishes_the_rest(
+    make_worker_settings: WorkerSettingsFactory,
+    seed_server: SeedServer,  # noqa: F811
+    reference_root: Path,
+) -> None:
+    seed_server.delay_seconds = 0.5
+    settings = make_worker_settings(
+        backend=BackendSettings(kind="http", http={"base_url": seed_server.url}),
+        max_in_flight=4,
+        shutdown_grace_seconds=SHUTDOWN_GRACE_S,
+    )
+    voice = (reference_root / "voice.wav").as_uri()
+    batch = [clone_request(voice) for _ in range(40)]
+    ids = [request.request_id for request in batch]
+
+    async with (
+        Requests(settings) as requests,
+        Outcomes(settings) as outcomes,
+    ):
+        async with worker_process(settings) as first:
+            await first.wait_for_log("partitions_assigned")
+            await requests.send(*batch)
+            # Its second round has just started: each takes half a second, so they are running.
+            await first.wait_for_log("record_started", count=settings.max_in_flight + 1)
+            first.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            code = await first.exit_code(within_s=SHUTDOWN_GRACE_S + 10)
+            exited_after = time.monotonic() - signalled
+
+        assert code == 0, first.logs[-5:]
+        assert exited_after < SHUTDOWN_GRACE_S
+        (draining,) = first.events("worker_draining")
+        assert draining["in_flight"] > 0  # it stopped under load, with requests still running
+        finished_by_first = {entry["request_id"] for entry in first.events("outcome_published")}
+        assert 0 < len(finished_by_first) < len(batch)
+        in_flight = [entry["in_flight"] for entry in first.events("record_started")]
+        assert max(in_flight) <= settings.max_in_flight
+
+        async with running_worker(settings):
+            await outcomes.wait_for(ids, within_s=60)
+
+    assert all(isinstance(outcomes.first(rid), AudioReady) for rid in ids)
+    # The first worker committed all it published before leaving: nothing was done twice.
+    assert outcomes.duplicates() == {}
+    lag = await group_lag(
+        settings.kafka.bootstrap_servers, settings.group_id, settings.topics.requests
+    )
+    assert set(lag.values()) == {0}, lag
