@@ -6,7 +6,13 @@ BROKER := $(PYTHON) deploy/kafka/broker.py
 UV := $(PYTHON) -m uv
 UV_VERSION := 0.13.9
 
-.PHONY: setup test lint run topics broker-fetch broker-start broker-stop broker-status
+# `make run MODEL=synthetic`: the tiny offline model; MODEL=DIR: your weights (see README).
+MODEL ?=
+DEMO = $(PYTHON) deploy/demo.py
+BOOTSTRAP_ENV = VOICECLONE_KAFKA__BOOTSTRAP_SERVERS=$$($(BROKER) bootstrap)
+
+.PHONY: setup test lint run run-offline stop worker-stop topics broker-fetch broker-start \
+	broker-stop broker-status
 
 setup: ## Install uv if missing, then the locked environment with every extra
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
@@ -19,11 +25,19 @@ lint: setup ## ruff: lint and formatting
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
 
-run: setup broker-start topics ## The main job on embedded defaults: local broker, topics
-	@echo "Kafka is up at $$($(BROKER) bootstrap) with the product's topics."
+run: setup broker-start topics ## The main job: broker, topics, a local worker (left running), one request
+	$(BOOTSTRAP_ENV) $(UV) run --frozen python deploy/demo.py run $(if $(MODEL),--model '$(MODEL)')
+
+run-offline: ## `make run` with the synthetic tiny model: no download, speaks noise
+	$(MAKE) run MODEL=synthetic
+
+worker-stop: ## Stop the worker `make run` started (SIGTERM: it drains first)
+	$(DEMO) stop
+
+stop: worker-stop broker-stop ## Stop the worker and the local broker
 
 topics: ## Create the product's topics on the local broker (idempotent)
-	VOICECLONE_KAFKA__BOOTSTRAP_SERVERS=$$($(BROKER) bootstrap) $(UV) run --frozen voiceclone topics create
+	$(BOOTSTRAP_ENV) $(UV) run --frozen voiceclone topics create
 
 broker-fetch: ## Download the Kafka jars from Maven Central (once; cached)
 	$(BROKER) fetch

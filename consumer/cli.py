@@ -1,16 +1,246 @@
-"""The `voiceclone` command line."""
+"""The `voiceclone` command line: the worker, and the commands users send and watch requests with.
+
+Every setting comes from `VOICECLONE_*` environment variables (see the README's table); options
+here are only what differs per invocation. Exit codes: 0 done; 1 the request failed
+(clone-failed); 2 usage error; 3 could not run (settings, Kafka, storage, backend); 4 timed out.
+"""
 
 import asyncio
-from typing import Annotated
+import json
+import re
+import sys
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import IntEnum, StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Final, NoReturn, TypeVar
 
+import structlog
 import typer
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from pydantic import ValidationError
 
+from consumer.app import serve
+from consumer.backends import BackendError
+from consumer.logs import LogFormat, LogLevel, configure_logging
+from consumer.settings import WorkerSettings
 from producer.admin import create_topics
+from producer.client import (
+    DownloadError,
+    Outcome,
+    TopicsMissing,
+    VoiceCloneClient,
+    download_audio,
+)
 from producer.settings import ClientSettings
+from producer.storage import StorageError
+from schemas.events import AudioFormat, AudioReady, CloneFailed, Language, ModelName
 
-app = typer.Typer(help="Event-driven voice cloning on Kafka and Qwen3-TTS.", no_args_is_help=True)
+# Markdown: docstring paragraphs are re-wrapped to the terminal rather than kept line by line.
+app = typer.Typer(
+    help="Event-driven voice cloning on Kafka and Qwen3-TTS.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
 topics_app = typer.Typer(help="Manage the product's Kafka topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+SettingsT = TypeVar("SettingsT", bound=ClientSettings)
+
+
+class ModelSize(StrEnum):
+    LARGE = "1.7B"
+    SMALL = "0.6B"
+
+
+_MODELS_BY_SIZE: Final = {ModelSize(model.size): model for model in ModelName}
+_OUTCOME_NAMES: Final = {AudioReady: "audio-ready", CloneFailed: "clone-failed"}
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_CLOCK_SKEW: Final = timedelta(minutes=5)
+_AGE: Final = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_AGE_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class Exit(IntEnum):
+    OK = 0
+    CLONE_FAILED = 1
+    UNAVAILABLE = 3
+    TIMEOUT = 4
+
+
+# Failures of the outside world or of configuration: one line tells the user what to fix, a
+# traceback would only bury it. Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (
+    BackendError,
+    StorageError,
+    KafkaError,
+    OSError,
+    ValueError,
+    ImportError,
+    DownloadError,
+    TopicsMissing,
+)
+
+LogFormatOption = Annotated[
+    LogFormat,
+    typer.Option(
+        "--log-format", envvar="VOICECLONE_LOG_FORMAT", help="json lines, or console for people."
+    ),
+]
+DownloadOption = Annotated[
+    Path | None,
+    typer.Option(file_okay=False, help="Save each audio-ready's audio in this folder."),
+]
+LogLevelOption = Annotated[
+    LogLevel,
+    typer.Option("--log-level", envvar="VOICECLONE_LOG_LEVEL", help="Lowest level logged."),
+]
+
+
+def parse_since(value: str) -> datetime:
+    """An ISO 8601 time (local time when it has no zone) or an age such as 15m."""
+    if match := _AGE.fullmatch(value.strip()):
+        amount, unit = match.groups()
+        return datetime.now(UTC) - timedelta(seconds=float(amount) * _AGE_UNITS[unit])
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is neither ISO 8601 nor an age like 15m") from None
+    return parsed if parsed.tzinfo else parsed.astimezone()
+
+
+@app.command()
+def worker(
+    log_format: LogFormatOption = LogFormat.JSON, log_level: LogLevelOption = LogLevel.INFO
+) -> None:
+    """Run a worker until SIGTERM/SIGINT: consume clone requests, publish their outcomes.
+
+    Exits 0 after draining in-flight requests; 3 with a one-line reason when it cannot start
+    (e.g. the backend's model or Kafka is unreachable).
+    """
+    configure_logging(log_format, log_level)
+    settings = load_settings(WorkerSettings)
+    run_or_exit(serve(settings), settings)
+
+
+@app.command()
+def request(
+    reference: Annotated[
+        str,
+        typer.Option(
+            help="Voice to clone: a local audio file (uploaded to storage first) or a URI the "
+            "worker may read (https://, s3://, file://)."
+        ),
+    ],
+    text: Annotated[
+        str | None,
+        typer.Argument(help="Text to speak. Omitted or '-': read from --text-file or stdin."),
+    ] = None,
+    transcript: Annotated[
+        str | None,
+        typer.Option(help="What the reference recording says; omitted: clone from timbre only."),
+    ] = None,
+    text_file: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Read the text from a file.")
+    ] = None,
+    language: Annotated[Language, typer.Option(case_sensitive=False)] = Language.AUTO,
+    model: Annotated[ModelSize, typer.Option(help="Model size.")] = ModelSize.LARGE,
+    output_format: Annotated[
+        AudioFormat, typer.Option("--format", case_sensitive=False, help="Audio format.")
+    ] = AudioFormat.WAV,
+    voice_id: Annotated[
+        str | None, typer.Option(help="Stable id of the voice (default: from the reference).")
+    ] = None,
+    tenant: Annotated[str, typer.Option(help="Tenant the request belongs to.")] = "default",
+    deadline_seconds: Annotated[
+        float | None,
+        typer.Option(min=0, help="Give up (EXPIRED) if not done this many seconds from now."),
+    ] = None,
+    metadata: Annotated[
+        list[str] | None,
+        typer.Option(metavar="KEY=VALUE", help="Carried to the outcome event; repeatable."),
+    ] = None,
+    request_id: Annotated[
+        str | None, typer.Option(help="Id of the request (default: a random one).")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for the outcome and print it.")
+    ] = False,
+    timeout: Annotated[
+        float | None, typer.Option(min=0, help="With --wait: give up after this many seconds.")
+    ] = None,
+    download: DownloadOption = None,
+    log_format: LogFormatOption = LogFormat.JSON,
+    log_level: LogLevelOption = LogLevel.INFO,
+) -> None:
+    """Send a clone request; print its request_id (alone, on stdout).
+
+    With --wait, then print its outcome as one JSON line and exit 0 (audio-ready), 1
+    (clone-failed) or 4 (timed out).
+    """
+    configure_logging(log_format, log_level)
+    settings = load_settings(ClientSettings)
+    send = _Send(
+        text=read_text(text, text_file),
+        reference=reference,
+        options={
+            "reference_text": transcript,
+            "voice_id": voice_id,
+            "tenant_id": tenant,
+            "language": language,
+            "model": _MODELS_BY_SIZE[model],
+            "output_format": output_format,
+            "deadline": _after(deadline_seconds),
+            "metadata": dict(parse_pair(pair) for pair in metadata or []),
+            "request_id": request_id,
+        },
+    )
+    code = run_or_exit(_request(settings, send, wait, timeout, download), settings)
+    raise typer.Exit(code)
+
+
+@app.command()
+def watch(
+    request_id: Annotated[
+        str | None,
+        typer.Option(help="Only this request; exit after its outcome (1 if it failed)."),
+    ] = None,
+    since: Annotated[
+        datetime | None,
+        typer.Option(
+            parser=parse_since,
+            metavar="WHEN",
+            help="Start from this time: ISO 8601 (2025-01-31T12:00:00Z) or an age (90s, 15m, "
+            "2h, 1d). Default: now; with --request-id, an hour ago.",
+        ),
+    ] = None,
+    from_beginning: Annotated[
+        bool,
+        typer.Option("--from-beginning", help="Start from the oldest outcome still in the topics."),
+    ] = False,
+    download: DownloadOption = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Stop after this many seconds: exit 0, or 4 with --request-id and no outcome.",
+        ),
+    ] = None,
+    log_format: LogFormatOption = LogFormat.JSON,
+    log_level: LogLevelOption = LogLevel.INFO,
+) -> None:
+    """Follow audio-ready and clone-failed events: one JSON line per outcome on stdout."""
+    configure_logging(log_format, log_level)
+    settings = load_settings(ClientSettings)
+    if from_beginning:
+        since = _EPOCH
+    elif since is None:
+        since = None if request_id else datetime.now(UTC)  # None: the client's lookback
+    code = run_or_exit(_watch(settings, request_id, since, download, timeout), settings)
+    raise typer.Exit(code)
 
 
 @topics_app.command("create")
@@ -21,7 +251,138 @@ def topics_create(
     ] = None,
 ) -> None:
     """Create the request, outcome, cancel and dead-letter topics if they are missing."""
-    settings = ClientSettings()
-    created = asyncio.run(create_topics(settings, partitions))
+    settings = load_settings(ClientSettings)
+    created = run_or_exit(create_topics(settings, partitions), settings)
     for name in settings.topics.all():
         typer.echo(f"{name}: {'created' if name in created else 'exists'}")
+
+
+def load_settings(cls: type[SettingsT]) -> SettingsT:
+    """The settings from the environment, or exit 3 naming each bad variable."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"VOICECLONE_{'__'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        )
+        fail(f"invalid settings: {problems}")
+
+
+def run_or_exit(main: Coroutine[Any, Any, T], settings: ClientSettings) -> T:
+    """Run `main` to completion; expected failures exit 3 with one line on stderr."""
+    try:
+        return asyncio.run(main)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except TimeoutError as exc:
+        fail(str(exc) or "timed out", Exit.TIMEOUT)
+    except KafkaConnectionError:
+        fail(
+            f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: is the broker running "
+            "(`make broker-start`)? Set VOICECLONE_KAFKA__BOOTSTRAP_SERVERS to point elsewhere."
+        )
+    except KafkaError as exc:
+        fail(f"Kafka at {settings.kafka.bootstrap_servers}: {describe(exc)}")
+    except EXPECTED_ERRORS as exc:
+        fail(describe(exc))
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message`, without repeating a type name the message already starts with."""
+    message = str(exc) or repr(exc)
+    name = type(exc).__name__
+    return message if message.startswith(name) else f"{name}: {message}"
+
+
+def fail(message: str, code: Exit = Exit.UNAVAILABLE) -> NoReturn:
+    typer.echo(f"voiceclone: error: {message}", err=True)
+    sys.stderr.flush()
+    raise typer.Exit(code)
+
+
+@dataclass(frozen=True)
+class _Send:
+    """One request as the command line gave it: what `VoiceCloneClient.request` takes."""
+
+    text: str
+    reference: str
+    options: dict[str, Any]
+
+
+async def _request(
+    settings: ClientSettings,
+    send: _Send,
+    wait: bool,
+    timeout: float | None,  # noqa: ASYNC109
+    download: Path | None,
+) -> Exit:
+    # Outcomes are found by their record timestamps, set by the worker's clock: the margin
+    # absorbs clock skew between this machine and the worker's.
+    sent_at = datetime.now(UTC) - _CLOCK_SKEW
+    async with VoiceCloneClient(settings) as client:
+        request_id = await client.request(send.text, send.reference, **send.options)
+        typer.echo(request_id)
+        if not wait:
+            return Exit.OK
+        return await _report(await client.wait(request_id, sent_at, timeout), download)
+
+
+async def _watch(
+    settings: ClientSettings,
+    request_id: str | None,
+    since: datetime | None,
+    download: Path | None,
+    timeout: float | None,  # noqa: ASYNC109
+) -> Exit:
+    try:
+        async with (
+            asyncio.timeout(timeout),
+            VoiceCloneClient(settings) as client,
+            client.follow(request_id, since) as outcomes,
+        ):
+            log.info("watching", request_id=request_id, since=since and since.isoformat())
+            async for outcome in outcomes:
+                code = await _report(outcome, download)
+                if request_id is not None:
+                    return code
+    except TimeoutError:
+        if request_id is not None:
+            raise TimeoutError(f"no outcome for {request_id} within {timeout:g} s") from None
+    return Exit.OK  # watched for as long as asked
+
+
+async def _report(outcome: Outcome, download: Path | None) -> Exit:
+    """Print `outcome` as one JSON line (saving its audio first if asked); its exit code."""
+    line: dict[str, Any] = {"outcome": _OUTCOME_NAMES[type(outcome)]}
+    line |= outcome.model_dump(mode="json")
+    if download is not None and isinstance(outcome, AudioReady):
+        line["file"] = str(await download_audio(outcome, download))
+    typer.echo(json.dumps(line))
+    return Exit.OK if isinstance(outcome, AudioReady) else Exit.CLONE_FAILED
+
+
+def read_text(text: str | None, text_file: Path | None) -> str:
+    """The text from the argument, the file, or stdin, whichever was given (exactly one)."""
+    inline = None if text == "-" else text
+    if inline is not None and text_file is not None:
+        raise typer.BadParameter("give the text as an argument or --text-file, not both")
+    if inline is None and text_file is None and sys.stdin.isatty():
+        raise typer.BadParameter("give the text as an argument, with --text-file, or on stdin")
+    if inline is None:
+        # Surrounding whitespace is an artefact of files and pipes (`echo` adds a newline).
+        inline = (text_file.read_text("utf-8") if text_file else sys.stdin.read()).strip()
+    if not inline.strip():
+        raise typer.BadParameter("the text is empty")
+    return inline
+
+
+def parse_pair(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        raise typer.BadParameter(f"expected KEY=VALUE, got {value!r}")
+    return key, val
+
+
+def _after(seconds: float | None) -> datetime | None:
+    return None if seconds is None else datetime.now(UTC) + timedelta(seconds=seconds)

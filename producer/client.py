@@ -3,18 +3,25 @@
 async with VoiceCloneClient(ClientSettings()) as client:
     request_id = await client.request("Hello!", reference="voice.wav", reference_text="...")
     outcome = await client.wait(request_id, timeout=600)
+    if isinstance(outcome, AudioReady):
+        path = await download_audio(outcome, Path("out"))
 """
 
 import asyncio
+import contextlib
 import hashlib
+import mimetypes
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import Self
+from typing import Final, Self
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
+import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from producer.follow import assign_since
@@ -34,6 +41,7 @@ from schemas.events import (
 )
 
 Outcome = AudioReady | CloneFailed
+_DOWNLOAD_TIMEOUT: Final = httpx.Timeout(60.0, connect=10.0)
 
 
 class VoiceCloneClient:
@@ -109,35 +117,71 @@ class VoiceCloneClient:
         )
         await self._send(self._settings.topics.cancel, request_id, event)
 
-    async def wait(self, request_id: str, since: datetime | None = None) -> Outcome:
-        """The first outcome for `request_id` (bound it with `asyncio.timeout`)."""
-        async for outcome in self.outcomes(request_id=request_id, since=since):
-            return outcome
-        raise AssertionError("outcomes() never ends")  # pragma: no cover
+    # A timeout parameter rather than asyncio.timeout around the call: waiting is the whole
+    # point of this method, and every caller needs a bound.
+    async def wait(
+        self,
+        request_id: str,
+        since: datetime | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Outcome:
+        """The first outcome for `request_id` published at or after `since` (default: an hour
+        ago). Raises TimeoutError after `timeout` seconds (None: wait forever)."""
+        try:
+            async with asyncio.timeout(timeout), self.follow(request_id, since) as outcomes:
+                async for outcome in outcomes:
+                    return outcome
+        except TimeoutError:
+            if timeout is None:
+                raise
+            raise TimeoutError(f"no outcome for {request_id} within {timeout:g} s") from None
+        raise AssertionError("follow() never ends")  # pragma: no cover
 
     async def outcomes(
         self, request_id: str | None = None, since: datetime | None = None
     ) -> AsyncIterator[Outcome]:
-        """Follow audio-ready and clone-failed events, from `since` (default: an hour ago)."""
+        """Audio-ready and clone-failed events from `since` (default: an hour ago), for every
+        request or only `request_id`; never ends by itself."""
+        async with self.follow(request_id, since) as outcomes:
+            async for outcome in outcomes:
+                yield outcome
+
+    @contextlib.asynccontextmanager
+    async def follow(
+        self, request_id: str | None = None, since: datetime | None = None
+    ) -> AsyncIterator[AsyncIterator[Outcome]]:
+        """Like `outcomes`, but positioned on entry: nothing published after entering is missed,
+        even with `since` = now. `async with client.follow() as outcomes: async for ...`"""
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._settings.kafka.bootstrap_servers,
             client_id=f"{self._settings.kafka.client_id}-watch",
             group_id=None,
+            enable_auto_commit=False,
             isolation_level="read_committed",
         )
         await consumer.start()
         try:
             topics = [self._settings.topics.audio_ready, self._settings.topics.failed]
-            await assign_since(consumer, topics, since or _an_hour_ago())
-            async for record in consumer:
-                try:
-                    event = await self._codec.decode(record.topic, record.value, record.headers)
-                except EventDecodeError:
-                    continue  # not ours to judge: the worker's DLQ is for requests
-                if isinstance(event, Outcome) and request_id in (None, event.request_id):
-                    yield event
+            if not await assign_since(consumer, topics, since or _an_hour_ago()):
+                raise TopicsMissing(
+                    f"the outcome topics {topics} do not exist: `voiceclone topics create`"
+                )
+            decoded = self._decode(consumer, request_id)
+            async with contextlib.aclosing(decoded):
+                yield decoded
         finally:
             await consumer.stop()
+
+    async def _decode(
+        self, consumer: AIOKafkaConsumer, request_id: str | None
+    ) -> AsyncIterator[Outcome]:
+        async for record in consumer:
+            try:
+                event = await self._codec.decode(record.topic, record.value, record.headers)
+            except EventDecodeError:
+                continue  # not ours to judge: the worker's DLQ is for requests
+            if isinstance(event, Outcome) and request_id in (None, event.request_id):
+                yield event
 
     async def _send(self, topic: str, key: str, event: CloneRequest | CloneCancel) -> None:
         encoded = await self._codec.encode(topic, event)
@@ -153,9 +197,79 @@ class VoiceCloneClient:
         if self._storage is None:
             self._storage = make_storage(self._settings.storage)
             await self._storage.start()
-        key = f"references/{sha256}{Path(reference).suffix.lower()}"
-        stored = await self._storage.put(key, data, "application/octet-stream", {})
+        suffix = Path(reference).suffix.lower()
+        content_type = mimetypes.types_map.get(suffix, "application/octet-stream")
+        # Content-addressed: uploading the same recording twice stores it once.
+        stored = await self._storage.put(f"references/{sha256}{suffix}", data, content_type, {})
         return stored.storage_uri, sha256
+
+
+class TopicsMissing(Exception):
+    """The outcome topics do not exist (yet): `voiceclone topics create` makes them."""
+
+
+class DownloadError(Exception):
+    """The audio of an AudioReady event could not be fetched, or is not what the event says."""
+
+
+async def download_audio(outcome: AudioReady, directory: Path) -> Path:
+    """Save the audio of `outcome` as `directory/<request_id>.<ext>` and return the path.
+
+    Reads `file://` URLs (local storage) from disk and fetches http(s) URLs (presigned or
+    public); the bytes must match the event's sha256. The file appears whole or not at all.
+    """
+    url = outcome.audio_url
+    scheme = urlsplit(url).scheme
+    if scheme == "file":
+        data = await _read_file_url(url)
+    elif scheme in {"http", "https"}:
+        data = await _fetch_http(url)
+    else:
+        raise DownloadError(f"cannot download {scheme}:// URLs: {url}")
+    if hashlib.sha256(data).hexdigest() != outcome.sha256.lower():
+        raise DownloadError(f"{url}: the bytes do not match the event's sha256")
+    target = directory / f"{outcome.request_id}{_extension(outcome)}"
+    await asyncio.to_thread(_write_atomically, target, data)
+    return target
+
+
+async def _read_file_url(url: str) -> bytes:
+    path = Path(url2pathname(urlsplit(url).path))
+    try:
+        return await asyncio.to_thread(path.read_bytes)
+    except OSError as exc:
+        raise DownloadError(f"{url}: {exc.strerror or exc}") from exc
+
+
+async def _fetch_http(url: str) -> bytes:
+    # httpx's own messages quote the whole URL, a presigned URL's signature included.
+    shown = _without_query(url)
+    try:
+        async with httpx.AsyncClient(timeout=_DOWNLOAD_TIMEOUT, follow_redirects=True) as http:
+            response = await http.get(url)
+            response.raise_for_status()
+    except httpx.HTTPStatusError as exc:
+        raise DownloadError(f"{shown}: HTTP {exc.response.status_code}") from exc
+    except httpx.HTTPError as exc:
+        raise DownloadError(f"{shown}: {type(exc).__name__}") from exc
+    return response.content
+
+
+def _extension(outcome: AudioReady) -> str:
+    """The stored object's own extension (the worker names objects by format)."""
+    return PurePosixPath(urlsplit(outcome.audio_url).path).suffix or f".{outcome.format.lower()}"
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_bytes(data)
+    partial.replace(target)
+
+
+def _without_query(url: str) -> str:
+    """A presigned URL minus its signature, fit for an error message."""
+    return urlsplit(url)._replace(query="").geturl()
 
 
 def _an_hour_ago() -> datetime:

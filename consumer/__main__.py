@@ -1,0 +1,5 @@
+"""`python -m consumer ...`: the `voiceclone` command line without the installed script."""
+
+from consumer.cli import app
+
+app(prog_name="voiceclone")

@@ -1,0 +1,262 @@
+"""The main job on one machine: a worker with the local engine, and one request through it.
+
+    python deploy/demo.py run [--model synthetic|DIR|HUB_ID] [--reference WAV --transcript TEXT]
+    python deploy/demo.py stop
+
+`run` (re)starts a worker in the background (backend `local`, storage in `var/audio`, log in
+`var/worker.log`), waits until it has started, then sends one request with `voiceclone request
+--wait` and prints its outcome. The worker keeps running for more requests until `stop`.
+
+Standard library only, so `stop` works without the project's environment; `run` must be started
+with the environment's Python (`uv run python deploy/demo.py run`), which it hands to the worker.
+Settings already in the environment (`VOICECLONE_*`) win over the ones chosen here, except the
+backend kind, and the model where `--model` is given.
+"""
+
+import argparse
+import math
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VAR = ROOT / "var"
+PID_FILE = VAR / "worker.pid"
+LOG_FILE = VAR / "worker.log"
+DEMO_DIR = VAR / "demo"
+SYNTHETIC_MODEL = ROOT / ".cache" / "models" / "synthetic-qwen3-tts"
+# Loading torch takes seconds, a real 1.7B model on a CPU minutes.
+START_TIMEOUT_SECONDS = 900.0
+STOP_TIMEOUT_SECONDS = 45.0  # the worker's shutdown grace (30 s) plus closing
+SAMPLE_TEXT = "Hello! This voice was cloned by the voiceclone worker, one event at a time."
+SAMPLE_RATE = 24_000
+START_HINT = (
+    "With `make run`: MODEL=/path/to/model for your weights, or MODEL=synthetic (also "
+    "`make run-offline`) for the tiny offline model."
+)
+
+
+class DemoError(Exception):
+    """Something the user has to fix; printed as one line."""
+
+
+def info(message: str) -> None:
+    print(f"demo: {message}", file=sys.stderr, flush=True)
+
+
+def voiceclone(*args: str) -> list[str]:
+    """The `voiceclone` command line, with this interpreter (so: this environment)."""
+    return [sys.executable, "-m", "consumer", *args]
+
+
+# --- the worker ---------------------------------------------------------------------------------
+
+
+def worker_env(model: str | None) -> dict[str, str]:
+    """The environment of the demo worker: local backend, local storage it may read refs from."""
+    env = dict(os.environ)
+    storage_root = ROOT / env.setdefault("VOICECLONE_STORAGE__LOCAL_ROOT", str(VAR / "audio"))
+    env["VOICECLONE_BACKEND__KIND"] = "local"
+    # The client uploads references under <storage root>/references; only those may be read.
+    env.setdefault("VOICECLONE_REFERENCE__ALLOWED_SCHEMES", '["https", "s3", "file"]')
+    env.setdefault("VOICECLONE_REFERENCE__FILE_ROOT", str(storage_root.resolve() / "references"))
+    env.setdefault("VOICECLONE_LOG_FORMAT", "console")
+    if model == "synthetic":
+        folder = str(synthetic_model())
+        env["VOICECLONE_BACKEND__LOCAL__MODEL_1_7B"] = folder
+        env["VOICECLONE_BACKEND__LOCAL__MODEL_0_6B"] = folder  # one engine serves both sizes
+    elif model:
+        env["VOICECLONE_BACKEND__LOCAL__MODEL_1_7B"] = model
+        env.setdefault("VOICECLONE_BACKEND__LOCAL__MODEL_0_6B", "")  # only what was named
+    return env
+
+
+def synthetic_model() -> Path:
+    """The tiny random Qwen3-TTS (it speaks noise), built once into .cache/."""
+    if (SYNTHETIC_MODEL / "config.json").exists():
+        return SYNTHETIC_MODEL
+    info(f"building the synthetic model into {SYNTHETIC_MODEL.relative_to(ROOT)}")
+    partial = SYNTHETIC_MODEL.with_name(f"{SYNTHETIC_MODEL.name}.partial-{os.getpid()}")
+    command = [sys.executable, "-m", "modal_app.synthetic", str(partial)]
+    # Its output is import chatter (flash-attn, SoX); shown only when the build fails.
+    built = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
+    if built.returncode != 0:
+        raise DemoError(f"building the synthetic model failed:\n{built.stderr[-3000:]}")
+    partial.rename(SYNTHETIC_MODEL)
+    return SYNTHETIC_MODEL
+
+
+def start_worker(env: dict[str, str]) -> int:
+    """Start a worker in its own session (Ctrl-C on make leaves it be); its pid once started."""
+    VAR.mkdir(parents=True, exist_ok=True)
+    Path(env["VOICECLONE_REFERENCE__FILE_ROOT"]).mkdir(parents=True, exist_ok=True)
+    with LOG_FILE.open("wb") as log:
+        process = subprocess.Popen(
+            voiceclone("worker"),
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    PID_FILE.write_text(f"{process.pid}\n")
+    info(f"worker pid {process.pid} starting; log: {LOG_FILE.relative_to(ROOT)}")
+    wait_started(process)
+    return process.pid
+
+
+def wait_started(process: subprocess.Popen[bytes]) -> None:
+    """Return once the worker logs `worker_started`; raise with its own error if it exits."""
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        log = LOG_FILE.read_text(errors="replace")
+        if "worker_started" in log:
+            return
+        if process.poll() is not None:
+            PID_FILE.unlink(missing_ok=True)
+            raise DemoError(f"the worker could not start:\n{error_line(log)}\n{START_HINT}")
+        time.sleep(0.2)
+    raise DemoError(
+        f"the worker did not start within {START_TIMEOUT_SECONDS:.0f} s; see {LOG_FILE}"
+    )
+
+
+def error_line(log: str) -> str:
+    """The worker's one-line error, else the end of its log."""
+    errors = [line for line in log.splitlines() if line.startswith("voiceclone: error:")]
+    return errors[-1] if errors else "\n".join(log.splitlines()[-20:])
+
+
+def running_worker() -> int | None:
+    """The demo worker's pid if it is alive; forgets a stale pid file."""
+    try:
+        pid = int(PID_FILE.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    if "consumer worker" in process_cmdline(pid):
+        return pid
+    PID_FILE.unlink(missing_ok=True)
+    return None
+
+
+def process_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+    except OSError:  # no /proc (macOS)
+        ps = ["ps", "-o", "command=", "-p", str(pid)]
+        return subprocess.run(ps, capture_output=True, text=True, check=False).stdout
+
+
+def stop_worker() -> None:
+    """SIGTERM (the worker drains and exits), SIGKILL if it is still there after the grace."""
+    pid = running_worker()
+    if pid is None:
+        info("no demo worker is running")
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+    while running_worker() == pid and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if running_worker() == pid:
+        info(f"worker pid {pid} still running after {STOP_TIMEOUT_SECONDS:.0f} s; SIGKILL")
+        os.kill(pid, signal.SIGKILL)
+    PID_FILE.unlink(missing_ok=True)
+    info(f"worker pid {pid} stopped")
+
+
+# --- the sample request -------------------------------------------------------------------------
+
+
+def write_reference(path: Path, seconds: float = 2.0) -> Path:
+    """A voiced-sounding synthetic recording (harmonics, vibrato, syllable-rate envelope):
+    made at run time so the repository carries no audio."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = bytearray()
+    for n in range(int(seconds * SAMPLE_RATE)):
+        t = n / SAMPLE_RATE
+        phase = 2 * math.pi * 150.0 * (t + 0.002 * math.sin(2 * math.pi * 5 * t))
+        envelope = 0.5 + 0.5 * math.sin(2 * math.pi * 4 * t) ** 2
+        value = 0.15 * envelope * sum(math.sin(k * phase) / k for k in range(1, 6))
+        frames += struct.pack("<h", round(value * 32767))
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        out.writeframes(bytes(frames))
+    return path
+
+
+def send_sample(args: argparse.Namespace, env: dict[str, str]) -> int:
+    """`voiceclone request --wait`: prints the request id, then the outcome's JSON line."""
+    reference = args.reference or write_reference(DEMO_DIR / "reference.wav")
+    command = voiceclone(
+        "request",
+        args.text,
+        "--reference",
+        str(reference),
+        "--language",
+        args.language,
+        "--wait",
+        "--timeout",
+        str(args.timeout),
+        "--download",
+        str(DEMO_DIR),
+    )
+    if args.transcript:
+        command += ["--transcript", args.transcript]
+    info(f"sending a request with reference {reference}")
+    return subprocess.run(command, cwd=ROOT, env=env, check=False).returncode
+
+
+def run(args: argparse.Namespace) -> int:
+    env = worker_env(args.model)
+    if running_worker() is not None:
+        info("restarting the running demo worker")
+        stop_worker()
+    start_worker(env)
+    code = send_sample(args, env)
+    state = "done" if code == 0 else f"the request ended with exit code {code}"
+    info(
+        f"{state}. The worker keeps running (log: {LOG_FILE.relative_to(ROOT)}); send more with "
+        "`uv run voiceclone request --reference FILE --wait TEXT`; stop it with "
+        "`make worker-stop`."
+    )
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="(re)start the worker and send one request")
+    run_parser.add_argument(
+        "--model",
+        help="synthetic (a tiny offline model that speaks noise), or a model directory or "
+        "cached hub id for the 1.7B size; default: the settings' (official hub ids)",
+    )
+    run_parser.add_argument("--reference", type=Path, help="your own reference recording")
+    run_parser.add_argument("--transcript", help="what the reference recording says")
+    run_parser.add_argument("--text", default=SAMPLE_TEXT, help="what to say")
+    run_parser.add_argument("--language", default="english")
+    run_parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+    commands.add_parser("stop", help="stop the demo worker")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return run(args)
+        stop_worker()
+    except DemoError as exc:
+        info(str(exc))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Log configuration: one JSON line per event, structlog and stdlib alike, never request text."""
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from consumer.logs import LogFormat, LogLevel, configure_logging
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    """A stream the logs go to for one test; the previous set-up is restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    aiokafka_level = logging.getLogger("aiokafka").level
+    config = structlog.get_config()
+    try:
+        yield io.StringIO()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.getLogger("aiokafka").setLevel(aiokafka_level)
+        structlog.configure(**config)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_structlog_events_are_json_lines_leading_with_timestamp_level_event(
+    stream: io.StringIO,
+) -> None:
+    configure_logging(LogFormat.JSON, LogLevel.INFO, stream)
+
+    structlog.get_logger("consumer.test").info("stage_done", request_id="r-1", ms=12)
+
+    (entry,) = lines(stream)
+    assert list(entry)[:3] == ["timestamp", "level", "event"]
+    assert entry | {"timestamp": None} == {
+        "timestamp": None,
+        "level": "info",
+        "event": "stage_done",
+        "logger": "consumer.test",
+        "request_id": "r-1",
+        "ms": 12,
+    }
+
+
+def test_stdlib_records_and_their_exceptions_go_through_the_same_renderer(
+    stream: io.StringIO,
+) -> None:
+    configure_logging(LogFormat.JSON, LogLevel.INFO, stream)
+
+    try:
+        int("boom")
+    except ValueError:
+        logging.getLogger("some.library").exception("it failed: %s", "badly")
+
+    (entry,) = lines(stream)
+    assert (entry["level"], entry["event"], entry["logger"]) == (
+        "error",
+        "it failed: badly",
+        "some.library",
+    )
+    assert "ValueError: invalid literal for int() with base 10: 'boom'" in str(entry["exception"])
+
+
+def test_request_text_and_transcripts_are_never_written(stream: io.StringIO) -> None:
+    configure_logging(LogFormat.JSON, LogLevel.INFO, stream)
+
+    structlog.get_logger().warning(
+        "oops", text="secret words", reference_text="my voice", transcript="x", request_id="r"
+    )
+
+    (entry,) = lines(stream)
+    assert "secret words" not in stream.getvalue()
+    assert {"text", "reference_text", "transcript"}.isdisjoint(entry)
+    assert entry["request_id"] == "r"
+
+
+def test_level_filters_our_events_and_libraries_stay_quiet_below_warning(
+    stream: io.StringIO,
+) -> None:
+    configure_logging(LogFormat.JSON, LogLevel.WARNING, stream)
+    structlog.get_logger().info("hidden")
+    structlog.get_logger().warning("shown")
+    configure_logging(LogFormat.JSON, LogLevel.INFO, stream)
+    logging.getLogger("aiokafka.cluster").info("metadata refreshed")
+    logging.getLogger("aiokafka.cluster").warning("no leader")
+
+    assert [entry["event"] for entry in lines(stream)] == ["shown", "no leader"]
+
+
+def test_console_format_is_for_people(stream: io.StringIO) -> None:
+    configure_logging(LogFormat.CONSOLE, LogLevel.INFO, stream)
+
+    structlog.get_logger().info("worker_started", backend="local")
+
+    output = stream.getvalue()
+    assert "worker_started" in output
+    assert "backend=local" in output
+    assert not output.startswith("{")
+    assert "\x1b[" not in output  # no colours when the stream is not a terminal
