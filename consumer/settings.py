@@ -3,6 +3,7 @@
 from pydantic import BaseModel, Field
 
 from consumer.backends.base import BackendSettings
+from consumer.observability.settings import HttpServerSettings
 from consumer.reference import ReferenceSettings
 from producer.settings import ClientSettings
 
@@ -43,3 +44,4 @@ class WorkerSettings(ClientSettings):
     limits: LimitSettings = LimitSettings()
     backend: BackendSettings = BackendSettings()
     reference: ReferenceSettings = ReferenceSettings()
+    http: HttpServerSettings = HttpServerSettings()

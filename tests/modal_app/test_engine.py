@@ -233,7 +233,10 @@ def test_unsupported_language_is_a_clear_error(
     ("overrides", "message"),
     [
         ({"text": "   "}, r"^'text' is required$"),
-        ({"text": "x" * 50_001}, r"^Text too long: 'text' has 50001 characters; the limit is 50000$"),
+        (
+            {"text": "x" * 50_001},
+            r"^Text too long: 'text' has 50001 characters; the limit is 50000$",
+        ),
         ({"reference_audio": b"not audio" * 20}, r"^Could not decode reference audio"),
         ({"reference_audio": "a path"}, r"^Reference audio must be bytes or DecodedAudio$"),
         (

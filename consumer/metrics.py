@@ -1,0 +1,375 @@
+"""Every metric the worker exports, in one class, on the registry it is given.
+
+Names share the `voiceclone_` prefix and use base units (`_seconds`); counters end in `_total`.
+Labels come from small fixed sets (model size, outcome, stage, backend, cold start, error code,
+decode reason, partition), never request, voice or tenant ids. Timings are taken in try/finally
+(context managers) and the in-flight gauge goes up and down in one place, so they stay true when
+a request fails or is cancelled.
+
+The worker calls: `in_flight()` around each record, `stage()` around each pipeline stage,
+`backend_call()` around the backend's clone, `outcome_published()` / `dead_lettered()` once the
+broker acknowledged, `retried()`, `rebalanced()`, `set_lag()` and `commit_failed()` from the
+consume loop.
+"""
+
+import contextlib
+import platform
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any, Final, Literal, TypeVar, get_args
+
+from aiokafka import TopicPartition
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.metrics import MetricWrapperBase
+
+from consumer.backends.base import MODEL_SIZES, CloneResult
+from schemas.errors import DecodeReason
+from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode
+
+PREFIX: Final = "voiceclone"
+UNKNOWN_MODEL: Final = "unknown"  # dead letters: the request (and so its model) is unreadable
+HANDLER_ERROR: Final = "handler_error"  # dead-letter reason for a defect, not a decode failure
+TABLE_BEGIN: Final = "<!-- metrics-table:begin -->"
+TABLE_END: Final = "<!-- metrics-table:end -->"
+
+Outcome = Literal["audio_ready", "failed", "dead_letter"]
+Stage = Literal["fetch_reference", "inference", "encode", "upload", "publish"]
+RebalanceEvent = Literal["assigned", "revoked"]
+STAGES: Final = get_args(Stage)
+
+# TTS takes seconds to minutes: a sentence on a warm GPU is ~1 s, a long text or a cold start
+# (container start plus model load) reaches minutes.
+LATENCY_BUCKETS: Final = (
+    *(0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60),
+    *(90, 120, 180, 300, 450, 600, 900, 1800),
+)
+# Stages span milliseconds (encode, publish) to minutes (inference).
+STAGE_BUCKETS: Final = (
+    *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    *(20, 30, 60, 120, 300, 600),
+)
+MODEL_LOAD_BUCKETS: Final = (1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+# Inference seconds per second of audio: below 1 is faster than real time.
+RTF_BUCKETS: Final = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
+
+
+_M = TypeVar("_M", bound=MetricWrapperBase)
+
+
+@dataclass(frozen=True)
+class MetricDoc:
+    """One metric as the README's table shows it."""
+
+    metric: MetricWrapperBase
+    labels: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        """The name queries use: counters with `_total`, info metrics with `_info`."""
+        (family,) = self.metric.describe()
+        return family.name + {"counter": "_total", "info": "_info"}.get(family.type, "")
+
+    @property
+    def kind(self) -> str:
+        return self.metric.describe()[0].type
+
+    @property
+    def documentation(self) -> str:
+        return self.metric.describe()[0].documentation
+
+
+@dataclass
+class BackendCall:
+    """Filled in by the caller inside `Metrics.backend_call` once the backend has answered."""
+
+    result: CloneResult | None = None
+
+
+class Metrics:
+    """The worker's metrics. Pass a fresh `CollectorRegistry` per test; production passes none
+    and gets one that also carries the standard process and platform collectors."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        if registry is None:
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+        self.registry = registry
+        self.described: list[MetricDoc] = []
+        self._define_request_metrics()
+        self._define_backend_metrics()
+        self._define_consumer_metrics()
+        build = {"version": _version(), "python": platform.python_version()}
+        info = Info(
+            f"{PREFIX}_build", "Version of the running worker (value 1).", registry=registry
+        )
+        info.info(build)
+        self.described.append(MetricDoc(info, tuple(build)))  # Info's labels come from .info()
+
+    def _add(
+        self,
+        kind: type[_M],
+        name: str,
+        documentation: str,
+        labels: Sequence[str] = (),
+        **options: Any,
+    ) -> _M:
+        """Register one metric `voiceclone_<name>` and describe it for the README's table."""
+        metric = kind(f"{PREFIX}_{name}", documentation, labels, registry=self.registry, **options)
+        self.described.append(MetricDoc(metric, tuple(labels)))
+        return metric
+
+    def _define_request_metrics(self) -> None:
+        self._requests = self._add(
+            Counter,
+            "requests_total",
+            "Clone requests consumed, by model size and outcome (audio_ready, failed, "
+            "dead_letter); counted once the outcome is acknowledged by the broker.",
+            ["model", "outcome"],
+        )
+        self._failures = self._add(
+            Counter,
+            "failures_total",
+            "Clone-failed outcomes by model size and error code.",
+            ["model", "error_code"],
+        )
+        self._end_to_end = self._add(
+            Histogram,
+            "end_to_end_latency_seconds",
+            "From the request's created_at to its outcome acknowledged by the broker.",
+            ["model", "outcome"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self._stages = self._add(
+            Histogram,
+            "stage_duration_seconds",
+            "Time spent in one stage of one request, failed attempts included.",
+            ["stage", "model"],
+            buckets=STAGE_BUCKETS,
+        )
+        self._in_flight = self._add(
+            Gauge,
+            "requests_in_flight",
+            "Records being processed by this worker now.",
+        )
+        self._retries = self._add(
+            Counter,
+            "retries_total",
+            "Retried operations, by reason (an error code, or `publish` for a broker error "
+            "while publishing an outcome).",
+            ["reason"],
+        )
+        self._dead_letters = self._add(
+            Counter,
+            "dead_letters_total",
+            f"Requests sent to the dead-letter topic, by reason (a decode reason or "
+            f"`{HANDLER_ERROR}`).",
+            ["reason"],
+        )
+        self._start_known_series_at_zero()
+
+    def _start_known_series_at_zero(self) -> None:
+        # rate() and increase() ignore a series' first sample: a counter born at 1 would hide the
+        # first failure or dead letter from the alerts. Known label sets therefore exist from 0.
+        for model in MODEL_SIZES:
+            for outcome in ("audio_ready", "failed"):
+                self._requests.labels(model=model, outcome=outcome)
+            for code in ErrorCode:
+                self._failures.labels(model=model, error_code=code.value)
+        self._requests.labels(model=UNKNOWN_MODEL, outcome="dead_letter")
+        for reason in (*DecodeReason, HANDLER_ERROR):
+            self._dead_letters.labels(reason=str(reason))
+
+    def _define_backend_metrics(self) -> None:
+        self._backend_seconds = self._add(
+            Histogram,
+            "backend_call_duration_seconds",
+            "One clone call to the backend, by backend, model size and cold start "
+            "(true, false, unknown: the backend does not say or the call failed).",
+            ["backend", "model", "cold_start"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self._cold_starts = self._add(
+            Counter,
+            "cold_starts_total",
+            "Backend calls served by a container or engine that had just loaded the model.",
+            ["backend", "model"],
+        )
+        self._model_load = self._add(
+            Histogram,
+            "model_load_seconds",
+            "Model load time reported by the backend on cold starts.",
+            ["backend", "model"],
+            buckets=MODEL_LOAD_BUCKETS,
+        )
+        self._audio_seconds = self._add(
+            Counter,
+            "audio_generated_seconds_total",
+            "Seconds of audio generated by the backend.",
+            ["model"],
+        )
+        self._rtf = self._add(
+            Histogram,
+            "real_time_factor",
+            "Inference seconds per second of audio generated (below 1: faster than real time).",
+            ["model"],
+            buckets=RTF_BUCKETS,
+        )
+
+    def _define_consumer_metrics(self) -> None:
+        self._lag = self._add(
+            Gauge,
+            "consumer_lag_records",
+            "Records of an assigned requests partition not finished yet: not fetched (end "
+            "offset minus position) plus in flight.",
+            ["topic", "partition"],
+        )
+        self._rebalances = self._add(
+            Counter,
+            "rebalances_total",
+            "Partition assignment changes seen by this worker, by event (assigned, revoked).",
+            ["event"],
+        )
+        self._commit_failures = self._add(
+            Counter,
+            "commit_failures_total",
+            "Offset commits the broker refused or that failed; the work is redelivered.",
+        )
+
+    @contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Count one record as in flight for the duration of the block."""
+        with self._in_flight.track_inprogress():
+            yield
+
+    @contextmanager
+    def stage(self, stage: Stage, model: str) -> Iterator[None]:
+        """Time one pipeline stage, also when it raises or is cancelled."""
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.observe_stage(stage, model, time.perf_counter() - begin)
+
+    def observe_stage(self, stage: Stage, model: str, seconds: float) -> None:
+        self._stages.labels(stage=stage, model=model).observe(seconds)
+
+    @contextmanager
+    def backend_call(self, backend: str, model: str) -> Iterator[BackendCall]:
+        """Time one backend call; set `.result` on the yielded object when it returns."""
+        call = BackendCall()
+        begin = time.perf_counter()
+        try:
+            yield call
+        finally:
+            self.observe_backend_call(backend, model, time.perf_counter() - begin, call.result)
+
+    def observe_backend_call(
+        self, backend: str, model: str, seconds: float, result: CloneResult | None
+    ) -> None:
+        """A finished backend call; `result` None when it failed."""
+        cold_start = None if result is None else result.cold_start
+        self._backend_seconds.labels(backend, model, _flag(cold_start)).observe(seconds)
+        if result is None:
+            return
+        cold_starts = self._cold_starts.labels(backend, model)  # exists from the first call
+        if result.cold_start:
+            cold_starts.inc()
+            if result.model_load_seconds is not None:
+                self._model_load.labels(backend, model).observe(result.model_load_seconds)
+        self._audio_seconds.labels(model).inc(result.duration_seconds)
+        if result.duration_seconds > 0:
+            inference = result.inference_seconds
+            busy = inference if inference is not None else seconds
+            self._rtf.labels(model).observe(busy / result.duration_seconds)
+
+    def outcome_published(
+        self,
+        request: CloneRequest,
+        outcome: AudioReady | CloneFailed,
+        now: datetime | None = None,
+    ) -> None:
+        """An outcome for `request` was acknowledged by the broker (at `now`, default: now)."""
+        model = request.model.size
+        kind: Outcome = "audio_ready" if isinstance(outcome, AudioReady) else "failed"
+        self._requests.labels(model=model, outcome=kind).inc()
+        if isinstance(outcome, CloneFailed):
+            self._failures.labels(model=model, error_code=outcome.error_code.value).inc()
+        elapsed = ((now or datetime.now(UTC)) - request.created_at).total_seconds()
+        # A producer's clock ahead of ours must not make a negative latency.
+        self._end_to_end.labels(model=model, outcome=kind).observe(max(0.0, elapsed))
+
+    def dead_lettered(self, reason: str, model: str = UNKNOWN_MODEL) -> None:
+        """A record was acknowledged on the dead-letter topic."""
+        self._requests.labels(model=model, outcome="dead_letter").inc()
+        self._dead_letters.labels(reason=reason).inc()
+
+    def retried(self, reason: str) -> None:
+        self._retries.labels(reason=reason).inc()
+
+    def rebalanced(self, event: RebalanceEvent, partitions: Iterable[TopicPartition]) -> None:
+        """Partitions were assigned or revoked; revoked ones stop reporting lag."""
+        self._rebalances.labels(event=event).inc()
+        if event == "revoked":
+            for tp in partitions:
+                # Another worker owns it now; a stale value would skew the lag alerts.
+                with contextlib.suppress(KeyError):  # no lag reported for it yet
+                    self._lag.remove(tp.topic, str(tp.partition))
+
+    def set_lag(self, topic: str, partition: int, lag: int) -> None:
+        self._lag.labels(topic=topic, partition=str(partition)).set(max(0, lag))
+
+    def commit_failed(self) -> None:
+        self._commit_failures.inc()
+
+
+def exported_names(registry: CollectorRegistry) -> set[str]:
+    """Every sample name the registry can expose, labelled series that are still empty included
+    (e.g. `x_total`, `x_bucket`, `x_count`, `x_sum` for a counter and a histogram)."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_count", "_sum", "_created"),
+        "info": ("_info",),
+        "gauge": ("",),
+    }
+    names = set()
+    for family in registry.collect():
+        for suffix in suffixes.get(family.type, ("",)):
+            names.add(family.name + suffix)
+    return names
+
+
+def render_table() -> str:
+    """The README's metric table (`python -m consumer.metrics`); a test keeps it in step."""
+    lines = [TABLE_BEGIN, "| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for doc in Metrics(CollectorRegistry()).described:
+        labels = ", ".join(f"`{label}`" for label in doc.labels)
+        lines.append(f"| `{doc.name}` | {doc.kind} | {labels} | {doc.documentation} |")
+    return "\n".join([*lines, TABLE_END])
+
+
+def _flag(value: bool | None) -> str:
+    return "unknown" if value is None else str(value).lower()
+
+
+def _version() -> str:
+    try:
+        return metadata.version("voiceclone-worker")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    print(render_table())
