@@ -33,6 +33,7 @@ from producer.client import (
     VoiceCloneClient,
     download_audio,
 )
+from producer.kafka_security import explain_connection_failure
 from producer.settings import ClientSettings
 from producer.storage import StorageError
 from schemas.events import AudioFormat, AudioReady, CloneFailed, Language, ModelName
@@ -279,7 +280,8 @@ def run_or_exit(main: Coroutine[Any, Any, T], settings: ClientSettings) -> T:
         fail(str(exc) or "timed out", Exit.TIMEOUT)
     except KafkaConnectionError:
         fail(
-            f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: is the broker running "
+            asyncio.run(explain_connection_failure(settings.kafka))
+            or f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: is the broker running "
             "(`make broker-start`)? Set VOICECLONE_KAFKA__BOOTSTRAP_SERVERS to point elsewhere."
         )
     except KafkaError as exc:

@@ -15,7 +15,9 @@ async def create_topics(settings: ClientSettings, partitions: int | None = None)
     """
     kafka = settings.kafka
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=kafka.bootstrap_servers, client_id=kafka.client_id
+        bootstrap_servers=kafka.bootstrap_servers,
+        client_id=kafka.client_id,
+        **kafka.client_options(),
     )
     await admin.start()
     try:

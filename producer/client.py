@@ -53,6 +53,7 @@ class VoiceCloneClient:
         self._storage = storage
         self._producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka.bootstrap_servers,
+            **settings.kafka.client_options(),
             client_id=f"{settings.kafka.client_id}-client",
             acks="all",
             enable_idempotence=True,
@@ -154,6 +155,7 @@ class VoiceCloneClient:
         even with `since` = now. `async with client.follow() as outcomes: async for ...`"""
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._settings.kafka.bootstrap_servers,
+            **self._settings.kafka.client_options(),
             client_id=f"{self._settings.kafka.client_id}-watch",
             group_id=None,
             enable_auto_commit=False,

@@ -9,7 +9,12 @@ data, logs, pid and state files all live in one cache dir: $VOICECLONE_KAFKA_HOM
     broker.py start      # idempotent; the last stdout line is bootstrap=HOST:PORT
     broker.py status     # exit 0 running, 1 running but not answering, 3 stopped
     broker.py bootstrap  # just HOST:PORT (exit 3 when stopped)
+    broker.py client-env # VOICECLONE_KAFKA__* lines for a client of the SASL_SSL listener
     broker.py stop       # SIGTERM, then SIGKILL after --timeout
+
+`start --sasl-ssl` adds a SASL_SSL listener (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512; TLS client
+certificates required) next to the plain one, with a throwaway CA, certificates and a password
+made once under <home>/security with the openssl command.
 
 Standard library only, so it runs with any python3 >= 3.9, inside or outside the project venv.
 """
@@ -22,6 +27,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -46,6 +52,11 @@ NODE_ID = 1
 DEFAULT_JVM_OPTS = "-Xms128m -Xmx512m -XX:TieredStopAtLevel=1"
 
 EXIT_OK, EXIT_FAIL, EXIT_STOPPED = 0, 1, 3
+
+# The one user of the SASL_SSL listener, known to every mechanism it offers.
+SASL_USER = "voiceclone"
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+CERT_DAYS = 825
 
 # Logs to a file under the cache dir; the path comes in as a system property so this stays static.
 LOG4J2_XML = """\
@@ -123,6 +134,21 @@ class Layout:
     def lock_file(self) -> Path:
         return self.home / ".lock"
 
+    @property
+    def security(self) -> Path:
+        """The SASL_SSL listener's throwaway CA, certificates, keys and password."""
+        return self.home / "security"
+
+    def pem(self, name: str) -> Path:
+        return self.security / f"{name}.pem"
+
+    def key(self, name: str) -> Path:
+        return self.security / f"{name}.key"
+
+    @property
+    def sasl_password(self) -> Path:
+        return self.security / "sasl-password"
+
 
 @dataclass(frozen=True)
 class State:
@@ -133,10 +159,16 @@ class State:
     controller_port: int
     version: str
     cluster_id: str
+    sasl_ssl_port: int | None = None  # None: no SASL_SSL listener
+    scram: bool = False  # the data dir was formatted with the SCRAM credentials
 
     @property
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
+
+    @property
+    def sasl_ssl_bootstrap(self) -> str | None:
+        return None if self.sasl_ssl_port is None else f"{HOST}:{self.sasl_ssl_port}"
 
 
 _quiet = False
@@ -193,6 +225,14 @@ def write_state(layout: Layout, state: State) -> None:
     tmp.write_text(json.dumps(state.__dict__, indent=2) + "\n")
     tmp.replace(layout.state_file)
     layout.pid_file.write_text(f"{state.pid}\n")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read: it holds a secret."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
+        handle.write(text)
 
 
 def file_size(path: Path) -> int:
@@ -391,16 +431,23 @@ def choose_port(explicit: int | None, preferred: int | None, name: str) -> int:
     return free_port()
 
 
-def server_properties(layout: Layout, port: int, controller_port: int) -> str:
-    props = {
+def server_properties(
+    layout: Layout, port: int, controller_port: int, sasl_ssl_port: int | None = None
+) -> str:
+    listeners = f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}"
+    protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    if sasl_ssl_port is not None:
+        listeners += f",SASL_SSL://{HOST}:{sasl_ssl_port}"
+        protocols += ",SASL_SSL:SASL_SSL"
+    props: dict[str, object] = {
         "process.roles": "broker,controller",
         "node.id": NODE_ID,
         "controller.quorum.bootstrap.servers": f"{HOST}:{controller_port}",
-        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
+        "listeners": listeners,
+        "advertised.listeners": listeners,
         "inter.broker.listener.name": "PLAINTEXT",
         "controller.listener.names": "CONTROLLER",
-        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "listener.security.protocol.map": protocols,
         "log.dirs": layout.data,
         # One node: every internal topic must make do with a single replica, or the group,
         # transaction (idempotent/transactional producers) and share coordinators never load.
@@ -428,6 +475,8 @@ def server_properties(layout: Layout, port: int, controller_port: int) -> str:
         "num.recovery.threads.per.data.dir": 2,
         "log.retention.hours": 24,
     }
+    if sasl_ssl_port is not None:
+        props |= sasl_ssl_properties(layout)
     return "".join(f"{key}={value}\n" for key, value in props.items())
 
 
@@ -462,16 +511,23 @@ def new_cluster_id() -> str:
 
 
 def prepare_storage(
-    layout: Layout, java: str, previous: State | None, version: str, fresh: bool
-) -> str:
+    layout: Layout,
+    java: str,
+    previous: State | None,
+    version: str,
+    fresh: bool,
+    scram_password: str | None = None,
+) -> tuple[str, bool]:
     """Keep the data dir across restarts, also after a crash (Kafka recovers its logs) or with a
     new controller port (a sole voter updates its own endpoint); but wipe and format it when
-    asked, or when another Kafka version formatted it (formats are not forward-compatible).
-    Returns the cluster id.
+    asked, when another Kafka version formatted it (formats are not forward-compatible), or when
+    SCRAM credentials are wanted that it lacks (KRaft takes them at format time).
+    Returns the cluster id and whether the storage holds the SCRAM credentials.
     """
     formatted = (layout.data / "meta.properties").is_file()
-    if formatted and not fresh and previous is not None and previous.version == version:
-        return previous.cluster_id
+    reusable = formatted and not fresh and previous is not None and previous.version == version
+    if reusable and previous is not None and (scram_password is None or previous.scram):
+        return previous.cluster_id, previous.scram
     shutil.rmtree(layout.data, ignore_errors=True)
     cluster_id = new_cluster_id()
     started = time.monotonic()
@@ -486,13 +542,100 @@ def prepare_storage(
         "--cluster-id",
         cluster_id,
     )
+    for mechanism in SASL_MECHANISMS[1:] if scram_password is not None else ():
+        cmd += ["--add-scram", f"{mechanism}=[name={SASL_USER},password={scram_password}]"]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise BrokerError(f"formatting KRaft storage failed:\n{result.stdout}{result.stderr}")
     info(
         f"formatted fresh KRaft storage (cluster {cluster_id}) in {time.monotonic() - started:.1f}s"
     )
-    return cluster_id
+    return cluster_id, scram_password is not None
+
+
+# --- the SASL_SSL listener: throwaway TLS material and credentials --------------------------------
+
+
+def openssl(*args: str | Path) -> None:
+    tool = require_tool("openssl", "it makes the SASL_SSL listener's throwaway certificates")
+    result = subprocess.run([tool, *map(str, args)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BrokerError(f"openssl {args[0]} failed:\n{result.stderr}")
+
+
+def new_key(layout: Layout, name: str) -> tuple[str | Path, ...]:
+    """openssl req arguments: a new unencrypted RSA key into `<name>.key` (PKCS#8, as Kafka
+    wants)."""
+    return ("-newkey", "rsa:2048", "-nodes", "-keyout", layout.key(name))
+
+
+def issue_certificate(layout: Layout, name: str, subject: str, extensions: str) -> None:
+    """A new key `<name>.key` and its certificate `<name>.pem`, signed by the CA."""
+    csr, ext = layout.security / f"{name}.csr", layout.security / f"{name}.ext"
+    # The key identifiers: Python 3.13's strict verification wants them.
+    ext.write_text(f"{extensions}\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+    openssl("req", "-new", *new_key(layout, name), "-subj", subject, "-out", csr)
+    signer = ("-CA", layout.pem("ca"), "-CAkey", layout.key("ca"))
+    serial = ("-set_serial", f"0x{secrets.token_hex(8)}", "-days", str(CERT_DAYS))
+    openssl("x509", "-req", "-in", csr, *signer, *serial, "-extfile", ext, "-out", layout.pem(name))
+    csr.unlink()
+    ext.unlink()
+
+
+def make_certificates(layout: Layout) -> None:
+    """A CA, a certificate for the broker's address, and one for a client."""
+    ca = ("-subj", "/CN=voiceclone dev CA", "-days", str(CERT_DAYS), "-out", layout.pem("ca"))
+    ca += ("-addext", "basicConstraints=critical,CA:TRUE")
+    ca += ("-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl("req", "-x509", "-new", *new_key(layout, "ca"), *ca)
+    server = f"subjectAltName=IP:{HOST},DNS:localhost\nextendedKeyUsage=serverAuth"
+    issue_certificate(layout, "broker", "/CN=localhost", server)
+    issue_certificate(layout, "client", f"/CN={SASL_USER}", "extendedKeyUsage=clientAuth")
+
+
+def ensure_security(layout: Layout) -> bool:
+    """The listener's certificates and SASL password, made once and then kept; True when the
+    password is new, so the storage must be formatted again with its SCRAM credentials."""
+    layout.security.mkdir(mode=0o700, parents=True, exist_ok=True)
+    names = ("ca", "broker", "client")
+    if not all(layout.pem(n).is_file() and layout.key(n).is_file() for n in names):
+        started = time.monotonic()
+        make_certificates(layout)
+        info(f"made a throwaway CA and certificates in {time.monotonic() - started:.1f}s")
+    if layout.sasl_password.is_file():
+        return False
+    write_private(layout.sasl_password, secrets.token_hex(16) + "\n")  # hex: safe in JAAS
+    return True
+
+
+def sasl_password(layout: Layout) -> str:
+    return layout.sasl_password.read_text().strip()
+
+
+def pem_value(path: Path) -> str:
+    """A PEM file as one server.properties value, continued over lines as Kafka's docs show."""
+    return " \\\n".join(path.read_text().strip().splitlines())
+
+
+def sasl_ssl_properties(layout: Layout) -> dict[str, object]:
+    """SASL over TLS on the SASL_SSL listener; the user's PLAIN password is in its JAAS line,
+    its SCRAM credentials in the metadata (written at format time)."""
+    prefix = "listener.name.sasl_ssl."
+    scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    plain = "org.apache.kafka.common.security.plain.PlainLoginModule required"
+    return {
+        f"{prefix}sasl.enabled.mechanisms": ",".join(SASL_MECHANISMS),
+        f"{prefix}plain.sasl.jaas.config": f'{plain} user_{SASL_USER}="{sasl_password(layout)}";',
+        f"{prefix}scram-sha-256.sasl.jaas.config": scram,
+        f"{prefix}scram-sha-512.sasl.jaas.config": scram,
+        # Inline PEM: a PEM keystore *file* would need an encrypted key and its password.
+        f"{prefix}ssl.keystore.type": "PEM",
+        f"{prefix}ssl.keystore.key": pem_value(layout.key("broker")),
+        f"{prefix}ssl.keystore.certificate.chain": pem_value(layout.pem("broker")),
+        f"{prefix}ssl.truststore.type": "PEM",
+        f"{prefix}ssl.truststore.location": layout.pem("ca"),
+        f"{prefix}ssl.client.auth": "required",
+    }
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -508,6 +651,16 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float) -> None
         time.sleep(0.2)
 
 
+def sasl_ssl_listener(
+    layout: Layout, args: argparse.Namespace, previous: State | None
+) -> tuple[int | None, bool]:
+    """(port, password is new) of the SASL_SSL listener when asked for one; (None, False) else."""
+    if not args.sasl_ssl:
+        return None, False
+    port = choose_port(args.sasl_ssl_port, previous.sasl_ssl_port if previous else None, "SASL_SSL")
+    return port, ensure_security(layout)
+
+
 def launch(layout: Layout, args: argparse.Namespace, version: str) -> State:
     """Configure, format if needed, and daemonise a new broker; wait until it serves clients."""
     java = find_java()
@@ -516,11 +669,15 @@ def launch(layout: Layout, args: argparse.Namespace, version: str) -> State:
     controller_port = choose_port(
         args.controller_port, previous.controller_port if previous else None, "controller"
     )
+    sasl_ssl_port, new_password = sasl_ssl_listener(layout, args, previous)
     for directory in (layout.logs, layout.server_properties.parent):
         directory.mkdir(parents=True, exist_ok=True)
     layout.log4j_config.write_text(LOG4J2_XML)
-    layout.server_properties.write_text(server_properties(layout, port, controller_port))
-    cluster_id = prepare_storage(layout, java, previous, version, args.fresh)
+    properties = server_properties(layout, port, controller_port, sasl_ssl_port)
+    write_private(layout.server_properties, properties)  # may hold the listener's key
+    scram_password = sasl_password(layout) if sasl_ssl_port is not None else None
+    fresh = args.fresh or new_password
+    cluster_id, scram = prepare_storage(layout, java, previous, version, fresh, scram_password)
 
     started = time.monotonic()
     log_offset = file_size(layout.server_log)
@@ -535,7 +692,7 @@ def launch(layout: Layout, args: argparse.Namespace, version: str) -> State:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    state = State(proc.pid, port, controller_port, version, cluster_id)
+    state = State(proc.pid, port, controller_port, version, cluster_id, sasl_ssl_port, scram)
     write_state(layout, state)  # Before waiting, so `stop` can find a broker that hangs.
     try:
         wait_ready(proc, port, args.timeout)
@@ -580,10 +737,14 @@ def cmd_start(layout: Layout, args: argparse.Namespace) -> int:
         state = reuse_running(layout, args.timeout)
         if state is not None and args.fresh:
             raise BrokerError("--fresh needs a stopped broker; run `stop` first")
+        if state is not None and args.sasl_ssl and state.sasl_ssl_port is None:
+            raise BrokerError("the running broker has no SASL_SSL listener; run `stop` first")
         if state is None:
             version = kafka_version()
             fetch(layout, version)
             state = launch(layout, args, version)
+    if state.sasl_ssl_bootstrap and not args.quiet:
+        print(f"sasl_ssl_bootstrap={state.sasl_ssl_bootstrap}")
     print(state.bootstrap if args.quiet else f"bootstrap={state.bootstrap}")
     return EXIT_OK
 
@@ -609,7 +770,8 @@ def cmd_status(layout: Layout, args: argparse.Namespace) -> int:
     if not kafka_ready(state.port):
         print(f"running pid={pid} but not answering on {state.bootstrap}")
         return EXIT_FAIL
-    print(f"running pid={pid} bootstrap={state.bootstrap} version={state.version}")
+    sasl_ssl = f" sasl_ssl_bootstrap={state.sasl_ssl_bootstrap}" if state.sasl_ssl_port else ""
+    print(f"running pid={pid} bootstrap={state.bootstrap} version={state.version}{sasl_ssl}")
     return EXIT_OK
 
 
@@ -622,12 +784,35 @@ def cmd_bootstrap(layout: Layout, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_client_env(layout: Layout, args: argparse.Namespace) -> int:
+    """The worker's and CLI's settings for the SASL_SSL listener, one NAME=VALUE a line:
+    `env $(python3 deploy/kafka/broker.py client-env) uv run voiceclone ...`."""
+    state = read_state(layout)
+    if running_pid(layout) is None or state is None or state.sasl_ssl_port is None:
+        info("no broker with a SASL_SSL listener is running (`start --sasl-ssl`)")
+        return EXIT_STOPPED
+    settings = {
+        "BOOTSTRAP_SERVERS": state.sasl_ssl_bootstrap,
+        "SECURITY_PROTOCOL": "SASL_SSL",
+        "SASL_MECHANISM": "SCRAM-SHA-512",
+        "SASL_USERNAME": SASL_USER,
+        "SASL_PASSWORD_FILE": layout.sasl_password,
+        "SSL_CAFILE": layout.pem("ca"),
+        "SSL_CERTFILE": layout.pem("client"),
+        "SSL_KEYFILE": layout.key("client"),
+    }
+    for name, value in settings.items():
+        print(f"VOICECLONE_KAFKA__{name}={value}")
+    return EXIT_OK
+
+
 COMMANDS = {
     "fetch": cmd_fetch,
     "start": cmd_start,
     "stop": cmd_stop,
     "status": cmd_status,
     "bootstrap": cmd_bootstrap,
+    "client-env": cmd_client_env,
 }
 
 
@@ -659,6 +844,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=None,
         help="seconds to wait for start (default 90) / a clean stop (default 30)",
+    )
+    parser.add_argument(
+        "--sasl-ssl",
+        action="store_true",
+        default=os.environ.get("VOICECLONE_KAFKA_SASL_SSL", "").strip() in ("1", "true"),
+        help="start: add a SASL_SSL listener (env VOICECLONE_KAFKA_SASL_SSL=1); `client-env` "
+        "prints what a client needs for it",
+    )
+    parser.add_argument(
+        "--sasl-ssl-port",
+        type=int,
+        default=env_int("VOICECLONE_KAFKA_SASL_SSL_PORT"),
+        help="SASL_SSL listener port (env VOICECLONE_KAFKA_SASL_SSL_PORT; default: the last one "
+        "if free, else any free port)",
     )
     parser.add_argument("--fresh", action="store_true", help="start: wipe the data dir first")
     parser.add_argument(
