@@ -14,11 +14,14 @@ from aiokafka import AIOKafkaConsumer
 from consumer.backends import make_backend
 from consumer.cancels import CancelRegistry, CancelWatcher
 from consumer.handler import RecordHandler
+from consumer.metrics import Metrics
+from consumer.observability.health import Health
+from consumer.observability.server import ObservabilityServer
 from consumer.pipeline import Pipeline
 from consumer.reference import ReferenceFetcher
 from consumer.settings import WorkerSettings
 from consumer.worker import Worker
-from producer.publisher import OutcomePublisher
+from producer.publisher import OutcomePublisher, PublisherHooks
 from producer.storage import make_storage
 from schemas.codec import make_codec
 
@@ -33,18 +36,25 @@ async def serve(settings: WorkerSettings, ready: asyncio.Event | None = None) ->
     has been read; the worker then joins its group.
     """
     codec = make_codec(settings.schema_registry_url)
+    metrics = Metrics()
+    health = Health.from_settings(settings.http)
     async with AsyncExitStack() as stack:
+        # First, so /healthz answers while a backend loads its model; closed last.
+        await _serve_http(stack, settings, metrics, health)
         storage = make_storage(settings.storage)
         await storage.start()
         stack.push_async_callback(storage.close)
         backend = make_backend(settings.backend)
         await backend.start()
         stack.push_async_callback(backend.close)
+        health.backend_ready = backend.ready
         fetcher = ReferenceFetcher(settings.reference, object_reader=storage)
         stack.push_async_callback(fetcher.close)
-        publisher = OutcomePublisher(settings.kafka, settings.topics, codec)
-        await publisher.start()
+        hooks = PublisherHooks(retried=metrics.retried, connected=health.set_producer_connected)
+        publisher = OutcomePublisher(settings.kafka, settings.topics, codec, hooks=hooks)
+        # Before start: a start that fails (Kafka unreachable) leaves a client to close.
         stack.push_async_callback(publisher.stop)
+        await publisher.start()
 
         cancels = CancelRegistry(ttl_seconds=settings.cancel_lookback_seconds)
         watcher = CancelWatcher(
@@ -57,13 +67,24 @@ async def serve(settings: WorkerSettings, ready: asyncio.Event | None = None) ->
         await watcher.start()
         stack.push_async_callback(watcher.stop)
 
-        pipeline = Pipeline(settings.limits, fetcher, backend, storage)
-        worker = Worker(settings, RecordHandler(codec, pipeline, publisher, cancels))
+        pipeline = Pipeline(settings.limits, fetcher, backend, storage, metrics)
+        handler = RecordHandler(codec, pipeline, publisher, cancels, metrics=metrics)
+        worker = Worker(settings, handler, metrics, health)
         stack.enter_context(_stop_on_signals(worker.stop))
         log.info("worker_started", backend=backend.name, max_in_flight=settings.max_in_flight)
         if ready is not None:
             ready.set()
         await _run_to_completion(worker)
+
+
+async def _serve_http(
+    stack: AsyncExitStack, settings: WorkerSettings, metrics: Metrics, health: Health
+) -> None:
+    """Serve /metrics, /healthz and /readyz until `stack` closes, unless turned off."""
+    if settings.http.enabled:
+        server = ObservabilityServer(settings.http, metrics, health)
+        await server.start()
+        stack.push_async_callback(server.stop)
 
 
 async def _run_to_completion(worker: Worker) -> None:
@@ -84,6 +105,7 @@ async def _run_to_completion(worker: Worker) -> None:
 def _cancel_consumer(settings: WorkerSettings) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=settings.kafka.bootstrap_servers,
+        **settings.kafka.client_options(),
         client_id=f"{settings.kafka.client_id}-cancels",
         group_id=None,
         enable_auto_commit=False,

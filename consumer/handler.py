@@ -13,6 +13,7 @@ lacks (`corrupt`), is dead-lettered. A registry outage is waited out, never dead
 """
 
 import asyncio
+import functools
 from datetime import UTC, datetime
 
 import structlog
@@ -20,9 +21,10 @@ from aiokafka import ConsumerRecord
 
 from consumer.cancels import CancelRegistry
 from consumer.errors import CloneError
+from consumer.metrics import HANDLER_ERROR, Metrics
 from consumer.pipeline import Pipeline
 from producer.publisher import DeadLetter, OutcomePublisher
-from producer.retry import codec_outage, retry_while
+from producer.retry import SCHEMA_REGISTRY_OUTAGE, codec_outage, retry_while
 from schemas.codec import Codec, EventDecodeError
 from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode
 
@@ -32,7 +34,11 @@ _TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 
 
 class RecordHandler:
-    """Handles one clone-request record at a time; many run concurrently."""
+    """Handles one clone-request record at a time; many run concurrently.
+
+    Outcomes and dead letters are counted in `metrics` once the broker acknowledged them (by
+    default metrics nobody exports, for callers that do not look at them).
+    """
 
     def __init__(
         self,
@@ -41,12 +47,14 @@ class RecordHandler:
         publisher: OutcomePublisher,
         cancels: CancelRegistry,
         decode_retry_seconds: float = 1.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._codec = codec
         self._pipeline = pipeline
         self._publisher = publisher
         self._cancels = cancels
         self._decode_retry_seconds = decode_retry_seconds
+        self._metrics = metrics if metrics is not None else Metrics.unexported()
 
     async def handle(self, record: ConsumerRecord) -> None:
         log_ = log.bind(partition=record.partition, offset=record.offset)
@@ -56,16 +64,21 @@ class RecordHandler:
             # The reason only: a decoder's message may quote the record's bytes.
             log_.warning("dead_letter", reason=exc.reason)
             await self._publisher.dead_letter(_dead_letter(record, exc))
+            self._metrics.dead_lettered(str(exc.reason))
             return
         log_ = log_.bind(request_id=request.request_id)
+        model = request.model.size
         try:
             outcome = await self._outcome(request)
-            await self._publisher.publish(outcome, _trace_headers(record))
+            with self._metrics.stage("publish", model):
+                await self._publisher.publish(outcome, _trace_headers(record))
         except Exception as exc:
             # A defect, or an outcome the broker refuses: keep the original for replay.
             log_.exception("handler_failed")
             await self._publisher.dead_letter(_dead_letter(record, exc))
+            self._metrics.dead_lettered(HANDLER_ERROR, model)
             return
+        self._metrics.outcome_published(request, outcome)
         log_.info("outcome_published", outcome=type(outcome).__name__, **_outcome_fields(outcome))
 
     async def _decode(self, record: ConsumerRecord) -> CloneRequest:
@@ -75,6 +88,7 @@ class RecordHandler:
             lambda: self._codec.decode(record.topic, record.value, record.headers),
             backoff_seconds=self._decode_retry_seconds,
             what="decoding a request",
+            on_retry=functools.partial(self._metrics.retried, SCHEMA_REGISTRY_OUTAGE),
         )
         if not isinstance(event, CloneRequest):
             raise EventDecodeError(

@@ -100,7 +100,11 @@ def configure_logging(
 
 def _renderers(log_format: LogFormat, *, colors: bool) -> list[Processor]:
     if log_format is LogFormat.CONSOLE:
-        return [structlog.dev.ConsoleRenderer(colors=colors)]
+        # Rich tracebacks show each frame's local variables by default: request text, say.
+        tracebacks = structlog.dev.RichTracebackFormatter(
+            color_system="truecolor" if colors else None, show_locals=False
+        )
+        return [structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=tracebacks)]
     # JSON escapes the traceback's newlines, so a record with an exception stays one line.
     return [
         structlog.processors.format_exc_info,

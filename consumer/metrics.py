@@ -35,6 +35,7 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 
 from consumer.backends.base import MODEL_SIZES, CloneResult
+from producer.retry import BROKER_OUTAGE, SCHEMA_REGISTRY_OUTAGE
 from schemas.errors import DecodeReason
 from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode
 
@@ -118,6 +119,12 @@ class Metrics:
         info.info(build)
         self.described.append(MetricDoc(info, tuple(build)))  # Info's labels come from .info()
 
+    @classmethod
+    def unexported(cls) -> "Metrics":
+        """Metrics on a registry of their own that nobody serves: the default of components
+        built outside a worker (tests, benchmarks), so callers that do not care pass none."""
+        return cls(CollectorRegistry())
+
     def _add(
         self,
         kind: type[_M],
@@ -167,8 +174,9 @@ class Metrics:
         self._retries = self._add(
             Counter,
             "retries_total",
-            "Retried operations, by reason (an error code, or `publish` for a broker error "
-            "while publishing an outcome).",
+            "Retried operations, by reason: `publish` (a broker error while sending an outcome "
+            "or a dead letter) or `schema_registry` (a registry outage while decoding a request "
+            "or encoding an outcome).",
             ["reason"],
         )
         self._dead_letters = self._add(
@@ -191,6 +199,8 @@ class Metrics:
         self._requests.labels(model=UNKNOWN_MODEL, outcome="dead_letter")
         for reason in (*DecodeReason, HANDLER_ERROR):
             self._dead_letters.labels(reason=str(reason))
+        for reason in (BROKER_OUTAGE, SCHEMA_REGISTRY_OUTAGE):
+            self._retries.labels(reason=reason)
 
     def _define_backend_metrics(self) -> None:
         self._backend_seconds = self._add(

@@ -25,6 +25,7 @@ from consumer.backends.base import (
     GenerationParams,
 )
 from consumer.errors import CloneError
+from consumer.metrics import Metrics, Stage
 from consumer.reference import (
     ReferenceAudio,
     ReferenceFetcher,
@@ -45,19 +46,24 @@ _MAX_METADATA_VALUE = 256
 
 @dataclass
 class StageClock:
-    """Milliseconds spent per stage, logged as each stage ends."""
+    """Time spent per stage of one request: kept in milliseconds for its audio-ready event,
+    logged and recorded in the metrics as each stage ends (also when it fails)."""
 
     request_id: str
+    model: str
+    metrics: Metrics
     started: float = field(default_factory=time.perf_counter)
-    ms: dict[str, int] = field(default_factory=dict)
+    ms: dict[Stage, int] = field(default_factory=dict)
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: Stage) -> Iterator[None]:
         begin = time.perf_counter()
         try:
             yield
         finally:
-            self.ms[name] = round((time.perf_counter() - begin) * 1000)
+            seconds = time.perf_counter() - begin
+            self.ms[name] = round(seconds * 1000)
+            self.metrics.observe_stage(name, self.model, seconds)
             log.info("stage_done", request_id=self.request_id, stage=name, ms=self.ms[name])
 
     def total_ms(self) -> int:
@@ -93,7 +99,10 @@ def expired(request: CloneRequest, now: datetime) -> bool:
 
 
 class Pipeline:
-    """Turns a validated request into stored audio and the audio-ready event describing it."""
+    """Turns a validated request into stored audio and the audio-ready event describing it.
+
+    `metrics` default to ones nobody exports, for callers that do not look at them.
+    """
 
     def __init__(
         self,
@@ -101,17 +110,19 @@ class Pipeline:
         fetcher: ReferenceFetcher,
         backend: Backend,
         storage: Storage,
+        metrics: Metrics | None = None,
     ) -> None:
         self._limits = limits
         self._fetcher = fetcher
         self._backend = backend
         self._storage = storage
+        self._metrics = metrics if metrics is not None else Metrics.unexported()
 
     async def process(self, request: CloneRequest) -> AudioReady:
-        clock = StageClock(request.request_id)
+        clock = StageClock(request.request_id, request.model.size, self._metrics)
         received = datetime.now(UTC)
         validate(request, self._limits, received)
-        with clock.stage("reference_fetch"):
+        with clock.stage("fetch_reference"):
             reference = await self.fetch_reference(request)
         with clock.stage("inference"):
             result = await self.clone(request, reference)
@@ -147,8 +158,10 @@ class Pipeline:
             output_format=request.output_format.value,
             generation=_generation(request),
         )
+        timeout = self._timeout(request)
         try:
-            return await self._backend.clone(job, timeout=self._timeout(request))
+            with self._metrics.backend_call(self._backend.name, job.model) as call:
+                call.result = result = await self._backend.clone(job, timeout=timeout)
         except BackendTimeout as exc:
             if expired(request, datetime.now(UTC)):  # cut short by the caller's own deadline
                 raise CloneError(
@@ -157,6 +170,7 @@ class Pipeline:
             raise CloneError(exc.code, str(exc), retryable=exc.transient) from exc
         except BackendError as exc:
             raise CloneError(exc.code, str(exc), retryable=exc.transient) from exc
+        return result
 
     async def encode(self, result: CloneResult, wanted: AudioFormat) -> EncodedAudio:
         """The result in the wanted format, described from the final bytes themselves."""
@@ -223,7 +237,7 @@ class Pipeline:
             cold_start=bool(result.cold_start),
             timings=AudioTimings(
                 queue_ms=queue_ms,
-                reference_fetch_ms=clock.ms["reference_fetch"],
+                reference_fetch_ms=clock.ms["fetch_reference"],
                 inference_ms=clock.ms["inference"],
                 encode_ms=clock.ms["encode"],
                 upload_ms=clock.ms["upload"],

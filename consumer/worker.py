@@ -3,6 +3,9 @@
 One loop, read top to bottom: make room (pause/resume), fetch, start a task per record, commit
 what is contiguous. Each record's task always ends in a published outcome or a dead letter
 before its offset is marked done; nothing is committed on cancellation.
+
+Beside the loop it keeps the readiness facts (`Health`) and the consume-side metrics up to
+date, and runs the lag monitor as a task of its own, started and stopped with the consumer.
 """
 
 import asyncio
@@ -15,6 +18,9 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from consumer.handler import RecordHandler
+from consumer.metrics import Metrics
+from consumer.observability.health import Health
+from consumer.observability.lag import LagMonitor
 from consumer.offsets import OffsetTracker
 from consumer.settings import WorkerSettings
 
@@ -26,11 +32,22 @@ _REJOIN_MARGIN_MS = 10_000
 
 
 class Worker:
-    """Runs clone requests from the requests topic until `stop()` is called."""
+    """Runs clone requests from the requests topic until `stop()` is called.
 
-    def __init__(self, settings: WorkerSettings, handler: RecordHandler) -> None:
+    `metrics` and `health` default to ones nobody serves, for callers that do not look at them.
+    """
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        handler: RecordHandler,
+        metrics: Metrics | None = None,
+        health: Health | None = None,
+    ) -> None:
         self._settings = settings
         self._handler = handler
+        self._metrics = metrics if metrics is not None else Metrics.unexported()
+        self._health = health if health is not None else Health.from_settings(settings.http)
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
         self._slot_freed = asyncio.Event()
@@ -48,11 +65,18 @@ class Worker:
     async def run(self) -> None:
         consumer = self._make_consumer()
         self._consumer = consumer
+        lag: asyncio.Task[None] | None = None
         try:
             await consumer.start()
+            lag = asyncio.create_task(
+                LagMonitor(self._metrics).run(consumer, self._tracker.in_flight), name="lag"
+            )
             consumer.subscribe([self._settings.topics.requests], listener=_Rebalances(self))
             await self._consume(consumer)
         finally:
+            if lag is not None:
+                lag.cancel()
+                await asyncio.gather(lag, return_exceptions=True)
             await self._drain(consumer)
             await consumer.stop()
             log.info("worker_stopped")
@@ -61,6 +85,7 @@ class Worker:
         kafka = self._settings.kafka
         return AIOKafkaConsumer(
             bootstrap_servers=kafka.bootstrap_servers,
+            **kafka.client_options(),
             client_id=f"{kafka.client_id}-worker",
             group_id=self._settings.group_id,
             enable_auto_commit=False,
@@ -88,6 +113,7 @@ class Worker:
                 timeout_ms=self._settings.poll_timeout_ms if free > 0 else 0,
                 max_records=max(free, 1),
             )
+            self._health.progressed()
             for records in batch.values():
                 for record in records:
                     self._start(record)
@@ -122,9 +148,10 @@ class Worker:
         )
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
-        await self._handler.handle(record)
-        # Only reached once the outcome (or dead letter) is acknowledged by the broker.
-        self._tracker.done(tp, record.offset)
+        with self._metrics.in_flight():
+            await self._handler.handle(record)
+            # Only reached once the outcome (or dead letter) is acknowledged by the broker.
+            self._tracker.done(tp, record.offset)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
@@ -147,6 +174,7 @@ class Worker:
         except KafkaError as exc:  # CommitFailedError and IllegalStateError included
             # Uncommitted work is redelivered to whoever owns the partition next.
             log.warning("commit_failed", error=repr(exc))
+            self._metrics.commit_failed()
         else:
             self._tracker.mark_committed(offsets)
 
@@ -174,9 +202,15 @@ class Worker:
         if self._consumer is not None:
             await self._commit(self._consumer, only=revoked)
         self._tracker.forget(revoked)
+        # Last, so a lag measured while the revoked work finished is not left behind.
+        self._metrics.rebalanced("revoked", revoked)
+        self._health.revoked(revoked)
 
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("partitions_assigned", partitions=_names(assigned))
+        if assigned:  # more workers than partitions: this one gets none
+            self._metrics.rebalanced("assigned", assigned)
+            self._health.assigned(assigned)
         # New partitions start unpaused; while full, a poll would fetch past the bound.
         if self._consumer is not None and self._free_slots() <= 0:
             self._consumer.pause(*assigned)

@@ -4,17 +4,21 @@ One idempotent producer (acks=all) per process. `publish` returns only once the 
 acknowledged the record, so the caller may then mark the request's offset done. Outages (of
 the broker or the schema registry) are retried for as long as they last; what is raised is a
 record that can never be sent (too large, invalid), for the caller to dead-letter.
+
+The publisher reports retries and whether it can reach the broker through `PublisherHooks`, so
+its owner can count them and answer readiness probes without this package knowing either.
 """
 
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
-from producer.retry import codec_outage, retry_while
+from producer.retry import BROKER_OUTAGE, SCHEMA_REGISTRY_OUTAGE, codec_outage, retry_while
 from producer.settings import KafkaSettings
 from schemas.codec import Codec
 from schemas.events import AudioReady, CloneFailed
@@ -23,6 +27,22 @@ from schemas.topics import Topics
 log = structlog.get_logger(__name__)
 
 Headers = Sequence[tuple[str, bytes]]
+
+
+def _ignore(_: object) -> None:
+    """The default hook: nobody listens."""
+
+
+@dataclass(frozen=True)
+class PublisherHooks:
+    """What the publisher tells its owner as it happens."""
+
+    # A send or an encoding failed and is retried; the reason is BROKER_OUTAGE or
+    # SCHEMA_REGISTRY_OUTAGE.
+    retried: Callable[[str], None] = _ignore
+    # True once started and again after a send succeeds; False while sends fail with a broker
+    # outage, and from stop() on.
+    connected: Callable[[bool], None] = _ignore
 
 
 @dataclass(frozen=True)
@@ -62,12 +82,15 @@ class OutcomePublisher:
         topics: Topics,
         codec: Codec,
         retry_backoff_seconds: float = 0.5,
+        hooks: PublisherHooks | None = None,
     ) -> None:
         self._topics = topics
         self._codec = codec
         self._backoff = retry_backoff_seconds
+        self._hooks = hooks if hooks is not None else PublisherHooks()
         self._producer = AIOKafkaProducer(
             bootstrap_servers=kafka.bootstrap_servers,
+            **kafka.client_options(),
             client_id=f"{kafka.client_id}-publisher",
             acks="all",
             enable_idempotence=True,
@@ -76,8 +99,11 @@ class OutcomePublisher:
 
     async def start(self) -> None:
         await self._producer.start()
+        self._hooks.connected(True)
 
     async def stop(self) -> None:
+        """Flush and close; safe to call twice, and after a failed start (closes the client)."""
+        self._hooks.connected(False)
         await self._producer.stop()
 
     async def publish(self, event: AudioReady | CloneFailed, headers: Headers = ()) -> None:
@@ -87,6 +113,7 @@ class OutcomePublisher:
             lambda: self._codec.encode(topic, event),
             backoff_seconds=self._backoff,
             what=f"encoding for {topic}",
+            on_retry=functools.partial(self._hooks.retried, SCHEMA_REGISTRY_OUTAGE),
         )
         await self._send(
             topic, event.request_id.encode(), encoded.value, [*encoded.headers, *headers]
@@ -106,7 +133,13 @@ class OutcomePublisher:
             lambda: self._producer.send_and_wait(topic, value, key=key, headers=list(headers)),
             backoff_seconds=self._backoff,
             what=f"sending to {topic}",
+            on_retry=self._broker_unreachable,
         )
+        self._hooks.connected(True)
+
+    def _broker_unreachable(self) -> None:
+        self._hooks.retried(BROKER_OUTAGE)
+        self._hooks.connected(False)
 
 
 def _broker_outage(exc: Exception) -> bool:

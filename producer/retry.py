@@ -2,7 +2,7 @@
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import structlog
 
@@ -12,6 +12,10 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
+# Why an operation was retried, as reported to `on_retry` callers (the worker counts them).
+BROKER_OUTAGE: Final = "publish"
+SCHEMA_REGISTRY_OUTAGE: Final = "schema_registry"
+
 
 async def retry_while(
     transient: Callable[[Exception], bool],
@@ -19,8 +23,10 @@ async def retry_while(
     *,
     backoff_seconds: float,
     what: str,
+    on_retry: Callable[[], None] | None = None,
 ) -> T:
     """`await attempt()` until it succeeds, or fails with an error `transient` rejects (raised).
+    `on_retry` is called after each failed attempt that will be repeated.
 
     No limit on attempts: callers use it where giving up would lose a request, and bound it
     from outside (shutdown cancels the wait).
@@ -32,6 +38,8 @@ async def retry_while(
             if not transient(exc):
                 raise
             log.warning("retrying", what=what, error=type(exc).__name__)
+            if on_retry is not None:
+                on_retry()
         await asyncio.sleep(backoff_seconds)
 
 

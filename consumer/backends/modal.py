@@ -22,13 +22,14 @@ import structlog
 
 from consumer.backends.base import CloneJob, CloneResult, call_budget
 from consumer.backends.errors import (
+    BackendError,
     BackendTimeout,
     BackendUnavailable,
     GenerationFailed,
     InvalidInput,
 )
 from consumer.backends.modal_errors import translate_modal_error
-from consumer.backends.settings import BackendSettings
+from consumer.backends.settings import BackendSettings, ModalBackendSettings
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
@@ -51,7 +52,22 @@ class ModalBackend:
         self._readiness = _Readiness(settings)
 
     async def start(self) -> None:
-        """Nothing to open: lookups are lazy and Modal's client connects on first use."""
+        """Look up every served app once, so a worker without Modal credentials or with an app
+        not deployed fails at start (`BackendUnavailable`) rather than on every request.
+        Calls still look their app up lazily, on first use."""
+        apps = sorted(set(self._apps.values()))
+        found = await asyncio.gather(
+            *(look_up(self._modal, app) for app in apps), return_exceptions=True
+        )
+        for app, result in zip(apps, found, strict=True):
+            if isinstance(result, BackendError):
+                raise BackendUnavailable(
+                    f"the modal backend cannot look up the app {app!r}: {result}. "
+                    f"{_start_hint(result)}",
+                    transient=result.transient,
+                ) from result
+            if isinstance(result, BaseException):
+                raise result
 
     async def close(self) -> None:
         """Wait (bounded) for remote cancellations still in flight, then forget lookups."""
@@ -173,17 +189,43 @@ class _Readiness:
             return self._answer
 
     async def _look_up(self, app: str) -> bool:
-        # A fresh reference each time: a hydrated one would answer from memory.
-        cls = modal.Cls.from_name(
-            app, self._modal.class_name, environment_name=self._modal.environment_name
-        )
         try:
-            async with asyncio.timeout(self._modal.ready_timeout_seconds):
-                await cls.hydrate.aio()
-        except Exception as exc:
-            log.warning("modal_lookup_failed", app=app, error=repr(translate_modal_error(exc)))
+            await look_up(self._modal, app)
+        except BackendError as exc:
+            log.warning("modal_lookup_failed", app=app, error=repr(exc))
             return False
         return True
+
+
+async def look_up(settings: ModalBackendSettings, app: str) -> None:
+    """Look up the service class of `app` within the ready timeout; `BackendError` if not."""
+    # A fresh reference each time: a hydrated one would answer from memory.
+    cls = modal.Cls.from_name(app, settings.class_name, environment_name=settings.environment_name)
+    try:
+        async with asyncio.timeout(settings.ready_timeout_seconds):
+            await cls.hydrate.aio()
+    except Exception as exc:
+        raise translate_modal_error(exc) from exc
+
+
+def _start_hint(error: BackendError) -> str:
+    """What to do about a failed lookup at start, in one sentence."""
+    cause = error.__cause__
+    if isinstance(cause, modal.exception.AuthError | modal.exception.PermissionDeniedError):
+        return (
+            "Set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET (or ~/.modal.toml, `modal token new`), "
+            "or choose another backend with VOICECLONE_BACKEND__KIND=http or local."
+        )
+    if isinstance(cause, modal.exception.NotFoundError):
+        return (
+            'Deploy it (see the README, "The GPU service on Modal"), point '
+            "VOICECLONE_BACKEND__MODAL__APP_1_7B / __APP_0_6B at the deployed apps, or choose "
+            "another backend with VOICECLONE_BACKEND__KIND=http or local."
+        )
+    return (
+        "Check the connection to Modal, or choose another backend with "
+        "VOICECLONE_BACKEND__KIND=http or local."
+    )
 
 
 def remote_arguments(job: CloneJob) -> dict[str, Any]:

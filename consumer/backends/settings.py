@@ -42,7 +42,9 @@ class ModalBackendSettings(BaseModel):
         description="Upper bound on cancelling a remote call after a deadline or cancellation.",
     )
     ready_timeout_seconds: float = Field(
-        10.0, gt=0, description="Upper bound on the app lookups done by the readiness check."
+        10.0,
+        gt=0,
+        description="Upper bound on each app lookup, at start and by the readiness check.",
     )
     ready_cache_seconds: float = Field(
         30.0, ge=0, description="How long a readiness answer is reused before looking up again."

@@ -61,6 +61,10 @@ class Health:
     def revoked(self, partitions: Iterable[TopicPartition]) -> None:
         self._assigned.difference_update(partitions)
 
+    def set_producer_connected(self, connected: bool) -> None:
+        """The outcome producer started, reached the broker again, lost it or stopped."""
+        self.producer_connected = connected
+
     def progressed(self) -> None:
         """The consume loop went round (polled, or finished a record)."""
         self._last_progress = self._clock()

@@ -46,7 +46,12 @@ class LagMonitor:
 
     async def run(self, consumer: AIOKafkaConsumer, in_flight: InFlight) -> None:
         while True:
-            await self.update(consumer, in_flight)
+            try:
+                await self.update(consumer, in_flight)
+            except Exception:
+                # A defect here must not end lag reporting unnoticed (nobody awaits this task
+                # until shutdown): log it, try again next round.
+                log.exception("lag_monitor_failed")
             await asyncio.sleep(self._interval)
 
     async def update(self, consumer: AIOKafkaConsumer, in_flight: InFlight) -> None:

@@ -44,9 +44,14 @@ class ObservabilityServer:
         site = web.TCPSite(runner, self._settings.host, self._settings.port)
         try:
             await site.start()
-        except OSError:
+        except OSError as exc:
             await runner.cleanup()
-            raise
+            raise OSError(
+                exc.errno,
+                f"cannot serve /metrics on {self._settings.host}:{self._settings.port} "
+                f"({exc.strerror or exc}); "
+                "set VOICECLONE_HTTP__PORT to a free port, or VOICECLONE_HTTP__ENABLED=false",
+            ) from exc
         self._runner = runner
         log.info("http_server_started", host=self._settings.host, port=self.port)
 

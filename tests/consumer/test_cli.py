@@ -224,7 +224,8 @@ async def test_watch_for_a_request_without_outcome_times_out_with_exit_4(
 async def test_worker_stops_cleanly_on_sigterm_logging_json_lines(
     settings: ClientSettings,
 ) -> None:
-    env = cli_env(settings, BACKEND__KIND="modal", GROUP_ID=f"cli-{uuid.uuid4().hex[:8]}")
+    # The http backend starts without its service (the modal one would need credentials).
+    env = cli_env(settings, BACKEND__KIND="http", GROUP_ID=f"cli-{uuid.uuid4().hex[:8]}")
     process = await start_cli(env, "worker")
     try:
         lines = await wait_for_log(process, "worker_started")
@@ -249,12 +250,13 @@ async def test_worker_exits_3_with_one_line_when_kafka_is_unreachable(
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = cli_env(settings, KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", BACKEND__KIND="modal")
+    env = cli_env(settings, KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", BACKEND__KIND="http")
 
     code, _, err = await run_cli(env, "worker")
 
     assert code == 3
     assert error_line(err).startswith(f"voiceclone: error: cannot reach Kafka at 127.0.0.1:{port}")
+    assert "Unclosed" not in err  # the producer whose start failed was closed
 
 
 @pytest.mark.engine

@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -104,4 +105,28 @@ def test_console_format_is_for_people(stream: io.StringIO) -> None:
     assert "worker_started" in output
     assert "backend=local" in output
     assert not output.startswith("{")
+    assert "\x1b[" not in output  # no colours when the stream is not a terminal
+
+
+def fail_with(text: str) -> None:
+    """Raises with `text` in a local variable, as pipeline code holding a request would."""
+    words = text.split()
+    raise ValueError(f"cannot say {len(words)} words")
+
+
+@pytest.mark.parametrize("log_format", list(LogFormat))
+def test_tracebacks_show_no_local_variables(stream: io.StringIO, log_format: LogFormat) -> None:
+    configure_logging(log_format, LogLevel.INFO, stream)
+    secret = f"passphrase {uuid.uuid4().hex}"  # never in this file's source lines
+
+    try:
+        fail_with(secret)
+    except ValueError:
+        structlog.get_logger().exception("handler_failed")
+
+    output = stream.getvalue()
+    assert "ValueError" in output
+    assert "cannot say 2 words" in output
+    assert "fail_with" in output  # the frames are there...
+    assert secret.split()[1] not in output  # ...but not the values they held
     assert "\x1b[" not in output  # no colours when the stream is not a terminal

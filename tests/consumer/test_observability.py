@@ -238,8 +238,9 @@ async def test_a_taken_port_fails_at_start(metrics: Metrics) -> None:
         server = ObservabilityServer(
             HttpServerSettings(host="127.0.0.1", port=port), metrics, Health(60, 1)
         )
-        with pytest.raises(OSError, match="address already in use"):
+        with pytest.raises(OSError, match="address already in use") as raised:
             await server.start()
+        assert "VOICECLONE_HTTP__PORT" in str(raised.value)  # what to change
 
 
 async def test_stop_is_safe_twice_and_closes_the_port(metrics: Metrics) -> None:

@@ -19,6 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from structlog.testing import capture_logs
 
 from consumer.backends import BackendSettings
+from consumer.observability.settings import HttpServerSettings
 from consumer.settings import LimitSettings, WorkerSettings
 from schemas.codec import make_codec
 from schemas.events import AudioReady, CloneFailed, ErrorCode
@@ -31,6 +32,7 @@ from tests.fixtures.worker import (
     clone_request,
     group_lag,
     running_worker,
+    scrape_worker,
 )
 from tests.schemas.variants import schemaless_record, shipped, with_symbol
 
@@ -209,8 +211,13 @@ async def test_a_joining_worker_gets_partitions_after_the_first_commits_its_fini
     http_settings: WorkerSettingsFactory,
     seed_server: SeedServer,  # noqa: F811
     voice_uri: str,
+    unused_tcp_port: int,
 ) -> None:
-    settings = http_settings(max_in_flight=4)
+    # The first worker on a known port, to read its metrics; the second on any free one.
+    settings = http_settings(
+        max_in_flight=4, http=HttpServerSettings(host="127.0.0.1", port=unused_tcp_port)
+    )
+    joining = settings.model_copy(update={"http": HttpServerSettings(host="127.0.0.1", port=0)})
     # Long enough that the first worker still runs its first four when the second joins (the
     # rebalance reaches it with its next heartbeat, at most 3 s later).
     seed_server.delay_seconds = 5.0
@@ -224,14 +231,19 @@ async def test_a_joining_worker_gets_partitions_after_the_first_commits_its_fini
         ):
             await requests.send(*batch)
             await wait_for_backend_calls(seed_server, settings.max_in_flight)
-            async with running_worker(settings):
+            async with running_worker(joining):
                 await outcomes.wait_for([r.request_id for r in batch], within_s=60)
+                first = await scrape_worker(settings)
 
     revoked = [entry for entry in logs if entry["event"] == "partitions_revoked"]
     assigned = [entry for entry in logs if entry["event"] == "partitions_assigned"]
     # The first worker's own assignment, its share after the join, and the second's share.
     assert len(assigned) >= 3
     assert revoked[0]["in_flight"] == settings.max_in_flight
+    # The first worker counted its own assignment, the revocation and its share after the join.
+    rebalances = "voiceclone_rebalances_total"
+    assert first.value(rebalances, event="revoked") >= 1
+    assert first.value(rebalances, event="assigned") >= 2
     assert all(isinstance(outcomes.first(r.request_id), AudioReady) for r in batch)
     # The first worker finished and committed its in-flight requests before handing over, so
     # the second one redid none of them.

@@ -1,6 +1,7 @@
 """Fifty requests through the real engine (a tiny random Qwen3-TTS), on the real broker, into
 each kind of storage: every request gets exactly one audio-ready event whose URL downloads
-audio that decodes to the sample rate and duration the event states."""
+audio that decodes to the sample rate and duration the event states, and the worker's metrics
+count the engine's one cold start."""
 
 import asyncio
 import io
@@ -14,6 +15,7 @@ import pytest
 import soundfile
 
 from consumer.backends import BackendSettings, LocalBackendSettings
+from consumer.observability.settings import HttpServerSettings
 from consumer.reference import ReferenceSettings
 from consumer.settings import WorkerSettings
 from producer.storage import StorageSettings
@@ -27,6 +29,7 @@ from tests.fixtures.worker import (
     clone_request,
     group_lag,
     running_worker,
+    scrape_worker,
     sha256_of,
 )
 
@@ -48,6 +51,7 @@ def engine_settings(
     reference_wav: bytes,
     storage_kind: str,
     request: pytest.FixtureRequest,
+    unused_tcp_port: int,
 ) -> tuple[WorkerSettings, str]:
     """Settings for the local backend on the tiny model, and the reference's URI: a file for
     local storage, an object in the output bucket for S3 (read back through the storage)."""
@@ -55,8 +59,9 @@ def engine_settings(
     backend = BackendSettings(
         kind="local", local=LocalBackendSettings(model_1_7b=model, model_0_6b=model, device="cpu")
     )
+    http = HttpServerSettings(host="127.0.0.1", port=unused_tcp_port)
     if storage_kind == "local":
-        settings = make_worker_settings(backend=backend, max_in_flight=8)
+        settings = make_worker_settings(backend=backend, max_in_flight=8, http=http)
         return settings, (reference_root / "voice.wav").as_uri()
     storage: StorageSettings = request.getfixturevalue("s3_storage_settings")
     server: S3Server = request.getfixturevalue("s3_server")
@@ -67,6 +72,7 @@ def engine_settings(
         storage=storage,
         reference=ReferenceSettings(allowed_schemes=["s3"], allowed_buckets=[storage.bucket]),
         max_in_flight=8,
+        http=http,
     )
     return settings, f"s3://{storage.bucket}/refs/voice.wav"
 
@@ -107,6 +113,7 @@ async def test_fifty_mixed_requests_each_give_one_playable_audio_ready(
     ):
         await requests.send(*batch)
         await outcomes.wait_for([r.request_id for r in batch], within_s=120)
+        metrics = await scrape_worker(settings)
 
     assert sum(len(found) for found in outcomes.by_id.values()) == REQUESTS  # exactly one each
     assert outcomes.dead_letters == []
@@ -130,6 +137,14 @@ async def test_fifty_mixed_requests_each_give_one_playable_audio_ready(
         assert (sample_rate, len(samples)) == (ready.sample_rate, expected_samples)
         assert ready.sample_rate == SAMPLE_RATE
         assert ready.duration_ms == round(len(samples) / sample_rate * 1000)
+
+    # One engine serves both sizes: its first call is the one cold start, with its load time.
+    calls = "voiceclone_backend_call_duration_seconds_count"
+    assert metrics.value(calls, backend="local", cold_start="true") == 1
+    assert metrics.value(calls, backend="local", cold_start="false") == REQUESTS - 1
+    assert metrics.value("voiceclone_cold_starts_total", backend="local") == 1
+    assert metrics.value("voiceclone_model_load_seconds_count", backend="local") == 1
+    assert metrics.value("voiceclone_real_time_factor_count") == REQUESTS
 
     lag = await group_lag(
         settings.kafka.bootstrap_servers, settings.group_id, settings.topics.requests

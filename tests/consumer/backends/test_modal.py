@@ -100,6 +100,7 @@ class FakeDeployment:
     spawn_seconds: float = 0.0
     spawn_error: BaseException | None = None
     lookup_error: BaseException | None = None
+    lookup_seconds: float = 0.0
     calls: list[FakeCall] = field(default_factory=list)
     arguments: list[dict[str, Any]] = field(default_factory=list)
     spawned: asyncio.Event = field(default_factory=asyncio.Event)
@@ -117,6 +118,7 @@ class FakeDeployment:
         return call
 
     async def hydrate(self) -> None:
+        await asyncio.sleep(self.lookup_seconds)
         if self.lookup_error is not None:
             raise self.lookup_error
 
@@ -446,3 +448,55 @@ async def test_real_modal_client_without_credentials_is_permanently_unavailable(
 
     assert (raised.value.transient, raised.value.code) == (False, "INFERENCE_FAILED")
     assert isinstance(raised.value.__cause__, mx.AuthError)
+
+
+async def test_start_looks_up_every_served_app(fake_modal: FakeModal) -> None:
+    await make_backend(modal={"environment_name": "prod"}).start()
+
+    assert sorted(fake_modal.lookups) == sorted(
+        [(APP_LARGE, "Qwen3TTSService", "prod"), (APP_SMALL, "Qwen3TTSService", "prod")]
+    )
+
+
+async def test_start_fails_naming_an_app_that_is_not_deployed(fake_modal: FakeModal) -> None:
+    fake_modal.apps.pop(APP_SMALL)
+
+    with pytest.raises(BackendUnavailable) as raised:
+        await make_backend().start()
+
+    assert not raised.value.transient
+    message = str(raised.value)
+    assert f"cannot look up the app {APP_SMALL!r}" in message
+    assert "VOICECLONE_BACKEND__MODAL__APP_1_7B / __APP_0_6B" in message
+    await make_backend(modal={"app_0_6b": ""}).start()  # the size is not served: not looked up
+
+
+async def test_start_gives_up_on_a_lookup_after_the_ready_timeout(fake_modal: FakeModal) -> None:
+    fake_modal.apps[APP_LARGE].lookup_seconds = 60
+    started = time.monotonic()
+
+    with pytest.raises(BackendUnavailable, match="Check the connection to Modal") as raised:
+        await make_backend(modal={"ready_timeout_seconds": 0.2}).start()
+
+    assert time.monotonic() - started < 2.0
+    assert raised.value.transient
+
+
+async def test_real_modal_client_without_credentials_fails_at_start_saying_what_to_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("MODAL_TOKEN_ID", raising=False)
+    monkeypatch.delenv("MODAL_TOKEN_SECRET", raising=False)
+    if modal.config.config.get("token_id"):
+        pytest.skip("Modal credentials are configured on this machine")
+
+    async with asyncio.timeout(30):
+        with pytest.raises(BackendUnavailable) as raised:
+            await make_backend().start()
+
+    assert not raised.value.transient
+    message = str(raised.value)
+    assert "credentials" in message
+    assert "MODAL_TOKEN_ID and MODAL_TOKEN_SECRET" in message
+    assert "VOICECLONE_BACKEND__KIND=http or local" in message
+    assert isinstance(raised.value.__cause__.__cause__, mx.AuthError)
