@@ -67,7 +67,7 @@ async def serve(settings: WorkerSettings, ready: asyncio.Event | None = None) ->
         await watcher.start()
         stack.push_async_callback(watcher.stop)
 
-        pipeline = Pipeline(settings.limits, fetcher, backend, storage, metrics)
+        pipeline = Pipeline(settings.limits, fetcher, backend, storage, metrics, settings.retry)
         handler = RecordHandler(codec, pipeline, publisher, cancels, metrics=metrics)
         worker = Worker(settings, handler, metrics, health)
         stack.enter_context(_stop_on_signals(worker.stop))

@@ -4,10 +4,14 @@ from schemas.events import ErrorCode
 
 
 class CloneError(Exception):
-    """A request cannot be served; `code` and `retryable` go into the clone-failed event."""
+    """A request cannot be served; `code`, `retryable` and `attempts` (how many times the
+    failing stage was tried) go into the clone-failed event."""
 
-    def __init__(self, code: ErrorCode, message: str, *, retryable: bool = False) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, *, retryable: bool = False, attempts: int = 1
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retryable = retryable
+        self.attempts = attempts

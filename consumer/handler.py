@@ -3,6 +3,8 @@
 `handle` returns only after an outcome or a dead letter is acknowledged by the broker, and never
 raises for a bad message: undecodable input, unexpected failures and outcomes the broker refuses
 go to the dead-letter topic with the original bytes, so nothing is lost and the loop goes on.
+Transient failures are retried inside the pipeline, stage by stage; a clone-failed event says
+how many times the failing stage was tried (`attempts`).
 
 Unknown languages. The schema lets writers add enum symbols and tells readers to map ones they
 do not know to the default (AUTO: the model detects the language), so a request from a producer
@@ -14,6 +16,8 @@ lacks (`corrupt`), is dead-lettered. A registry outage is waited out, never dead
 
 import asyncio
 import functools
+import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import structlog
@@ -26,7 +30,7 @@ from consumer.pipeline import Pipeline
 from producer.publisher import DeadLetter, OutcomePublisher
 from producer.retry import SCHEMA_REGISTRY_OUTAGE, codec_outage, retry_while
 from schemas.codec import Codec, EventDecodeError
-from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode
+from schemas.events import SAFE_ID_PATTERN, AudioReady, CloneFailed, CloneRequest, ErrorCode
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +60,15 @@ class RecordHandler:
         self._decode_retry_seconds = decode_retry_seconds
         self._metrics = metrics if metrics is not None else Metrics.unexported()
 
+    @property
+    def waiting(self) -> int:
+        """Records waiting for their tenant's turn now; they hold no slot of the worker's."""
+        return self._pipeline.waiting
+
+    def when_waiting(self, callback: Callable[[], None]) -> None:
+        """Call `callback` each time a record starts waiting for its tenant's turn."""
+        self._pipeline.when_waiting(callback)
+
     async def handle(self, record: ConsumerRecord) -> None:
         log_ = log.bind(partition=record.partition, offset=record.offset)
         try:
@@ -66,7 +79,7 @@ class RecordHandler:
             await self._publisher.dead_letter(_dead_letter(record, exc))
             self._metrics.dead_lettered(str(exc.reason))
             return
-        log_ = log_.bind(request_id=request.request_id)
+        log_ = log_.bind(request_id=_loggable(request.request_id))
         model = request.model.size
         try:
             outcome = await self._outcome(request)
@@ -122,6 +135,14 @@ class RecordHandler:
             return work.result()
 
 
+def _loggable(request_id: str) -> str:
+    """The id as logs may show it: one the pipeline will refuse (it may hold newlines or be
+    huge) is shown quoted and cut short."""
+    if re.fullmatch(SAFE_ID_PATTERN, request_id):
+        return request_id
+    return repr(request_id[:64])
+
+
 def _cancelled() -> CloneError:
     return CloneError(ErrorCode.CANCELLED, "cancelled by a clone-cancel event")
 
@@ -144,7 +165,7 @@ def _failed(request: CloneRequest, error: CloneError) -> CloneFailed:
         error_code=error.code,
         message=error.message,
         retryable=error.retryable,
-        attempts=1,
+        attempts=error.attempts,
         failed_at=datetime.now(UTC),
         metadata=request.metadata,
     )

@@ -48,7 +48,10 @@ TABLE_END: Final = "<!-- metrics-table:end -->"
 Outcome = Literal["audio_ready", "failed", "dead_letter"]
 Stage = Literal["fetch_reference", "inference", "encode", "upload", "publish"]
 RebalanceEvent = Literal["assigned", "revoked"]
+# Pipeline stages retried after a transient failure (retry reasons beside the publisher's).
+RetriedStage = Literal["reference", "backend", "storage"]
 STAGES: Final = get_args(Stage)
+RETRIED_STAGES: Final = get_args(RetriedStage)
 
 # TTS takes seconds to minutes: a sentence on a warm GPU is ~1 s, a long text or a cold start
 # (container start plus model load) reaches minutes.
@@ -169,14 +172,16 @@ class Metrics:
         self._in_flight = self._add(
             Gauge,
             "requests_in_flight",
-            "Records being processed by this worker now.",
+            "Records being processed by this worker now, those waiting for their tenant's "
+            "turn included.",
         )
         self._retries = self._add(
             Counter,
             "retries_total",
             "Retried operations, by reason: `publish` (a broker error while sending an outcome "
-            "or a dead letter) or `schema_registry` (a registry outage while decoding a request "
-            "or encoding an outcome).",
+            "or a dead letter), `schema_registry` (a registry outage while decoding a request "
+            "or encoding an outcome), `reference` (fetching a reference), `backend` (a clone "
+            "call) or `storage` (looking up or storing audio).",
             ["reason"],
         )
         self._dead_letters = self._add(
@@ -199,7 +204,7 @@ class Metrics:
         self._requests.labels(model=UNKNOWN_MODEL, outcome="dead_letter")
         for reason in (*DecodeReason, HANDLER_ERROR):
             self._dead_letters.labels(reason=str(reason))
-        for reason in (BROKER_OUTAGE, SCHEMA_REGISTRY_OUTAGE):
+        for reason in (BROKER_OUTAGE, SCHEMA_REGISTRY_OUTAGE, *RETRIED_STAGES):
             self._retries.labels(reason=reason)
 
     def _define_backend_metrics(self) -> None:

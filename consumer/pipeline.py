@@ -1,17 +1,24 @@
 """The stages one clone request goes through, each a small named step.
 
-validate → fetch reference → clone (backend) → encode → store; the worker's handler decodes
-before and publishes after. Every stage failure is raised as `CloneError`, so the handler has
-one thing to turn into a clone-failed event.
+check → wait for the tenant's turn → look for audio it already produced → fetch reference →
+clone (backend) → encode → store; the worker's handler decodes before and publishes after.
+Every stage failure is raised as `CloneError`, so the handler has one thing to turn into a
+clone-failed event.
+
+A stage that fails with a transient error (reference fetch, backend call, storage) is retried
+on its own, with backoff, within the retry settings and the request's deadline: a failed
+backend call is tried again with the reference already fetched. Audio a request already
+produced (a redelivery) is described again instead of regenerated (`consumer.idempotency`).
 """
 
 import asyncio
+import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from urllib.parse import quote
+from typing import TypeVar
 
 import structlog
 
@@ -24,24 +31,29 @@ from consumer.backends.base import (
     CloneResult,
     GenerationParams,
 )
+from consumer.concurrency import KeyedSemaphores
 from consumer.errors import CloneError
-from consumer.metrics import Metrics, Stage
+from consumer.idempotency import StoredFacts, object_metadata, request_fingerprint, reusable_facts
+from consumer.metrics import Metrics, RetriedStage, Stage
 from consumer.reference import (
     ReferenceAudio,
     ReferenceFetcher,
     ReferenceInvalid,
     ReferenceUnavailable,
 )
-from consumer.settings import LimitSettings
+from consumer.settings import LimitSettings, RetrySettings
 from modal_app.audio import AudioFormat, DecodedAudio, encode_audio
 from modal_app.errors import InvalidInput as InvalidParameter
-from producer.storage import Storage, StorageError, StoredObject, object_key
+from producer.retry import retry
+from producer.storage import InvalidKeyError, Storage, StorageError, StoredObject, object_key
+from producer.storage.keys import validate_id
 from schemas.events import AudioReady, AudioTimings, CloneRequest, ErrorCode
 
 log = structlog.get_logger(__name__)
 
-# Storage metadata must be printable ASCII within S3's 2 KiB; caller ids are arbitrary text.
-_MAX_METADATA_VALUE = 256
+T = TypeVar("T")
+# What transcoding holds per sample and channel (32-bit floats): the decoded size's unit.
+_DECODED_BYTES_PER_SAMPLE = 4
 
 
 @dataclass
@@ -78,11 +90,17 @@ class EncodedAudio:
     facts: AudioFacts
 
 
-def validate(request: CloneRequest, limits: LimitSettings, now: datetime) -> None:
-    """Reject what no backend should see: empty or oversize text, a passed deadline.
+def check_request(request: CloneRequest, limits: LimitSettings) -> None:
+    """Reject what no backend should see: ids unfit for a storage key, empty or oversize text.
 
-    Ids need no check here: decoding validated them (`SafeId`), or the record was dead-lettered.
+    Ids are checked here rather than when the event is decoded, so that a request naming
+    `../x` is answered with INVALID_REQUEST; no key is built from it.
     """
+    for what, value in (("tenant_id", request.tenant_id), ("request_id", request.request_id)):
+        try:
+            validate_id(value, what)
+        except InvalidKeyError as exc:
+            raise CloneError(ErrorCode.INVALID_REQUEST, str(exc)) from None
     if not request.text.strip():
         raise CloneError(ErrorCode.INVALID_REQUEST, "text is empty")
     if len(request.text) > limits.max_text_chars:
@@ -90,17 +108,46 @@ def validate(request: CloneRequest, limits: LimitSettings, now: datetime) -> Non
             ErrorCode.TEXT_TOO_LONG,
             f"text has {len(request.text)} characters; the limit is {limits.max_text_chars}",
         )
+
+
+def check_deadline(request: CloneRequest, now: datetime) -> None:
     if expired(request, now):
         raise CloneError(ErrorCode.EXPIRED, "the request's deadline passed before work started")
+
+
+def check_audio_size(audio: bytes, facts: AudioFacts, limit: int) -> None:
+    """Refuse audio larger than `limit` bytes as sent or once decoded (a few compressed bytes
+    can decode to gigabytes), before it is transcoded or stored."""
+    decoded = math.ceil(facts.duration_seconds * facts.sample_rate) * _DECODED_BYTES_PER_SAMPLE
+    if max(len(audio), decoded) > limit:
+        raise CloneError(
+            ErrorCode.INFERENCE_FAILED,
+            f"the backend returned {facts.duration_seconds:.1f} s of audio at "
+            f"{facts.sample_rate} Hz, {len(audio)} bytes as sent and {decoded} bytes decoded; "
+            f"the limit is {limit}",
+        )
 
 
 def expired(request: CloneRequest, now: datetime) -> bool:
     return request.deadline is not None and request.deadline <= now
 
 
-class Pipeline:
-    """Turns a validated request into stored audio and the audio-ready event describing it.
+@dataclass(frozen=True)
+class Output:
+    """The stored audio a request produced (now or on an earlier delivery), as its event
+    describes it."""
 
+    stored: StoredObject
+    facts: StoredFacts
+    cold_start: bool
+
+
+class Pipeline:
+    """Turns a request into stored audio and the audio-ready event describing it.
+
+    Also what bounds the work: one request per object key at a time (a duplicate waits, then
+    finds the audio), and at most `limits.max_in_flight_per_tenant` requests per tenant; the
+    rest of a tenant's requests wait without holding a place of other tenants' (`waiting`).
     `metrics` default to ones nobody exports, for callers that do not look at them.
     """
 
@@ -111,26 +158,133 @@ class Pipeline:
         backend: Backend,
         storage: Storage,
         metrics: Metrics | None = None,
+        retry: RetrySettings | None = None,
     ) -> None:
         self._limits = limits
         self._fetcher = fetcher
         self._backend = backend
         self._storage = storage
         self._metrics = metrics if metrics is not None else Metrics.unexported()
+        self._retry = (retry if retry is not None else RetrySettings()).policy()
+        per_tenant = limits.max_in_flight_per_tenant
+        self._tenants = KeyedSemaphores(per_tenant) if per_tenant is not None else None
+        self._objects = KeyedSemaphores(1)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for their tenant's turn now."""
+        return 0 if self._tenants is None else self._tenants.waiting
+
+    def when_waiting(self, callback: Callable[[], None]) -> None:
+        """Call `callback` each time a request starts waiting for its tenant's turn."""
+        if self._tenants is not None:
+            self._tenants.on_wait = callback
 
     async def process(self, request: CloneRequest) -> AudioReady:
+        check_request(request, self._limits)
+        key = object_key(request.tenant_id, request.request_id, _format_of(request).extension)
+        async with self._tenant_turn(request), self._objects.hold(key):
+            return await self._produce(request, key)
+
+    async def _produce(self, request: CloneRequest, key: str) -> AudioReady:
         clock = StageClock(request.request_id, request.model.size, self._metrics)
         received = datetime.now(UTC)
-        validate(request, self._limits, received)
+        fingerprint = request_fingerprint(request)
+        existing = await self._retried(
+            "storage", request, lambda: self.find_existing(key, fingerprint)
+        )
+        if existing is not None:  # before the deadline check: the outcome already exists
+            log.info("audio_reused", request_id=request.request_id, key=key)
+            return self._audio_ready(request, existing, clock, received)
+        check_deadline(request, received)
         with clock.stage("fetch_reference"):
-            reference = await self.fetch_reference(request)
+            reference = await self._retried(
+                "reference", request, lambda: self.fetch_reference(request)
+            )
         with clock.stage("inference"):
-            result = await self.clone(request, reference)
+            result = await self._retried("backend", request, lambda: self.clone(request, reference))
         with clock.stage("encode"):
-            audio = await self.encode(result, AudioFormat(request.output_format.value))
+            audio = await self.encode(result, _format_of(request))
+        seconds = audio.facts.duration_seconds
+        facts = StoredFacts(audio.facts.sample_rate, round(seconds * 1000), self._backend.name)
+        metadata = object_metadata(request, fingerprint, facts)
         with clock.stage("upload"):
-            stored = await self.store(request, audio)
-        return self._audio_ready(request, result, audio, stored, clock, received)
+            stored = await self._retried(
+                "storage", request, lambda: self.store(key, audio, _format_of(request), metadata)
+            )
+        output = Output(stored, facts, cold_start=bool(result.cold_start))
+        return self._audio_ready(request, output, clock, received)
+
+    @asynccontextmanager
+    async def _tenant_turn(self, request: CloneRequest) -> AsyncIterator[None]:
+        """Hold one of the tenant's places, waiting while it has none free (not past the
+        request's deadline)."""
+        if self._tenants is None:
+            yield
+            return
+        try:
+            await self._tenants.acquire(request.tenant_id, timeout=_seconds_left(request))
+        except TimeoutError:
+            raise CloneError(
+                ErrorCode.EXPIRED,
+                "the request's deadline passed while its tenant was at its limit of requests "
+                "in flight",
+            ) from None
+        try:
+            yield
+        finally:
+            self._tenants.release(request.tenant_id)
+
+    async def _retried(
+        self,
+        stage: RetriedStage,
+        request: CloneRequest,
+        attempt: Callable[[], Awaitable[T]],
+    ) -> T:
+        """`attempt()`, again while it fails retryably, within the retry policy and the
+        request's deadline; a CloneError raised says how many attempts were made."""
+        attempts = 1
+
+        def again() -> None:
+            nonlocal attempts
+            attempts += 1
+            self._metrics.retried(stage)
+
+        left = _seconds_left(request)
+        try:
+            return await retry(
+                attempt,
+                transient=_retryable,
+                policy=self._retry,
+                what=f"{stage} for {request.request_id}",
+                on_retry=again,
+                deadline=None if left is None else time.monotonic() + left,
+            )
+        except CloneError as exc:
+            exc.attempts = attempts
+            raise
+
+    async def find_existing(self, key: str, fingerprint: str) -> Output | None:
+        """The audio stored under `key` if it was made for the same content, else None."""
+        try:
+            info = await self._storage.head(key)
+            if info is None or info.sha256 is None:  # no checksum record: not known complete
+                return None
+            facts = reusable_facts(info.metadata, fingerprint)
+            if facts is None:
+                return None
+            url, expires_at = await self._storage.url_for(key)  # a fresh presigned URL
+        except StorageError as exc:
+            raise CloneError(ErrorCode.STORAGE_FAILED, str(exc), retryable=exc.transient) from exc
+        stored = StoredObject(
+            key=key,
+            storage_uri=info.storage_uri,
+            url=url,
+            size_bytes=info.size_bytes,
+            sha256=info.sha256,
+            url_expires_at=expires_at,
+        )
+        return Output(stored, facts, cold_start=False)
 
     async def fetch_reference(self, request: CloneRequest) -> ReferenceAudio:
         voice = request.voice
@@ -175,10 +329,12 @@ class Pipeline:
     async def encode(self, result: CloneResult, wanted: AudioFormat) -> EncodedAudio:
         """The result in the wanted format, described from the final bytes themselves."""
         try:
-            data = result.audio
-            if result.format != wanted.value:
-                # Transcoding is CPU work: keep it off the event loop.
-                data = await asyncio.to_thread(transcode, data, wanted)
+            facts = read_audio_facts(result.audio)
+            check_audio_size(result.audio, facts, self._limits.max_audio_bytes)
+            if result.format == wanted.value:
+                return EncodedAudio(result.audio, facts)
+            # Transcoding is CPU work: keep it off the event loop.
+            data = await asyncio.to_thread(transcode, result.audio, wanted)
             return EncodedAudio(data, read_audio_facts(data))
         except BackendError as exc:  # read_audio_facts: the bytes are not audio
             raise CloneError(exc.code, str(exc), retryable=exc.transient) from exc
@@ -188,13 +344,9 @@ class Pipeline:
                 f"the backend's {result.format} audio cannot be encoded as {wanted.value}: {exc}",
             ) from exc
 
-    async def store(self, request: CloneRequest, audio: EncodedAudio) -> StoredObject:
-        fmt = AudioFormat(request.output_format.value)
-        key = object_key(request.tenant_id, request.request_id, fmt.extension)
-        metadata = {
-            "request-id": request.request_id,
-            "voice-id": quote(request.voice.voice_id, safe="")[:_MAX_METADATA_VALUE],
-        }
+    async def store(
+        self, key: str, audio: EncodedAudio, fmt: AudioFormat, metadata: Mapping[str, str]
+    ) -> StoredObject:
         try:
             return await self._storage.put(key, audio.data, fmt.content_type, metadata)
         except StorageError as exc:
@@ -202,45 +354,43 @@ class Pipeline:
 
     def _timeout(self, request: CloneRequest) -> float | None:
         """Seconds left before the request's deadline; the backend adds its own upper bound."""
-        if request.deadline is None:
-            return None
-        left = (request.deadline - datetime.now(UTC)).total_seconds()
-        if left <= 0:
+        left = _seconds_left(request)
+        if left is not None and left <= 0:
             raise CloneError(ErrorCode.EXPIRED, "the request's deadline passed during processing")
         return left
 
     def _audio_ready(
         self,
         request: CloneRequest,
-        result: CloneResult,
-        audio: EncodedAudio,
-        stored: StoredObject,
+        output: Output,
         clock: StageClock,
         received: datetime,
     ) -> AudioReady:
         queue_ms = max(0, round((received - request.created_at).total_seconds() * 1000))
+        stored, facts = output.stored, output.facts
         return AudioReady(
             request_id=request.request_id,
             tenant_id=request.tenant_id,
             voice_id=request.voice.voice_id,
             audio_url=stored.url,
             storage_uri=stored.storage_uri,
-            content_type=AudioFormat(request.output_format.value).content_type,
+            content_type=_format_of(request).content_type,
             format=request.output_format,
-            sample_rate=audio.facts.sample_rate,
-            duration_ms=round(audio.facts.duration_seconds * 1000),
+            sample_rate=facts.sample_rate,
+            duration_ms=facts.duration_ms,
             size_bytes=stored.size_bytes,
             sha256=stored.sha256,
             model=request.model,
-            backend=self._backend.name,
+            backend=facts.backend,
             language=request.language,
-            cold_start=bool(result.cold_start),
+            cold_start=output.cold_start,
             timings=AudioTimings(
                 queue_ms=queue_ms,
-                reference_fetch_ms=clock.ms["fetch_reference"],
-                inference_ms=clock.ms["inference"],
-                encode_ms=clock.ms["encode"],
-                upload_ms=clock.ms["upload"],
+                # Stages skipped (the audio already existed) took no time.
+                reference_fetch_ms=clock.ms.get("fetch_reference", 0),
+                inference_ms=clock.ms.get("inference", 0),
+                encode_ms=clock.ms.get("encode", 0),
+                upload_ms=clock.ms.get("upload", 0),
                 total_ms=clock.total_ms(),
             ),
             url_expires_at=stored.url_expires_at,
@@ -253,6 +403,21 @@ def transcode(data: bytes, wanted: AudioFormat) -> bytes:
     """Re-encode audio a backend returned in another format than the request asked for."""
     audio = DecodedAudio.from_bytes(data)
     return encode_audio(audio.samples, audio.sample_rate, wanted)
+
+
+def _format_of(request: CloneRequest) -> AudioFormat:
+    return AudioFormat(request.output_format.value)
+
+
+def _seconds_left(request: CloneRequest) -> float | None:
+    """Seconds until the request's deadline (negative once passed); None without one."""
+    if request.deadline is None:
+        return None
+    return (request.deadline - datetime.now(UTC)).total_seconds()
+
+
+def _retryable(exc: Exception) -> bool:
+    return isinstance(exc, CloneError) and exc.retryable
 
 
 def _generation(request: CloneRequest) -> GenerationParams:

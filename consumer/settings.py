@@ -5,15 +5,59 @@ from pydantic import BaseModel, Field
 from consumer.backends.base import BackendSettings
 from consumer.observability.settings import HttpServerSettings
 from consumer.reference import ReferenceSettings
+from producer.retry import RetryPolicy
 from producer.settings import ClientSettings
 
 
 class LimitSettings(BaseModel):
-    """Bounds on what one request may ask for."""
+    """Bounds on what one request may ask for, and on what one tenant may hold."""
 
     max_text_chars: int = Field(
         20_000, ge=1, description="Longest text accepted; longer gets TEXT_TOO_LONG."
     )
+    max_audio_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="Largest generated audio accepted, as the backend sent it and decoded "
+        "(32-bit samples per channel: 256 MiB is 46 minutes at 24 kHz); larger gets "
+        "INFERENCE_FAILED before it is transcoded or stored.",
+    )
+    max_in_flight_per_tenant: int | None = Field(
+        None,
+        ge=1,
+        description="Requests of one tenant processed at once by one worker; the tenant's "
+        "further requests wait (see max_waiting) while other tenants' go ahead. Unset: no "
+        "per-tenant bound.",
+    )
+
+
+class RetrySettings(BaseModel):
+    """Retries of a pipeline stage (reference fetch, backend call, storage) that failed with a
+    transient error; each stage is retried on its own, within the request's deadline."""
+
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Tries of one stage (reference fetch, backend call, storage) failing with "
+        "a transient error before the request fails; 1: no retries.",
+    )
+    max_seconds: float = Field(
+        300, ge=0, description="No new try of a stage starts this long after its first one."
+    )
+    initial_backoff_seconds: float = Field(
+        1.0, ge=0, description="Wait before the second try; doubled for each later one."
+    )
+    max_backoff_seconds: float = Field(
+        30.0, ge=0, description="Longest wait between tries (each wait is jittered to 50-100 %)."
+    )
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            max_seconds=self.max_seconds,
+            initial_backoff_seconds=self.initial_backoff_seconds,
+            max_backoff_seconds=self.max_backoff_seconds,
+        )
 
 
 class WorkerSettings(ClientSettings):
@@ -21,7 +65,16 @@ class WorkerSettings(ClientSettings):
 
     group_id: str = Field("voiceclone-worker", description="Kafka consumer group of the workers.")
     max_in_flight: int = Field(
-        16, ge=1, description="Requests processed at once by one worker; fetching pauses when full."
+        16,
+        ge=1,
+        description="Requests processed at once by one worker; fetching pauses when full. "
+        "Requests waiting for their tenant's turn do not count (see max_waiting).",
+    )
+    max_waiting: int = Field(
+        64,
+        ge=0,
+        description="Requests held in memory, uncommitted, while their tenant is at "
+        "limits.max_in_flight_per_tenant; when this many wait, fetching pauses for all tenants.",
     )
     poll_timeout_ms: int = Field(
         200, ge=1, description="Longest wait for new records in one poll of the requests topic."
@@ -42,6 +95,7 @@ class WorkerSettings(ClientSettings):
         3600, ge=0, description="How far back the cancel topic is read when the worker starts."
     )
     limits: LimitSettings = LimitSettings()
+    retry: RetrySettings = RetrySettings()
     backend: BackendSettings = BackendSettings()
     reference: ReferenceSettings = ReferenceSettings()
     http: HttpServerSettings = HttpServerSettings()

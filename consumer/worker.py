@@ -51,6 +51,8 @@ class Worker:
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
         self._slot_freed = asyncio.Event()
+        # A record that starts waiting for its tenant's turn gives its slot back.
+        handler.when_waiting(self._slot_freed.set)
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
 
@@ -120,7 +122,16 @@ class Worker:
             await self._commit(consumer)
 
     def _free_slots(self) -> int:
-        return self._settings.max_in_flight - self.in_flight
+        """How many more records to start now.
+
+        Records waiting for their tenant's turn (`limits.max_in_flight_per_tenant`) take no
+        slot of `max_in_flight`, so a tenant with a backlog cannot fill the worker and starve
+        the others; up to `max_waiting` of them are held, in memory and uncommitted, beyond it.
+        """
+        settings = self._settings
+        running = self.in_flight - self._handler.waiting
+        held_at_most = settings.max_in_flight + settings.max_waiting
+        return min(settings.max_in_flight - running, held_at_most - self.in_flight)
 
     def _apply_backpressure(self, consumer: AIOKafkaConsumer, free: int) -> None:
         if free <= 0:

@@ -10,6 +10,7 @@ its owner can count them and answer readiness probes without this package knowin
 """
 
 import functools
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ from schemas.topics import Topics
 log = structlog.get_logger(__name__)
 
 Headers = Sequence[tuple[str, bytes]]
+
+# aiokafka's default bound on one record, plus room for the dlq.* headers: a dead letter copies
+# a request record, which may itself be as large as an upstream producer's default allows.
+# The DLQ topic must allow it too (max.message.bytes; `voiceclone topics create` sets it).
+MAX_RECORD_BYTES = 1024 * 1024 + 64 * 1024
 
 
 def _ignore(_: object) -> None:
@@ -95,6 +101,7 @@ class OutcomePublisher:
             acks="all",
             enable_idempotence=True,
             linger_ms=2,
+            max_request_size=MAX_RECORD_BYTES,
         )
 
     async def start(self) -> None:
@@ -130,12 +137,28 @@ class OutcomePublisher:
         # since marking the offset done without an acknowledged outcome would lose the request.
         await retry_while(
             _broker_outage,
-            lambda: self._producer.send_and_wait(topic, value, key=key, headers=list(headers)),
+            lambda: self._send_once(topic, key, value, list(headers)),
             backoff_seconds=self._backoff,
             what=f"sending to {topic}",
             on_retry=self._broker_unreachable,
         )
         self._hooks.connected(True)
+
+    async def _send_once(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> None:
+        if key is not None or value is not None:
+            await self._producer.send_and_wait(topic, value, key=key, headers=headers)
+            return
+        # Kafka allows a record with neither key nor value (a dead letter may copy one), but
+        # aiokafka's send() refuses it: send it as a batch of one, on any partition (there is
+        # no key to choose one by).
+        partitions = sorted(await self._producer.partitions_for(topic))
+        batch = self._producer.create_batch()
+        batch.append(key=None, value=None, timestamp=None, headers=headers)
+        batch.close()
+        partition = random.choice(partitions)
+        await (await self._producer.send_batch(batch, topic, partition=partition))
 
     def _broker_unreachable(self) -> None:
         self._hooks.retried(BROKER_OUTAGE)

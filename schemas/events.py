@@ -24,6 +24,10 @@ from schemas.topics import Topics
 AVRO_NAMESPACE: Final = "io.voiceclone.events"
 
 # Ids end up in object keys and paths, hence the character set and the ban on dot segments.
+# Events the worker writes from a served request (AudioReady) and cancels carry such ids; a
+# CloneRequest may carry any string, so that one with an unsafe id is answered (the worker
+# refuses it with INVALID_REQUEST before building any key) rather than dead-lettered, and its
+# CloneFailed carries the ids back as they were.
 SAFE_ID_PATTERN: Final = r"^[A-Za-z0-9._-]{1,128}$"
 _DOT_SEGMENTS: Final = frozenset({".", ".."})
 
@@ -173,8 +177,8 @@ class GenerationParams(_Record):
 class CloneRequest(EventModel):
     avro_name: ClassVar[str] = f"{AVRO_NAMESPACE}.CloneRequest"
 
-    request_id: SafeId
-    tenant_id: SafeId
+    request_id: str  # checked by the worker, see SAFE_ID_PATTERN
+    tenant_id: str
     voice: VoiceReference
     text: str
     language: Language = Language.AUTO
@@ -222,8 +226,8 @@ class AudioReady(EventModel):
 class CloneFailed(EventModel):
     avro_name: ClassVar[str] = f"{AVRO_NAMESPACE}.CloneFailed"
 
-    request_id: SafeId
-    tenant_id: SafeId
+    request_id: str  # the request's, as it was: possibly not a SafeId
+    tenant_id: str
     error_code: ErrorCode
     message: str
     retryable: bool

@@ -139,7 +139,7 @@ class S3Storage(Lifecycle):
                 s3={"addressing_style": addressing_style},
                 # botocore's standard mode already retries throttling and 5xx with backoff;
                 # what still fails after that reaches the caller as transient.
-                retries={"mode": "standard", "max_attempts": max_attempts},
+                retries={"mode": "standard", "total_max_attempts": max_attempts},
                 connect_timeout=connect_timeout_seconds,
                 read_timeout=read_timeout_seconds,
             ),

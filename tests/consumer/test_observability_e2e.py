@@ -182,7 +182,8 @@ async def assert_request_metrics(
     assert await scalar(prometheus, 'voiceclone_rebalances_total{event="assigned"}') == 1
     assert await scalar(prometheus, "voiceclone_commit_failures_total") == 0
     retries = await prometheus.query("sum by (reason) (voiceclone_retries_total)")
-    assert by("reason", retries) == {"publish": 0, "schema_registry": 0}
+    reasons = ("publish", "schema_registry", "reference", "backend", "storage")
+    assert by("reason", retries) == dict.fromkeys(reasons, 0)
 
 
 async def test_a_registry_outage_is_counted_as_retries_and_readiness_holds(

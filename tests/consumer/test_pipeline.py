@@ -2,21 +2,26 @@
 storage. What each failure becomes, and that the audio-ready event describes the stored file."""
 
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import soundfile
 
 from consumer.backends import BackendSettings, CloneResult
 from consumer.backends.http import HttpBackend
 from consumer.errors import CloneError
-from consumer.pipeline import Pipeline, validate
+from consumer.metrics import Metrics
+from consumer.pipeline import Pipeline, check_deadline, check_request
 from consumer.reference import ReferenceFetcher, ReferenceSettings
-from consumer.settings import LimitSettings
+from consumer.settings import LimitSettings, RetrySettings
 from modal_app.audio import AudioFormat as EngineFormat
-from producer.storage import LocalStorage, object_key
+from modal_app.audio import encode_audio
+from producer.storage import LocalStorage, Storage, object_key
 from schemas.events import AudioFormat, ErrorCode
 from tests.consumer.backends.conftest import make_wav
 from tests.consumer.backends.test_http import (
@@ -35,18 +40,35 @@ async def storage(tmp_path: Path) -> AsyncIterator[LocalStorage]:
         yield storage
 
 
+MakePipeline = Callable[..., Pipeline]
+
+
 @pytest.fixture
-async def pipeline(
+async def make_pipeline(
     seed_server: SeedServer,  # noqa: F811
     reference_root: Path,
-    storage: LocalStorage,
-) -> AsyncIterator[Pipeline]:
+    storage: Storage,
+) -> AsyncIterator[MakePipeline]:
+    """Pipelines on the seed server, file references and `storage`; keyword arguments are
+    LimitSettings fields, `retry=RetrySettings(...)` and `metrics=...` go to the pipeline."""
     backend = HttpBackend(BackendSettings(kind="http", http={"base_url": seed_server.url}))
     await backend.start()
     references = ReferenceSettings(allowed_schemes=["file"], file_root=reference_root)
     async with ReferenceFetcher(references) as fetcher:
-        yield Pipeline(LimitSettings(max_text_chars=100), fetcher, backend, storage)
+
+        def make(
+            retry: RetrySettings | None = None, metrics: Metrics | None = None, **limits: Any
+        ) -> Pipeline:
+            settings = LimitSettings(**({"max_text_chars": 100} | limits))
+            return Pipeline(settings, fetcher, backend, storage, metrics, retry)
+
+        yield make
     await backend.close()
+
+
+@pytest.fixture
+def pipeline(make_pipeline: MakePipeline) -> Pipeline:
+    return make_pipeline()
 
 
 @pytest.fixture
@@ -63,25 +85,60 @@ def code_of(error: pytest.ExceptionInfo[CloneError]) -> tuple[ErrorCode, bool]:
     [
         ({"text": "   "}, ErrorCode.INVALID_REQUEST),
         ({"text": "a" * 101}, ErrorCode.TEXT_TOO_LONG),
-        ({"deadline": NOW}, ErrorCode.EXPIRED),
-        ({"deadline": NOW - timedelta(seconds=1)}, ErrorCode.EXPIRED),
+        ({"request_id": "../../etc/passwd"}, ErrorCode.INVALID_REQUEST),
+        ({"request_id": "a/b"}, ErrorCode.INVALID_REQUEST),
+        ({"request_id": ".."}, ErrorCode.INVALID_REQUEST),
+        ({"request_id": ""}, ErrorCode.INVALID_REQUEST),
+        ({"request_id": "x" * 129}, ErrorCode.INVALID_REQUEST),
+        ({"tenant_id": "../other-tenant"}, ErrorCode.INVALID_REQUEST),
+        ({"tenant_id": "a\\b"}, ErrorCode.INVALID_REQUEST),
+        ({"tenant_id": "é"}, ErrorCode.INVALID_REQUEST),
     ],
 )
-def test_validate_rejects(overrides: dict[str, object], code: ErrorCode) -> None:
+def test_check_request_rejects(overrides: dict[str, object], code: ErrorCode) -> None:
     request = clone_request("file:///voice.wav", **overrides)
 
     with pytest.raises(CloneError) as raised:
-        validate(request, LimitSettings(max_text_chars=100), NOW)
+        check_request(request, LimitSettings(max_text_chars=100))
 
     assert code_of(raised) == (code, False)
 
 
-def test_validate_accepts_text_at_the_limit_and_a_future_deadline() -> None:
+@pytest.mark.parametrize("deadline", [NOW, NOW - timedelta(seconds=1)])
+def test_check_deadline_rejects_a_passed_deadline(deadline: datetime) -> None:
+    request = clone_request("file:///voice.wav", deadline=deadline)
+
+    with pytest.raises(CloneError) as raised:
+        check_deadline(request, NOW)
+
+    assert code_of(raised) == (ErrorCode.EXPIRED, False)
+
+
+def test_checks_accept_text_at_the_limit_and_a_future_deadline() -> None:
     request = clone_request(
         "file:///voice.wav", text="a" * 100, deadline=NOW + timedelta(milliseconds=1)
     )
 
-    validate(request, LimitSettings(max_text_chars=100), NOW)
+    check_request(request, LimitSettings(max_text_chars=100))
+    check_deadline(request, NOW)
+
+
+async def test_an_unsafe_id_never_reaches_storage(
+    pipeline: Pipeline, storage: LocalStorage, voice_uri: str, tmp_path: Path
+) -> None:
+    request = clone_request(voice_uri, tenant_id="..", request_id="escaped")
+
+    with pytest.raises(CloneError) as raised:
+        await pipeline.process(request)
+
+    assert code_of(raised) == (ErrorCode.INVALID_REQUEST, False)
+    assert "tenant_id" in raised.value.message
+    assert files_under(tmp_path, "escaped.wav") == []
+    assert files_under(storage.root, "*") == []
+
+
+def files_under(root: Path, pattern: str) -> list[Path]:
+    return [path for path in root.rglob(pattern) if path.is_file()]
 
 
 @pytest.mark.parametrize("fmt", list(AudioFormat))
@@ -184,3 +241,26 @@ async def test_audio_that_cannot_be_encoded_is_a_failed_inference(
         await pipeline.encode(backend_result(audio), wanted)
 
     assert code_of(raised) == (ErrorCode.INFERENCE_FAILED, False)
+
+
+@pytest.mark.parametrize(
+    ("audio", "declared"),
+    [
+        (make_wav(1.0, sample_rate=24_000), "WAV"),  # 48 kB as sent, 96 kB decoded
+        # Ten seconds of silence: a few kB of FLAC, 960 kB once decoded for transcoding.
+        (encode_audio(np.zeros(240_000, dtype=np.float32), 24_000, EngineFormat.FLAC), "FLAC"),
+    ],
+)
+async def test_audio_over_the_size_limit_is_refused_before_transcoding_or_storing(
+    make_pipeline: MakePipeline, audio: bytes, declared: str
+) -> None:
+    result = replace(backend_result(audio), format=declared)
+    decoded = 96_000 if declared == "WAV" else 960_000
+
+    with pytest.raises(CloneError) as raised:
+        await make_pipeline(max_audio_bytes=decoded - 1).encode(result, EngineFormat.WAV)
+    encoded = await make_pipeline(max_audio_bytes=decoded).encode(result, EngineFormat.WAV)
+
+    assert code_of(raised) == (ErrorCode.INFERENCE_FAILED, False)
+    assert f"{decoded} bytes decoded" in raised.value.message
+    assert encoded.facts.sample_rate == 24_000

@@ -352,3 +352,43 @@ async def test_cancelling_serve_finishes_in_flight_work_and_restores_signal_hand
     assert isinstance(outcomes.first(request.request_id), AudioReady)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     await assert_all_committed(settings)
+
+
+async def test_requests_with_unsafe_ids_are_answered_invalid_not_dead_lettered(
+    http_settings: WorkerSettingsFactory,
+    seed_server: SeedServer,  # noqa: F811
+    voice_uri: str,
+    tmp_path: Path,
+) -> None:
+    settings = http_settings()
+    unsafe = [
+        clone_request(voice_uri, request_id="../../escaped"),
+        clone_request(voice_uri, tenant_id="../other-tenant"),
+        clone_request(voice_uri, tenant_id="a/b", request_id="c/d"),
+        clone_request(voice_uri, request_id="forged\nlog line"),
+    ]
+
+    with capture_logs() as logs:
+        async with (
+            Requests(settings) as requests,
+            Outcomes(settings) as outcomes,
+            running_worker(settings),
+        ):
+            await requests.send(*unsafe)
+            await outcomes.wait_for([r.request_id for r in unsafe])
+
+    for request in unsafe:
+        failed = outcomes.first(request.request_id)
+        assert isinstance(failed, CloneFailed)
+        assert (failed.error_code, failed.retryable) == (ErrorCode.INVALID_REQUEST, False)
+        assert (failed.request_id, failed.tenant_id) == (request.request_id, request.tenant_id)
+    assert outcomes.dead_letters == []
+    assert seed_server.requests == []
+    assert written_files(tmp_path) == []
+    assert all("\n" not in str(entry.get("request_id", "")) for entry in logs)
+    await assert_all_committed(settings)
+
+
+def written_files(root: Path) -> list[Path]:
+    """Files anywhere under the test's directory but the reference recordings."""
+    return [p for p in root.rglob("*") if p.is_file() and "references" not in p.parts]

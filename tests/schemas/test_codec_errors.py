@@ -1,6 +1,8 @@
 """Bad input raises the typed codec errors, with the right reason, in both wire formats."""
 
 import os
+from datetime import datetime
+from typing import Any
 
 import pytest
 
@@ -87,17 +89,35 @@ async def test_unknown_topic(codecs: CodecPair) -> None:
     assert error.reason == DecodeReason.UNKNOWN_TOPIC
 
 
-async def test_invalid_record(codecs: CodecPair) -> None:
-    """Well-formed Avro that breaks a model rule (an unsafe id) is rejected on decode."""
-    record = {**minimal_request().to_avro(), "request_id": ".."}
+async def _written(codecs: CodecPair, record: dict[str, Any]) -> Encoded:
+    """`record` written with the shipped request schema, bypassing the models' checks."""
     if codecs.mode == "schemaless":
-        encoded = schemaless_record(shipped("clone_request"), record)
-    else:
-        schema_id = int.from_bytes((await _valid(codecs)).value[1:5], "big")
-        encoded = registry_record(schema_id, shipped("clone_request"), record)
+        return schemaless_record(shipped("clone_request"), record)
+    schema_id = int.from_bytes((await _valid(codecs)).value[1:5], "big")
+    return registry_record(schema_id, shipped("clone_request"), record)
+
+
+async def test_invalid_record(codecs: CodecPair) -> None:
+    """Well-formed Avro that breaks a model rule (a malformed checksum) is rejected on decode."""
+    request = minimal_request().to_avro()
+    voice = {**request["voice"], "reference_audio_sha256": "not-a-sha256"}
+    encoded = await _written(codecs, {**request, "voice": voice})
     error = await _decode_error(codecs.reader, encoded.value, encoded.headers)
     assert error.reason == DecodeReason.INVALID_RECORD
-    assert "request_id" in str(error)
+    assert "reference_audio_sha256" in str(error)
+
+
+@pytest.mark.parametrize("unsafe", ["..", "../etc/passwd", "a/b", ""])
+async def test_a_request_with_an_unsafe_id_decodes(codecs: CodecPair, unsafe: str) -> None:
+    """The worker refuses it with a clone-failed event (INVALID_REQUEST) that names the ids,
+    instead of dead-lettering it: so decoding accepts it."""
+    record = {**minimal_request().to_avro(), "request_id": unsafe, "tenant_id": unsafe}
+    encoded = await _written(codecs, record)
+
+    event = await codecs.reader.decode(REQUESTS, encoded.value, encoded.headers)
+
+    assert isinstance(event, CloneRequest)
+    assert (event.request_id, event.tenant_id) == (unsafe, unsafe)
 
 
 # -- schemaless framing -----------------------------------------------------------------------
@@ -235,7 +255,7 @@ async def test_encode_to_a_topic_of_another_event_type(codecs: CodecPair) -> Non
 @pytest.mark.parametrize(
     "changes",
     [
-        {"request_id": "../etc"},  # breaks a model rule, fine for Avro
+        {"created_at": datetime(2025, 1, 1)},  # naive: breaks a model rule, fine for Avro
         {"text": 42},  # wrong type
         {"language": "KLINGON"},  # not a symbol
         {"generation": {"top_k": 2**40}},  # not an Avro int

@@ -32,25 +32,50 @@ def _request(**changes: object) -> CloneRequest:
     return CloneRequest.model_validate({**minimal_request().model_dump(), **changes})
 
 
+UNSAFE_IDS = ["", ".", "..", "a/b", "../x", "a b", "a\n", "é", "x" * 129, "a:b", "a\\b"]
+
+
+def _ready(**changes: object) -> AudioReady:
+    return AudioReady.model_validate({**full_audio_ready().model_dump(), **changes})
+
+
+def _cancel(**changes: object) -> CloneCancel:
+    return CloneCancel.model_validate(
+        {"request_id": "r", "tenant_id": "t", "requested_at": utc_now(), **changes}
+    )
+
+
 @pytest.mark.parametrize("good", ["a", "req-1", "A.b_c-9", "...", "a..b", ".hidden", "x" * 128])
 def test_ids_accept_safe_keys(good: str) -> None:
     assert _request(request_id=good, tenant_id=good).request_id == good
+    assert _ready(request_id=good, tenant_id=good).tenant_id == good
+    assert _cancel(request_id=good, tenant_id=good).request_id == good
 
 
-@pytest.mark.parametrize(
-    "bad", ["", ".", "..", "a/b", "../x", "a b", "a\n", "é", "x" * 129, "a:b", "a\\b"]
-)
+@pytest.mark.parametrize("bad", UNSAFE_IDS)
 @pytest.mark.parametrize("field", ["request_id", "tenant_id"])
-def test_ids_reject_unsafe_keys(field: str, bad: str) -> None:
+def test_events_the_worker_writes_from_checked_ids_reject_unsafe_ones(field: str, bad: str) -> None:
     with pytest.raises(ValidationError, match=field):
-        _request(**{field: bad})
+        _ready(**{field: bad})
+    with pytest.raises(ValidationError, match=field):
+        _cancel(**{field: bad})
 
 
-def test_ids_are_checked_on_every_event() -> None:
-    with pytest.raises(ValidationError):
-        CloneCancel(request_id="..", tenant_id="t", requested_at=utc_now())
-    with pytest.raises(ValidationError):
-        AudioReady.model_validate({**full_audio_ready().model_dump(), "tenant_id": "a/b"})
+@pytest.mark.parametrize("bad", UNSAFE_IDS)
+def test_requests_and_their_failures_carry_any_id(bad: str) -> None:
+    """The worker, not decoding, refuses a request with an unsafe id: with a clone-failed event
+    naming the ids as they were sent."""
+    request = _request(request_id=bad, tenant_id=bad)
+    failed = CloneFailed(
+        request_id=request.request_id,
+        tenant_id=request.tenant_id,
+        error_code="INVALID_REQUEST",
+        message="m",
+        retryable=False,
+        attempts=1,
+        failed_at=utc_now(),
+    )
+    assert (failed.request_id, failed.tenant_id) == (bad, bad)
 
 
 def test_text_has_no_length_limit_in_the_contract() -> None:

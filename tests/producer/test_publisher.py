@@ -1,0 +1,67 @@
+"""Dead letters on the real broker: the original record, byte for byte, with why it failed."""
+
+import time
+from datetime import UTC, datetime
+
+import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+
+from producer.follow import assign_since
+from producer.publisher import DeadLetter, OutcomePublisher
+from producer.settings import KafkaSettings
+from schemas.codec import EventDecodeError, make_codec
+from schemas.topics import Topics
+from tests.fixtures.kafka import TopicFactory
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def dead_letter_round_trip(
+    bootstrap: str, topic_factory: TopicFactory, letter: DeadLetter
+) -> ConsumerRecord:
+    topics = Topics(dlq=await topic_factory("dlq", partitions=2))
+    publisher = OutcomePublisher(KafkaSettings(bootstrap_servers=bootstrap), topics, make_codec())
+    await publisher.start()
+    try:
+        await publisher.dead_letter(letter)
+    finally:
+        await publisher.stop()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        await assign_since(consumer, [topics.dlq], datetime.fromtimestamp(0, UTC))
+        return await consumer.getone()
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [(b"k", b"\x00bytes"), (None, b"v"), (b"k", None), (None, None)]
+)
+async def test_a_dead_letter_keeps_the_record_and_says_why(
+    kafka_bootstrap: str,
+    topic_factory: TopicFactory,
+    key: bytes | None,
+    value: bytes | None,
+) -> None:
+    error = EventDecodeError("corrupt", "not Avro")
+    original = [("traceparent", b"00-abc-def-01"), ("dup", b"1"), ("dup", b"2")]
+    letter = DeadLetter("requests", 2, 41, key, value, original, error, attempts=1)
+    before_ms = int(time.time() * 1000)
+
+    record = await dead_letter_round_trip(kafka_bootstrap, topic_factory, letter)
+
+    assert (record.key, record.value) == (key, value)
+    assert list(record.headers[:3]) == original
+    added = {name: raw.decode() for name, raw in record.headers[3:]}
+    assert added == {
+        "dlq.error.type": "EventDecodeError",
+        "dlq.error.reason": "corrupt",
+        "dlq.error.message": "not Avro",
+        "dlq.original.topic": "requests",
+        "dlq.original.partition": "2",
+        "dlq.original.offset": "41",
+        "dlq.attempts": "1",
+        "dlq.timestamp": added["dlq.timestamp"],
+    }
+    assert before_ms <= int(added["dlq.timestamp"]) <= int(time.time() * 1000)
