@@ -60,6 +60,7 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _NOT_FOUND_STATUSES = frozenset({404, 410})
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
 _MAX_URI_CHARS = 8192
+_MAX_PORT = 65535
 _SHOWN_URI_CHARS = 160
 _DECODE_BLOCK_SAMPLES = 1 << 18  # per channel-interleaved block: about 1 MiB of float32
 # 64:ff9b::/96 (NAT64) carries an IPv4 address that the gateway would connect to.
@@ -265,6 +266,10 @@ async def _resolve_host(host: str, port: int) -> list[IPAddress]:
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except UnicodeError as exc:  # the idna codec refuses an empty or over-long label
+        raise ReferenceUnavailable(
+            f"host {host[:100]!r} is not a valid name", reason="bad_uri"
+        ) from exc
     except socket.gaierror as exc:
         missing = exc.errno in {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)}
         raise ReferenceUnavailable(
@@ -352,6 +357,7 @@ class ReferenceFetcher:
             limits=httpx.Limits(max_keepalive_connections=0),
             # Compressed bodies could expand far past the size cap in one chunk.
             headers={"Accept-Encoding": "identity", "User-Agent": "voiceclone-worker"},
+            event_hooks={"response": [_refuse_malformed_redirect]},
         )
         self._readers: dict[str, Callable[[str], Awaitable[bytes]]] = {
             "http": self._read_http,
@@ -475,6 +481,9 @@ class ReferenceFetcher:
             raise ReferenceUnavailable(
                 "credentials in reference URIs are not allowed", reason="forbidden"
             )
+        if url.port is not None and not 0 < url.port <= _MAX_PORT:
+            # Left to the socket layer it would raise OverflowError, not a network error.
+            raise ReferenceUnavailable(f"port {url.port} is out of range", reason="bad_uri")
         if not url.host or not _host_allowed(url.host, self._settings.allowed_hosts):
             raise ReferenceUnavailable(
                 f"host {url.host[:100]!r} is not allowed for references", reason="forbidden"
@@ -598,6 +607,19 @@ class ReferenceFetcher:
                 f"{redact_uri(uri)} is outside the reference root", reason="forbidden"
             )
         return path
+
+
+async def _refuse_malformed_redirect(response: httpx.Response) -> None:
+    """httpx parses a redirect's Location even when not following it, and reports a malformed
+    one as a transport error (transient: retried); it is the server's answer, so refuse it
+    here, before httpx looks."""
+    location = response.headers.get("Location")
+    if response.status_code not in _REDIRECT_STATUSES or location is None:
+        return
+    try:
+        httpx.URL(location)
+    except httpx.InvalidURL as exc:
+        raise ReferenceUnavailable("redirect to a malformed URI", reason="bad_uri") from exc
 
 
 def _redirect_target(response: httpx.Response, url: httpx.URL) -> httpx.URL | None:
