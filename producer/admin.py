@@ -5,6 +5,7 @@ import contextlib
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from producer.publisher import MAX_RECORD_BYTES
 from producer.settings import ClientSettings
 
 
@@ -28,6 +29,7 @@ async def create_topics(settings: ClientSettings, partitions: int | None = None)
                 name=name,
                 num_partitions=partitions or kafka.topic_partitions,
                 replication_factor=kafka.topic_replication_factor,
+                topic_configs=_configs(name, settings),
             )
             for name in wanted
         ]
@@ -38,3 +40,10 @@ async def create_topics(settings: ClientSettings, partitions: int | None = None)
         return wanted
     finally:
         await admin.close()
+
+
+def _configs(name: str, settings: ClientSettings) -> dict[str, str]:
+    """The dead-letter topic takes whole copies of request records plus their dlq.* headers."""
+    if name == settings.topics.dlq:
+        return {"max.message.bytes": str(MAX_RECORD_BYTES)}
+    return {}
