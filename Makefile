@@ -27,6 +27,10 @@ lint: setup ## ruff: lint and formatting
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
 
+.PHONY: bench
+bench: setup broker-start ## Benchmarks on the local broker (README "Benchmarks"); BENCH_ARGS=--quick
+	$(UV) run --frozen python -m bench --bootstrap $$($(BROKER) bootstrap) $(BENCH_ARGS)
+
 run: setup broker-start topics ## The main job: broker, topics, a local worker (left running), one request
 	$(BOOTSTRAP_ENV) $(UV) run --frozen python deploy/demo.py run $(if $(MODEL),--model '$(MODEL)')
 
