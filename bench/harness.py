@@ -1,16 +1,14 @@
 """The worker under benchmark: `consumer.app.serve()` itself, with a fixture backend.
 
-serve() builds its backend with `make_backend(settings.backend)`; until it takes a backend as
-an argument, the benchmark replaces that one name in `consumer.app` while serve() starts. Every
-other component is the one production builds, from the same settings.
+serve() is given the benchmark's backend in place of the one its settings describe (it starts
+and closes it). Every other component is the one production builds, from the same settings.
 """
 
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from unittest import mock
 
 import consumer.app
 from consumer.backends import Backend
@@ -45,12 +43,6 @@ def worker_settings(
     )
 
 
-@contextlib.contextmanager
-def _backend_injected(backend: Backend) -> Iterator[None]:
-    with mock.patch.object(consumer.app, "make_backend", return_value=backend):
-        yield
-
-
 @contextlib.asynccontextmanager
 async def running_worker(
     settings: WorkerSettings, backend: Backend
@@ -58,13 +50,12 @@ async def running_worker(
     """serve() in a task (yielded), started: it then joins its group. Cancelled and drained
     when the block ends."""
     ready = asyncio.Event()
-    with _backend_injected(backend):
-        task = asyncio.create_task(consumer.app.serve(settings, ready), name="bench-serve")
-        started = asyncio.create_task(ready.wait())
-        await asyncio.wait(
-            {task, started}, timeout=_START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
-        )
-        started.cancel()
+    task = asyncio.create_task(consumer.app.serve(settings, ready, backend), name="bench-serve")
+    started = asyncio.create_task(ready.wait())
+    await asyncio.wait(
+        {task, started}, timeout=_START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+    )
+    started.cancel()
     if task.done():
         task.result()  # raises why it could not start
         raise RuntimeError("serve() returned before it was ready")

@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer
 
-from consumer.backends import make_backend
+from consumer.backends import Backend, make_backend
 from consumer.cancels import CancelRegistry, CancelWatcher
 from consumer.handler import RecordHandler
 from consumer.metrics import Metrics
@@ -28,12 +28,20 @@ from schemas.codec import make_codec
 log = structlog.get_logger(__name__)
 
 
-async def serve(settings: WorkerSettings, ready: asyncio.Event | None = None) -> None:
+async def serve(
+    settings: WorkerSettings,
+    ready: asyncio.Event | None = None,
+    backend: Backend | None = None,
+) -> None:
     """Run one worker until SIGTERM/SIGINT or cancellation: stop fetching, drain in-flight
     requests within the grace period, commit, close. Cancellation is re-raised once drained.
 
     `ready` is set once every component has started and the cancel topic's lookback window
     has been read; the worker then joins its group.
+
+    `backend` replaces the one `settings.backend` describes (a benchmark's or test's own).
+    serve() owns it either way: it starts it and closes it on the way out, so pass one not
+    started and do not use it after.
     """
     codec = make_codec(settings.schema_registry_url)
     metrics = Metrics()
@@ -44,7 +52,7 @@ async def serve(settings: WorkerSettings, ready: asyncio.Event | None = None) ->
         storage = make_storage(settings.storage)
         await storage.start()
         stack.push_async_callback(storage.close)
-        backend = make_backend(settings.backend)
+        backend = backend if backend is not None else make_backend(settings.backend)
         await backend.start()
         stack.push_async_callback(backend.close)
         health.backend_ready = backend.ready

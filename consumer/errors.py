@@ -5,7 +5,8 @@ from schemas.events import ErrorCode
 
 class CloneError(Exception):
     """A request cannot be served; `code`, `retryable` and `attempts` (how many times the
-    failing stage was tried) go into the clone-failed event."""
+    failing stage was tried) go into the clone-failed event. `stage_ms`: the milliseconds
+    each timed stage that ran took, the failing one last (for the outcome's log line)."""
 
     def __init__(
         self, code: ErrorCode, message: str, *, retryable: bool = False, attempts: int = 1
@@ -15,3 +16,4 @@ class CloneError(Exception):
         self.message = message
         self.retryable = retryable
         self.attempts = attempts
+        self.stage_ms: dict[str, int] = {}

@@ -58,10 +58,10 @@ _DECODED_BYTES_PER_SAMPLE = 4
 
 @dataclass
 class StageClock:
-    """Time spent per stage of one request: kept in milliseconds for its audio-ready event,
-    logged and recorded in the metrics as each stage ends (also when it fails)."""
+    """Time spent per stage of one request: kept in milliseconds for its outcome (the
+    audio-ready event, or the CloneError a stage raises) and recorded in the metrics as each
+    stage ends, also when it fails. Not logged per stage: the outcome's one log line says it."""
 
-    request_id: str
     model: str
     metrics: Metrics
     started: float = field(default_factory=time.perf_counter)
@@ -72,11 +72,13 @@ class StageClock:
         begin = time.perf_counter()
         try:
             yield
+        except CloneError as exc:
+            exc.stage_ms = self.ms  # the same dict: this stage's time is added just below
+            raise
         finally:
             seconds = time.perf_counter() - begin
             self.ms[name] = round(seconds * 1000)
             self.metrics.observe_stage(name, self.model, seconds)
-            log.info("stage_done", request_id=self.request_id, stage=name, ms=self.ms[name])
 
     def total_ms(self) -> int:
         return round((time.perf_counter() - self.started) * 1000)
@@ -187,7 +189,7 @@ class Pipeline:
             return await self._produce(request, key)
 
     async def _produce(self, request: CloneRequest, key: str) -> AudioReady:
-        clock = StageClock(request.request_id, request.model.size, self._metrics)
+        clock = StageClock(request.model.size, self._metrics)
         received = datetime.now(UTC)
         fingerprint = request_fingerprint(request)
         existing = await self._retried(

@@ -151,7 +151,7 @@ class Worker:
         task = asyncio.create_task(self._handle(tp, record), name=f"record-{tp.partition}")
         self._tasks[task] = tp
         task.add_done_callback(self._finished)
-        log.info(
+        log.debug(  # per record: at INFO it costs the loop more than it tells (bench/)
             "record_started",
             partition=record.partition,
             offset=record.offset,

@@ -138,6 +138,13 @@ async def test_bad_input_gets_its_outcome_or_dead_letter_and_the_worker_goes_on(
     assert outcomes.duplicates() == {}
     assert logs, "nothing was logged"
     assert "swordfish" not in repr(logs)  # request text never reaches the logs
+    published = {e["request_id"]: e for e in logs if e["event"] == "outcome_published"}
+    # One line per request, with its timings: the good one's, and the stages a failure ran.
+    timings = published[good.request_id]["timings"]
+    assert timings == outcomes.first(good.request_id).timings.model_dump()
+    missing = expected[ErrorCode.REFERENCE_AUDIO_UNAVAILABLE].request_id
+    assert list(published[missing]["stage_ms"]) == ["fetch_reference"]
+    assert published[expected[ErrorCode.EXPIRED].request_id]["stage_ms"] == {}
     await assert_all_committed(settings)
 
 

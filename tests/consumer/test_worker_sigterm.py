@@ -90,6 +90,7 @@ class WorkerProcess:
 @asynccontextmanager
 async def worker_process(settings: WorkerSettings) -> AsyncIterator[WorkerProcess]:
     env = {**os.environ, **settings_env(settings), "VOICECLONE_LOG_FORMAT": "json"}
+    env["VOICECLONE_LOG_LEVEL"] = "debug"  # for record_started, a DEBUG line
     process = await asyncio.create_subprocess_exec(
         str(VOICECLONE), "worker", env=env, stderr=asyncio.subprocess.PIPE
     )
