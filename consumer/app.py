@@ -20,6 +20,7 @@ from consumer.observability.server import ObservabilityServer
 from consumer.pipeline import Pipeline
 from consumer.reference import ReferenceFetcher
 from consumer.settings import WorkerSettings
+from consumer.tracing import RequestTracing
 from consumer.worker import Worker
 from producer.publisher import OutcomePublisher, PublisherHooks
 from producer.storage import make_storage
@@ -76,7 +77,10 @@ async def serve(
         stack.push_async_callback(watcher.stop)
 
         pipeline = Pipeline(settings.limits, fetcher, backend, storage, metrics, settings.retry)
-        handler = RecordHandler(codec, pipeline, publisher, cancels, metrics=metrics)
+        tracing = RequestTracing() if settings.tracing_enabled else None
+        handler = RecordHandler(
+            codec, pipeline, publisher, cancels, metrics=metrics, tracing=tracing
+        )
         worker = Worker(settings, handler, metrics, health)
         stack.enter_context(_stop_on_signals(worker.stop))
         log.info("worker_started", backend=backend.name, max_in_flight=settings.max_in_flight)

@@ -18,15 +18,18 @@ import asyncio
 import functools
 import re
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 
 import structlog
 from aiokafka import ConsumerRecord
+from opentelemetry.trace import INVALID_SPAN, Span
 
 from consumer.cancels import CancelRegistry
 from consumer.errors import CloneError
 from consumer.metrics import HANDLER_ERROR, Metrics
 from consumer.pipeline import Pipeline
+from consumer.tracing import RequestTracing, mark_outcome, outcome_headers, stage_span
 from producer.publisher import DeadLetter, OutcomePublisher
 from producer.retry import SCHEMA_REGISTRY_OUTAGE, codec_outage, retry_while
 from schemas.codec import Codec, EventDecodeError
@@ -34,14 +37,14 @@ from schemas.events import SAFE_ID_PATTERN, AudioReady, CloneFailed, CloneReques
 
 log = structlog.get_logger(__name__)
 
-_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
-
 
 class RecordHandler:
     """Handles one clone-request record at a time; many run concurrently.
 
     Outcomes and dead letters are counted in `metrics` once the broker acknowledged them (by
-    default metrics nobody exports, for callers that do not look at them).
+    default metrics nobody exports, for callers that do not look at them). With `tracing`, each
+    decoded request gets a span (`consumer.tracing`) that its outcome's headers name; without,
+    the outcome carries the request's own trace headers.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class RecordHandler:
         cancels: CancelRegistry,
         decode_retry_seconds: float = 1.0,
         metrics: Metrics | None = None,
+        tracing: RequestTracing | None = None,
     ) -> None:
         self._codec = codec
         self._pipeline = pipeline
@@ -59,6 +63,7 @@ class RecordHandler:
         self._cancels = cancels
         self._decode_retry_seconds = decode_retry_seconds
         self._metrics = metrics if metrics is not None else Metrics.unexported()
+        self._tracing = tracing
 
     @property
     def waiting(self) -> int:
@@ -81,18 +86,31 @@ class RecordHandler:
             return
         log_ = log_.bind(request_id=_loggable(request.request_id))
         model = request.model.size
-        try:
-            outcome, fields = await self._outcome(request)
-            with self._metrics.stage("publish", model):
-                await self._publisher.publish(outcome, _trace_headers(record))
-        except Exception as exc:
-            # A defect, or an outcome the broker refuses: keep the original for replay.
-            log_.exception("handler_failed")
-            await self._publisher.dead_letter(_dead_letter(record, exc))
-            self._metrics.dead_lettered(HANDLER_ERROR, model)
-            return
+        with self._traced(record, request) as span:
+            try:
+                outcome, fields = await self._outcome(request)
+                headers = outcome_headers(record.headers)  # naming the request's span
+                with self._metrics.stage("publish", model), stage_span("publish"):
+                    await self._publisher.publish(outcome, headers)
+            except Exception as exc:
+                # A defect, or an outcome the broker refuses: keep the original for replay.
+                log_.exception("handler_failed")
+                await self._publisher.dead_letter(_dead_letter(record, exc))
+                self._metrics.dead_lettered(HANDLER_ERROR, model)
+                mark_outcome(span, None, HANDLER_ERROR)
+                return
+            mark_outcome(span, outcome)
         self._metrics.outcome_published(request, outcome)
         log_.info("outcome_published", outcome=type(outcome).__name__, **fields)
+
+    def _traced(
+        self, record: ConsumerRecord, request: CloneRequest
+    ) -> AbstractContextManager[Span]:
+        """The request's span while it is handled; the API's invalid span when not traced."""
+        if self._tracing is None:
+            return nullcontext(INVALID_SPAN)
+        ids = _loggable(request.request_id), _loggable(request.tenant_id)
+        return self._tracing.request(record, *ids, request.model.size)
 
     async def _decode(self, record: ConsumerRecord) -> CloneRequest:
         """The request in `record`; waits out a schema registry outage."""
@@ -149,10 +167,6 @@ def _loggable(request_id: str) -> str:
 
 def _cancelled() -> CloneError:
     return CloneError(ErrorCode.CANCELLED, "cancelled by a clone-cancel event")
-
-
-def _trace_headers(record: ConsumerRecord) -> list[tuple[str, bytes]]:
-    return [(key, value) for key, value in record.headers if key in _TRACE_HEADERS]
 
 
 # A request's one INFO line carries its stage timings (never its text): one line per stage

@@ -42,6 +42,7 @@ from consumer.reference import (
     ReferenceUnavailable,
 )
 from consumer.settings import LimitSettings, RetrySettings
+from consumer.tracing import stage_span
 from modal_app.audio import AudioFormat, DecodedAudio, encode_audio
 from modal_app.errors import InvalidInput as InvalidParameter
 from producer.retry import retry
@@ -60,7 +61,8 @@ _DECODED_BYTES_PER_SAMPLE = 4
 class StageClock:
     """Time spent per stage of one request: kept in milliseconds for its outcome (the
     audio-ready event, or the CloneError a stage raises) and recorded in the metrics as each
-    stage ends, also when it fails. Not logged per stage: the outcome's one log line says it."""
+    stage ends, also when it fails; a span per stage when the request is traced. Not logged per
+    stage: the outcome's one log line says it."""
 
     model: str
     metrics: Metrics
@@ -71,7 +73,8 @@ class StageClock:
     def stage(self, name: Stage) -> Iterator[None]:
         begin = time.perf_counter()
         try:
-            yield
+            with stage_span(name):
+                yield
         except CloneError as exc:
             exc.stage_ms = self.ms  # the same dict: this stage's time is added just below
             raise

@@ -94,6 +94,11 @@ class WorkerSettings(ClientSettings):
     cancel_lookback_seconds: float = Field(
         3600, ge=0, description="How far back the cancel topic is read when the worker starts."
     )
+    tracing_enabled: bool = Field(
+        False,
+        description="OpenTelemetry spans per request and stage, through the global tracer "
+        "provider (see Metrics and alerts: Tracing). Off: trace headers are only passed on.",
+    )
     limits: LimitSettings = LimitSettings()
     retry: RetrySettings = RetrySettings()
     backend: BackendSettings = BackendSettings()
