@@ -112,6 +112,8 @@ class Metrics:
             PlatformCollector(registry=registry)
         self.registry = registry
         self.described: list[MetricDoc] = []
+        # Labelled children of the per-request metrics: `.labels()` validates and locks per call.
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         self._define_request_metrics()
         self._define_backend_metrics()
         self._define_consumer_metrics()
@@ -263,6 +265,14 @@ class Metrics:
             "Offset commits the broker refused or that failed; the work is redelivered.",
         )
 
+    def _child(self, metric: _M, *values: str) -> _M:
+        """`metric.labels(*values)`, looked up once. Not for metrics whose series are removed."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     @contextmanager
     def in_flight(self) -> Iterator[None]:
         """Count one record as in flight for the duration of the block."""
@@ -279,7 +289,7 @@ class Metrics:
             self.observe_stage(stage, model, time.perf_counter() - begin)
 
     def observe_stage(self, stage: Stage, model: str, seconds: float) -> None:
-        self._stages.labels(stage=stage, model=model).observe(seconds)
+        self._child(self._stages, stage, model).observe(seconds)
 
     @contextmanager
     def backend_call(self, backend: str, model: str) -> Iterator[BackendCall]:
@@ -296,19 +306,19 @@ class Metrics:
     ) -> None:
         """A finished backend call; `result` None when it failed."""
         cold_start = None if result is None else result.cold_start
-        self._backend_seconds.labels(backend, model, _flag(cold_start)).observe(seconds)
+        self._child(self._backend_seconds, backend, model, _flag(cold_start)).observe(seconds)
         if result is None:
             return
-        cold_starts = self._cold_starts.labels(backend, model)  # exists from the first call
+        cold_starts = self._child(self._cold_starts, backend, model)  # exists from the first call
         if result.cold_start:
             cold_starts.inc()
             if result.model_load_seconds is not None:
-                self._model_load.labels(backend, model).observe(result.model_load_seconds)
-        self._audio_seconds.labels(model).inc(result.duration_seconds)
+                self._child(self._model_load, backend, model).observe(result.model_load_seconds)
+        self._child(self._audio_seconds, model).inc(result.duration_seconds)
         if result.duration_seconds > 0:
             inference = result.inference_seconds
             busy = inference if inference is not None else seconds
-            self._rtf.labels(model).observe(busy / result.duration_seconds)
+            self._child(self._rtf, model).observe(busy / result.duration_seconds)
 
     def outcome_published(
         self,
@@ -319,20 +329,20 @@ class Metrics:
         """An outcome for `request` was acknowledged by the broker (at `now`, default: now)."""
         model = request.model.size
         kind: Outcome = "audio_ready" if isinstance(outcome, AudioReady) else "failed"
-        self._requests.labels(model=model, outcome=kind).inc()
+        self._child(self._requests, model, kind).inc()
         if isinstance(outcome, CloneFailed):
-            self._failures.labels(model=model, error_code=outcome.error_code.value).inc()
+            self._child(self._failures, model, outcome.error_code.value).inc()
         elapsed = ((now or datetime.now(UTC)) - request.created_at).total_seconds()
         # A producer's clock ahead of ours must not make a negative latency.
-        self._end_to_end.labels(model=model, outcome=kind).observe(max(0.0, elapsed))
+        self._child(self._end_to_end, model, kind).observe(max(0.0, elapsed))
 
     def dead_lettered(self, reason: str, model: str = UNKNOWN_MODEL) -> None:
         """A record was acknowledged on the dead-letter topic."""
-        self._requests.labels(model=model, outcome="dead_letter").inc()
-        self._dead_letters.labels(reason=reason).inc()
+        self._child(self._requests, model, "dead_letter").inc()
+        self._child(self._dead_letters, reason).inc()
 
     def retried(self, reason: str) -> None:
-        self._retries.labels(reason=reason).inc()
+        self._child(self._retries, reason).inc()
 
     def rebalanced(self, event: RebalanceEvent, partitions: Iterable[TopicPartition]) -> None:
         """Partitions were assigned or revoked; revoked ones stop reporting lag."""

@@ -1,8 +1,9 @@
 """The consume loop: fetch within the in-flight bound, run each request, commit finished prefixes.
 
 One loop, read top to bottom: make room (pause/resume), fetch, start a task per record, commit
-what is contiguous. Each record's task always ends in a published outcome or a dead letter
-before its offset is marked done; nothing is committed on cancellation.
+what is contiguous (at most every `_COMMIT_INTERVAL_SECONDS`; at once on drain and revocation).
+Each record's task always ends in a published outcome or a dead letter before its offset is
+marked done; nothing is committed on cancellation.
 
 Beside the loop it keeps the readiness facts (`Health`) and the consume-side metrics up to
 date, and runs the lag monitor as a task of its own, started and stopped with the consumer.
@@ -10,6 +11,7 @@ date, and runs the lag monitor as a task of its own, started and stopped with th
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterable
 
 import structlog
@@ -29,6 +31,10 @@ log = structlog.get_logger(__name__)
 _SESSION_TIMEOUT_MS = 10_000  # aiokafka's default: how long a silent member stays in the group
 # Time a rebalance allows beyond the revoke grace: committing and sending the rejoin request.
 _REJOIN_MARGIN_MS = 10_000
+# The loop commits at most this often: a commit per poll is a broker round trip per handful of
+# records (bench/). Drain and revocation still commit at once; a crash redelivers at most this
+# much more finished work, which at-least-once allows.
+_COMMIT_INTERVAL_SECONDS = 0.2
 
 
 class Worker:
@@ -55,6 +61,7 @@ class Worker:
         handler.when_waiting(self._slot_freed.set)
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
+        self._last_commit = 0.0  # time.monotonic() of the loop's last commit
 
     @property
     def in_flight(self) -> int:
@@ -119,7 +126,7 @@ class Worker:
             for records in batch.values():
                 for record in records:
                     self._start(record)
-            await self._commit(consumer)
+            await self._commit_if_due(consumer)
 
     def _free_slots(self) -> int:
         """How many more records to start now.
@@ -171,6 +178,12 @@ class Worker:
             # The handler turns every failure into an outcome or a dead letter; reaching here
             # means even the dead letter failed. The offset stays uncommitted (redelivered).
             log.error("handler_crashed", error=repr(exc))
+
+    async def _commit_if_due(self, consumer: AIOKafkaConsumer) -> None:
+        now = time.monotonic()
+        if now - self._last_commit >= _COMMIT_INTERVAL_SECONDS:
+            self._last_commit = now
+            await self._commit(consumer)
 
     async def _commit(
         self, consumer: AIOKafkaConsumer, only: Iterable[TopicPartition] = ()
