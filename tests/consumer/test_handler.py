@@ -50,11 +50,6 @@ def registry_settings(
     )
 
 
-@pytest.fixture
-def voice_uri(reference_root: Path) -> str:
-    return (reference_root / "voice.wav").as_uri()
-
-
 async def test_a_language_added_after_this_worker_was_built_is_served_as_auto(
     registry_settings: WorkerSettings, schema_registry: FakeSchemaRegistry, voice_uri: str
 ) -> None:

@@ -20,11 +20,7 @@ from schemas.events import (
     ModelName,
 )
 from tests.consumer.backends.test_http import SeedServer, seed_server  # noqa: F401 (fixture)
-from tests.consumer.test_pipeline import (  # noqa: F401 (fixtures)
-    MakePipeline,
-    make_pipeline,
-    voice_uri,
-)
+from tests.consumer.test_pipeline import MakePipeline, make_pipeline  # noqa: F401 (fixture)
 from tests.fixtures.worker import (
     Outcomes,
     Requests,
@@ -59,7 +55,7 @@ async def test_a_redelivered_request_is_described_again_without_generating(
     make_pipeline: MakePipeline,  # noqa: F811
     storage: Storage,  # noqa: F811
     seed_server: SeedServer,  # noqa: F811
-    voice_uri: str,  # noqa: F811
+    voice_uri: str,
 ) -> None:
     pipeline = make_pipeline()
     request = request_in(voice_uri)
@@ -80,7 +76,7 @@ async def test_the_same_ids_with_other_content_are_regenerated_and_overwritten(
     make_pipeline: MakePipeline,  # noqa: F811
     storage: Storage,  # noqa: F811
     seed_server: SeedServer,  # noqa: F811
-    voice_uri: str,  # noqa: F811
+    voice_uri: str,
 ) -> None:
     pipeline = make_pipeline()
     request = request_in(voice_uri, text="Short.")
@@ -103,7 +99,7 @@ async def test_an_object_not_made_by_the_worker_is_regenerated(
     make_pipeline: MakePipeline,  # noqa: F811
     storage: Storage,  # noqa: F811
     seed_server: SeedServer,  # noqa: F811
-    voice_uri: str,  # noqa: F811
+    voice_uri: str,
 ) -> None:
     request = request_in(voice_uri)
     await storage.put(key_of(request), b"someone else's bytes", "audio/wav", {"x": "y"})
@@ -120,7 +116,7 @@ async def test_local_audio_whose_checksum_record_was_lost_is_regenerated(
     make_pipeline: MakePipeline,  # noqa: F811
     storage: LocalStorage,  # noqa: F811
     seed_server: SeedServer,  # noqa: F811
-    voice_uri: str,  # noqa: F811
+    voice_uri: str,
 ) -> None:
     pipeline = make_pipeline()
     request = request_in(voice_uri)
@@ -136,7 +132,7 @@ async def test_local_audio_whose_checksum_record_was_lost_is_regenerated(
 async def test_duplicates_in_flight_together_make_one_backend_call(
     make_pipeline: MakePipeline,  # noqa: F811
     seed_server: SeedServer,  # noqa: F811
-    voice_uri: str,  # noqa: F811
+    voice_uri: str,
 ) -> None:
     pipeline = make_pipeline()
     request = request_in(voice_uri)
@@ -151,7 +147,7 @@ async def test_duplicates_in_flight_together_make_one_backend_call(
 async def test_a_redelivery_past_the_deadline_still_gets_the_audio_it_produced(
     make_pipeline: MakePipeline,  # noqa: F811
     seed_server: SeedServer,  # noqa: F811
-    voice_uri: str,  # noqa: F811
+    voice_uri: str,
 ) -> None:
     pipeline = make_pipeline()
     request = request_in(voice_uri, deadline=datetime.now(UTC) + timedelta(minutes=1))
@@ -202,7 +198,7 @@ def test_the_fingerprint_ignores_what_does_not(change: dict[str, Any]) -> None:
 async def test_a_request_sent_twice_gets_two_identical_outcomes_and_one_backend_call(
     make_worker_settings: WorkerSettingsFactory,
     seed_server: SeedServer,  # noqa: F811
-    voice_uri: str,  # noqa: F811
+    voice_uri: str,
     request: pytest.FixtureRequest,
     kind: str,
 ) -> None:

@@ -4,7 +4,6 @@ counted and timed, the alert rules fire on the dead letter, `/readyz` answers 20
 requests' W3C trace context comes back on their outcome events."""
 
 import os
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,11 +37,6 @@ TRACE = [
 ]
 # Events report timings in whole milliseconds, the metrics in seconds.
 MS = 0.001
-
-
-@pytest.fixture
-def voice_uri(reference_root: Path) -> str:
-    return (reference_root / "voice.wav").as_uri()
 
 
 @pytest.fixture

@@ -71,11 +71,6 @@ def pipeline(make_pipeline: MakePipeline) -> Pipeline:
     return make_pipeline()
 
 
-@pytest.fixture
-def voice_uri(reference_root: Path) -> str:
-    return (reference_root / "voice.wav").as_uri()
-
-
 def code_of(error: pytest.ExceptionInfo[CloneError]) -> tuple[ErrorCode, bool]:
     return error.value.code, error.value.retryable
 

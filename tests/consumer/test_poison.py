@@ -14,7 +14,6 @@ import asyncio
 import random
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,11 +60,6 @@ class Poison:
     @property
     def key(self) -> bytes | None:
         return f"poison-{self.name}".encode() if self.keyed else None
-
-
-@pytest.fixture
-def voice_uri(reference_root: Path) -> str:
-    return (reference_root / "voice.wav").as_uri()
 
 
 @pytest.fixture

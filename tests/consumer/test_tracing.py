@@ -4,7 +4,6 @@ never the text, and its outcome's `traceparent` names that span; off, no span is
 outcome carries the request's own trace headers."""
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import pytest
 from opentelemetry import trace
@@ -62,11 +61,6 @@ def http_settings(
         return make_worker_settings(backend=backend, **overrides)
 
     return make
-
-
-@pytest.fixture
-def voice_uri(reference_root: Path) -> str:
-    return (reference_root / "voice.wav").as_uri()
 
 
 async def run(settings: WorkerSettings, *requests: CloneRequest) -> Outcomes:

@@ -53,11 +53,6 @@ def http_settings(
     return make
 
 
-@pytest.fixture
-def voice_uri(reference_root: Path) -> str:
-    return (reference_root / "voice.wav").as_uri()
-
-
 async def assert_all_committed(settings: WorkerSettings) -> None:
     lag = await group_lag(
         settings.kafka.bootstrap_servers, settings.group_id, settings.topics.requests
