@@ -5,5 +5,6 @@ pytest_plugins = [
     "tests.fixtures.model",
     "tests.fixtures.prometheus",
     "tests.fixtures.s3",
+    "tests.fixtures.seed",
     "tests.fixtures.worker",
 ]

@@ -16,7 +16,7 @@ from consumer.settings import WorkerSettings
 from schemas.codec import make_codec
 from schemas.events import AudioReady, CloneFailed, ErrorCode, Language
 from schemas.registry import subject_for
-from tests.consumer.backends.test_http import SeedServer, seed_server  # noqa: F401 (fixture)
+from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
     Requests,
@@ -41,7 +41,7 @@ def schema_registry() -> Iterator[FakeSchemaRegistry]:
 @pytest.fixture
 def registry_settings(
     make_worker_settings: WorkerSettingsFactory,
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     schema_registry: FakeSchemaRegistry,
 ) -> WorkerSettings:
     return make_worker_settings(

@@ -19,8 +19,8 @@ from schemas.events import (
     Language,
     ModelName,
 )
-from tests.consumer.backends.test_http import SeedServer, seed_server  # noqa: F401 (fixture)
 from tests.consumer.test_pipeline import MakePipeline, make_pipeline  # noqa: F401 (fixture)
+from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
     Requests,
@@ -54,7 +54,7 @@ def key_of(request: CloneRequest) -> str:
 async def test_a_redelivered_request_is_described_again_without_generating(
     make_pipeline: MakePipeline,  # noqa: F811
     storage: Storage,  # noqa: F811
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     voice_uri: str,
 ) -> None:
     pipeline = make_pipeline()
@@ -75,7 +75,7 @@ async def test_a_redelivered_request_is_described_again_without_generating(
 async def test_the_same_ids_with_other_content_are_regenerated_and_overwritten(
     make_pipeline: MakePipeline,  # noqa: F811
     storage: Storage,  # noqa: F811
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     voice_uri: str,
 ) -> None:
     pipeline = make_pipeline()
@@ -98,7 +98,7 @@ async def test_the_same_ids_with_other_content_are_regenerated_and_overwritten(
 async def test_an_object_not_made_by_the_worker_is_regenerated(
     make_pipeline: MakePipeline,  # noqa: F811
     storage: Storage,  # noqa: F811
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     voice_uri: str,
 ) -> None:
     request = request_in(voice_uri)
@@ -115,7 +115,7 @@ async def test_an_object_not_made_by_the_worker_is_regenerated(
 async def test_local_audio_whose_checksum_record_was_lost_is_regenerated(
     make_pipeline: MakePipeline,  # noqa: F811
     storage: LocalStorage,  # noqa: F811
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     voice_uri: str,
 ) -> None:
     pipeline = make_pipeline()
@@ -131,7 +131,7 @@ async def test_local_audio_whose_checksum_record_was_lost_is_regenerated(
 
 async def test_duplicates_in_flight_together_make_one_backend_call(
     make_pipeline: MakePipeline,  # noqa: F811
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     voice_uri: str,
 ) -> None:
     pipeline = make_pipeline()
@@ -146,7 +146,7 @@ async def test_duplicates_in_flight_together_make_one_backend_call(
 
 async def test_a_redelivery_past_the_deadline_still_gets_the_audio_it_produced(
     make_pipeline: MakePipeline,  # noqa: F811
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     voice_uri: str,
 ) -> None:
     pipeline = make_pipeline()
@@ -197,7 +197,7 @@ def test_the_fingerprint_ignores_what_does_not(change: dict[str, Any]) -> None:
 @pytest.mark.parametrize("kind", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 async def test_a_request_sent_twice_gets_two_identical_outcomes_and_one_backend_call(
     make_worker_settings: WorkerSettingsFactory,
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     voice_uri: str,
     request: pytest.FixtureRequest,
     kind: str,

@@ -14,9 +14,9 @@ from consumer.observability.settings import HttpServerSettings
 from consumer.settings import WorkerSettings
 from schemas.codec import make_codec
 from schemas.events import AudioReady, CloneFailed, ErrorCode
-from tests.consumer.backends.test_http import SeedServer, seed_server  # noqa: F401 (fixture)
 from tests.consumer.test_handler import schema_registry, until  # noqa: F401 (fixture)
 from tests.fixtures.prometheus import REPO_ROOT, PrometheusServer, StartPrometheus
+from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
     Requests,
@@ -42,7 +42,7 @@ MS = 0.001
 @pytest.fixture
 def observed_settings(
     make_worker_settings: WorkerSettingsFactory,
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     unused_tcp_port: int,
 ) -> WorkerSettings:
     """A worker on the http backend whose HTTP port is known in advance (to scrape it)."""

@@ -24,11 +24,7 @@ from modal_app.audio import encode_audio
 from producer.storage import LocalStorage, Storage, object_key
 from schemas.events import AudioFormat, ErrorCode
 from tests.consumer.backends.conftest import make_wav
-from tests.consumer.backends.test_http import (
-    SECONDS_PER_CHARACTER,
-    SeedServer,
-    seed_server,  # noqa: F401 (fixture)
-)
+from tests.fixtures.seed import SECONDS_PER_CHARACTER, SeedServer
 from tests.fixtures.worker import clone_request
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -45,7 +41,7 @@ MakePipeline = Callable[..., Pipeline]
 
 @pytest.fixture
 async def make_pipeline(
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     reference_root: Path,
     storage: Storage,
 ) -> AsyncIterator[MakePipeline]:
@@ -179,7 +175,7 @@ async def test_a_voice_id_that_is_not_ascii_is_stored_as_metadata_escaped(
 
 async def test_a_deadline_that_cuts_inference_short_is_expired(
     pipeline: Pipeline,
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     voice_uri: str,
 ) -> None:
     seed_server.delay_seconds = 5

@@ -25,9 +25,9 @@ from consumer.settings import WorkerSettings
 from schemas.codec import EVENT_TYPE_HEADER, FINGERPRINT_HEADER, make_codec
 from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode, Event
 from schemas.topics import Topics
-from tests.consumer.backends.test_http import SeedServer, seed_server  # noqa: F401 (fixture)
 from tests.consumer.test_worker import small_messages_topic
 from tests.fixtures.kafka import TopicFactory
+from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
     Requests,
@@ -67,7 +67,7 @@ async def one_partition_settings(
     make_worker_settings: WorkerSettingsFactory,
     worker_topics: Topics,
     topic_factory: TopicFactory,
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
 ) -> WorkerSettings:
     """Worker settings (http backend on the seed server) whose requests topic has one
     partition, so the poison and the good requests queue behind each other."""

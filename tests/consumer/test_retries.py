@@ -29,8 +29,8 @@ from consumer.reference import ReferenceFetcher, ReferenceSettings
 from consumer.settings import LimitSettings, RetrySettings
 from producer.storage import LocalStorage, S3Storage, Storage
 from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode
-from tests.consumer.backends.test_http import SeedServer, seed_server  # noqa: F401 (fixture)
 from tests.fixtures.s3 import S3Server
+from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
     Requests,
@@ -279,7 +279,7 @@ async def test_a_storage_outage_is_retried(
 
 async def test_the_worker_reports_attempts_and_dead_letters_with_every_header(
     make_worker_settings: WorkerSettingsFactory,
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     reference_root: Path,
 ) -> None:
     settings = make_worker_settings(

@@ -29,7 +29,7 @@ from consumer.backends import BackendSettings
 from consumer.reference import ReferenceFetcher, ReferenceSettings
 from consumer.settings import WorkerSettings
 from schemas.events import AudioReady, CloneFailed, ErrorCode
-from tests.consumer.backends.test_http import SeedServer, seed_server  # noqa: F401 (fixture)
+from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
     Requests,
@@ -180,7 +180,7 @@ async def test_the_listeners_would_see_and_serve_a_connection_that_got_through(
 @pytest.fixture
 def worker_settings(
     make_worker_settings: WorkerSettingsFactory,
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     reference_root: Path,
 ) -> WorkerSettings:
     """The http backend on the seed server; references as in production (no private

@@ -17,10 +17,10 @@ from consumer.backends import BackendSettings
 from consumer.concurrency import KeyedSemaphores
 from consumer.errors import CloneError
 from schemas.events import AudioReady, CloneRequest, ErrorCode
-from tests.consumer.backends.test_http import SeedServer
 from tests.consumer.test_pipeline import MakePipeline, make_pipeline, storage  # noqa: F401
 from tests.consumer.test_retries import serving
 from tests.consumer.test_worker import assert_all_committed
+from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
     Requests,

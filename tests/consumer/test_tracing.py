@@ -16,7 +16,7 @@ from consumer.backends import BackendSettings
 from consumer.settings import WorkerSettings
 from consumer.tracing import REQUEST_SPAN
 from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode
-from tests.consumer.backends.test_http import SeedServer, seed_server  # noqa: F401 (fixture)
+from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
     Requests,
@@ -54,7 +54,7 @@ def exported() -> Iterator[InMemorySpanExporter]:
 @pytest.fixture
 def http_settings(
     make_worker_settings: WorkerSettingsFactory,
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
 ) -> WorkerSettingsFactory:
     def make(**overrides: object) -> WorkerSettings:
         backend = BackendSettings(kind="http", http={"base_url": seed_server.url})

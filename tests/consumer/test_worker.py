@@ -24,7 +24,7 @@ from consumer.settings import LimitSettings, WorkerSettings
 from schemas.codec import make_codec
 from schemas.events import AudioReady, CloneFailed, ErrorCode
 from schemas.topics import Topics
-from tests.consumer.backends.test_http import SeedServer, seed_server  # noqa: F401 (fixture)
+from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
     Requests,
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 def http_settings(
     make_worker_settings: WorkerSettingsFactory,
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
 ) -> WorkerSettingsFactory:
     """Worker settings with the http backend pointed at the seed server."""
 
@@ -145,7 +145,7 @@ async def test_bad_input_gets_its_outcome_or_dead_letter_and_the_worker_goes_on(
 
 async def test_cancel_stops_an_in_flight_and_a_queued_request(
     http_settings: WorkerSettingsFactory,
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     voice_uri: str,
 ) -> None:
     settings = http_settings(max_in_flight=1)
@@ -181,7 +181,7 @@ async def test_cancel_stops_an_in_flight_and_a_queued_request(
 
 async def test_in_flight_stays_bounded_and_long_jobs_keep_the_member_in_its_group(
     http_settings: WorkerSettingsFactory,
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     voice_uri: str,
 ) -> None:
     # Each job outlasts max.poll.interval: a loop that stopped polling while full would be
@@ -211,7 +211,7 @@ async def test_in_flight_stays_bounded_and_long_jobs_keep_the_member_in_its_grou
 
 async def test_a_joining_worker_gets_partitions_after_the_first_commits_its_finished_work(
     http_settings: WorkerSettingsFactory,
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     voice_uri: str,
     unused_tcp_port: int,
 ) -> None:
@@ -263,7 +263,7 @@ async def wait_for_backend_calls(server: SeedServer, count: int, within_s: float
 
 async def test_a_cancel_sent_before_the_worker_started_still_wins(
     http_settings: WorkerSettingsFactory,
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     voice_uri: str,
 ) -> None:
     settings = http_settings()
@@ -333,7 +333,7 @@ async def small_messages_topic(bootstrap: str, max_bytes: int) -> AsyncIterator[
 
 async def test_cancelling_serve_finishes_in_flight_work_and_restores_signal_handling(
     http_settings: WorkerSettingsFactory,
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     voice_uri: str,
 ) -> None:
     settings = http_settings()
@@ -358,7 +358,7 @@ async def test_cancelling_serve_finishes_in_flight_work_and_restores_signal_hand
 
 async def test_requests_with_unsafe_ids_are_answered_invalid_not_dead_lettered(
     http_settings: WorkerSettingsFactory,
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     voice_uri: str,
     tmp_path: Path,
 ) -> None:

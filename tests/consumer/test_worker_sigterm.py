@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from consumer.backends import BackendSettings
 from consumer.settings import WorkerSettings
 from schemas.events import AudioReady
-from tests.consumer.backends.test_http import SeedServer, seed_server  # noqa: F401 (fixture)
+from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
     Requests,
@@ -115,7 +115,7 @@ def test_settings_env_configures_the_same_settings(
 
 async def test_sigterm_under_load_drains_and_a_second_worker_finishes_the_rest(
     make_worker_settings: WorkerSettingsFactory,
-    seed_server: SeedServer,  # noqa: F811
+    seed_server: SeedServer,
     reference_root: Path,
 ) -> None:
     seed_server.delay_seconds = 0.5

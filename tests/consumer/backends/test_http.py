@@ -2,17 +2,14 @@
 
 import asyncio
 import base64
-import binascii
 import io
 import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import soundfile
-from aiohttp import web
 
 from consumer.backends import (
     BackendSettings,
@@ -24,95 +21,8 @@ from consumer.backends import (
     InvalidInput,
 )
 from consumer.backends.http import HttpBackend
-from tests.consumer.backends.conftest import CloneJobFactory, make_wav
-
-SUPPORTED = [
-    "Auto", "Chinese", "English", "Japanese", "Korean", "German",
-    "French", "Russian", "Portuguese", "Spanish", "Italian",
-]  # fmt: skip
-SECONDS_PER_CHARACTER = 0.05
-TOKENS_PER_SECOND = 12  # the 12 Hz codec: max_new_tokens bounds the audio's length
-
-
-def _reject(detail: str, status: int = 400) -> web.Response:
-    return web.json_response({"detail": detail}, status=status)
-
-
-@dataclass
-class SeedServer:
-    """The seed's HTTP contract, with knobs for the failures a test needs."""
-
-    url: str = ""
-    delay_seconds: float = 0.0
-    respond_with: tuple[int, dict[str, Any]] | None = None
-    requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    entered: asyncio.Event = field(default_factory=asyncio.Event)
-    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def clone(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.requests.append((request.path, body))
-        self.entered.set()
-        try:
-            await asyncio.sleep(self.delay_seconds)
-        except asyncio.CancelledError:  # aiohttp cancels the handler when the client goes away
-            self.disconnected.set()
-            raise
-        if self.respond_with is not None:
-            status, payload = self.respond_with
-            return web.json_response(payload, status=status)
-        return self._generate(body)
-
-    def _generate(self, body: dict[str, Any]) -> web.Response:
-        rejection = _validate(body)
-        if rejection is not None:
-            return _reject(rejection)
-        seconds = len(body["text"]) * SECONDS_PER_CHARACTER
-        seconds = min(seconds, body.get("max_new_tokens", 2048) / TOKENS_PER_SECOND)
-        return web.Response(
-            body=make_wav(seconds),
-            content_type="audio/wav",
-            headers={"Content-Disposition": "attachment; filename=output.wav"},
-        )
-
-    async def health(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "healthy", "supported_languages": SUPPORTED})
-
-
-def _validate(body: dict[str, Any]) -> str | None:
-    """The seed's checks, in its order; the rejection's detail or None."""
-    if not body.get("text"):
-        return "'text' is required"
-    if not body.get("ref_text"):
-        return "'ref_text' is required"
-    if not (body.get("ref_audio_base64") or body.get("ref_audio_url")):
-        return "'ref_audio_url' or 'ref_audio_base64' is required"
-    language = body.get("language", "Auto")
-    if language not in SUPPORTED:
-        return f"Unsupported language: {language}. Supported: {', '.join(SUPPORTED)}"
-    try:
-        soundfile.info(io.BytesIO(base64.b64decode(body["ref_audio_base64"], validate=True)))
-    except (binascii.Error, soundfile.SoundFileError):
-        return "Could not read the reference audio"
-    return None
-
-
-@pytest.fixture
-async def seed_server() -> AsyncIterator[SeedServer]:
-    server = SeedServer()
-    app = web.Application()
-    app.router.add_post("/clone", server.clone)
-    app.router.add_post("/small/clone", server.clone)  # a second deployment, by path
-    app.router.add_get("/health", server.health)
-    app.router.add_get("/small/health", server.health)
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    server.url = f"http://127.0.0.1:{port}"
-    yield server
-    await runner.cleanup()
+from tests.consumer.backends.conftest import CloneJobFactory
+from tests.fixtures.seed import SECONDS_PER_CHARACTER, TOKENS_PER_SECOND, SeedServer
 
 
 def _closed_port() -> int:
