@@ -19,12 +19,13 @@ from consumer.observability.health import Health
 from consumer.observability.server import ObservabilityServer
 from consumer.pipeline import Pipeline
 from consumer.reference import ReferenceFetcher
-from consumer.settings import WorkerSettings
+from consumer.settings import ProcessingGuarantee, WorkerSettings
 from consumer.tracing import RequestTracing
 from consumer.worker import Worker
 from producer.publisher import OutcomePublisher, PublisherHooks
 from producer.storage import make_storage
-from schemas.codec import make_codec
+from producer.transactions import TransactionalPublisher
+from schemas.codec import Codec, make_codec
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +61,7 @@ async def serve(
         fetcher = ReferenceFetcher(settings.reference, object_reader=storage)
         stack.push_async_callback(fetcher.close)
         hooks = PublisherHooks(retried=metrics.retried, connected=health.set_producer_connected)
-        publisher = OutcomePublisher(settings.kafka, settings.topics, codec, hooks=hooks)
+        publisher = _publisher(settings, codec, hooks)
         # Before start: a start that fails (Kafka unreachable) leaves a client to close.
         stack.push_async_callback(publisher.stop)
         await publisher.start()
@@ -81,12 +82,24 @@ async def serve(
         handler = RecordHandler(
             codec, pipeline, publisher, cancels, metrics=metrics, tracing=tracing
         )
-        worker = Worker(settings, handler, metrics, health)
+        transactions = publisher if isinstance(publisher, TransactionalPublisher) else None
+        worker = Worker(settings, handler, metrics, health, transactions)
         stack.enter_context(_stop_on_signals(worker.stop))
         log.info("worker_started", backend=backend.name, max_in_flight=settings.max_in_flight)
         if ready is not None:
             ready.set()
         await _run_to_completion(worker)
+
+
+def _publisher(settings: WorkerSettings, codec: Codec, hooks: PublisherHooks) -> OutcomePublisher:
+    """The outcome publisher of the processing guarantee the settings ask for."""
+    if settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE:
+        transactional_id = settings.effective_transactional_id()
+        log.info("exactly_once", transactional_id=transactional_id)
+        return TransactionalPublisher(
+            settings.kafka, settings.topics, codec, transactional_id, settings.group_id, hooks
+        )
+    return OutcomePublisher(settings.kafka, settings.topics, codec, hooks=hooks)
 
 
 async def _serve_http(

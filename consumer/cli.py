@@ -36,6 +36,7 @@ from producer.client import (
 from producer.kafka_security import explain_connection_failure
 from producer.settings import ClientSettings
 from producer.storage import StorageError
+from producer.transactions import TransactionsFailed
 from schemas.events import AudioFormat, AudioReady, CloneFailed, Language, ModelName
 
 # Markdown: docstring paragraphs are re-wrapped to the terminal rather than kept line by line.
@@ -83,6 +84,7 @@ EXPECTED_ERRORS = (
     ImportError,
     DownloadError,
     TopicsMissing,
+    TransactionsFailed,
 )
 
 LogFormatOption = Annotated[

@@ -1,8 +1,9 @@
 """One record, start to finish: decode, run the pipeline (cancellable), publish the outcome.
 
-`handle` returns only after an outcome or a dead letter is acknowledged by the broker, and never
-raises for a bad message: undecodable input, unexpected failures and outcomes the broker refuses
-go to the dead-letter topic with the original bytes, so nothing is lost and the loop goes on.
+`handle` returns only after an outcome or a dead letter is acknowledged by the broker (exactly
+once: staged for the transaction that commits the record's offset), and never raises for a bad
+message: undecodable input, unexpected failures and outcomes the broker refuses go to the
+dead-letter topic with the original bytes, so nothing is lost and the loop goes on.
 Transient failures are retried inside the pipeline, stage by stage; a clone-failed event says
 how many times the failing stage was tried (`attempts`).
 
@@ -30,7 +31,7 @@ from consumer.errors import CloneError
 from consumer.metrics import HANDLER_ERROR, Metrics
 from consumer.pipeline import Pipeline
 from consumer.tracing import RequestTracing, mark_outcome, outcome_headers, stage_span
-from producer.publisher import DeadLetter, OutcomePublisher
+from producer.publisher import DeadLetter, OutcomePublisher, RecordSource
 from producer.retry import SCHEMA_REGISTRY_OUTAGE, codec_outage, retry_while
 from schemas.codec import Codec, EventDecodeError
 from schemas.events import SAFE_ID_PATTERN, AudioReady, CloneFailed, CloneRequest, ErrorCode
@@ -91,7 +92,7 @@ class RecordHandler:
                 outcome, fields = await self._outcome(request)
                 headers = outcome_headers(record.headers)  # naming the request's span
                 with self._metrics.stage("publish", model), stage_span("publish"):
-                    await self._publisher.publish(outcome, headers)
+                    await self._publisher.publish(outcome, headers, _source(record))
             except Exception as exc:
                 # A defect, or an outcome the broker refuses: keep the original for replay.
                 log_.exception("handler_failed")
@@ -193,6 +194,10 @@ def _failed(request: CloneRequest, error: CloneError) -> CloneFailed:
         failed_at=datetime.now(UTC),
         metadata=request.metadata,
     )
+
+
+def _source(record: ConsumerRecord) -> RecordSource:
+    return RecordSource(record.topic, record.partition, record.offset)
 
 
 def _dead_letter(record: ConsumerRecord, error: BaseException) -> DeadLetter:

@@ -1,5 +1,8 @@
 """The worker's settings: one object, read from `VOICECLONE_*` environment variables at start."""
 
+import socket
+from enum import StrEnum
+
 from pydantic import BaseModel, Field
 
 from consumer.backends.base import BackendSettings
@@ -60,6 +63,13 @@ class RetrySettings(BaseModel):
         )
 
 
+class ProcessingGuarantee(StrEnum):
+    """What a subscriber of the outcome topics may rely on (README: Processing guarantees)."""
+
+    AT_LEAST_ONCE = "at_least_once"
+    EXACTLY_ONCE = "exactly_once"
+
+
 class WorkerSettings(ClientSettings):
     """Everything `voiceclone worker` reads."""
 
@@ -94,6 +104,19 @@ class WorkerSettings(ClientSettings):
     cancel_lookback_seconds: float = Field(
         3600, ge=0, description="How far back the cancel topic is read when the worker starts."
     )
+    processing_guarantee: ProcessingGuarantee = Field(
+        ProcessingGuarantee.AT_LEAST_ONCE,
+        description="`at_least_once`: each outcome is published as soon as it is ready and may be "
+        "published again after a crash. `exactly_once`: outcomes and the requests' offsets are "
+        "committed in one Kafka transaction (about every 200 ms), so `read_committed` "
+        "subscribers see each outcome once.",
+    )
+    transactional_id: str | None = Field(
+        None,
+        description="`exactly_once` only: this worker's transactional id, unique among running "
+        "workers and kept across its restarts (a StatefulSet pod name). Unset: "
+        "`<group_id>-<host name>`.",
+    )
     tracing_enabled: bool = Field(
         False,
         description="OpenTelemetry spans per request and stage, through the global tracer "
@@ -104,3 +127,7 @@ class WorkerSettings(ClientSettings):
     backend: BackendSettings = BackendSettings()
     reference: ReferenceSettings = ReferenceSettings()
     http: HttpServerSettings = HttpServerSettings()
+
+    def effective_transactional_id(self) -> str:
+        """The transactional id of `exactly_once`: set, or one per host and group."""
+        return self.transactional_id or f"{self.group_id}-{socket.gethostname()}"

@@ -25,6 +25,7 @@ from consumer.observability.health import Health
 from consumer.observability.lag import LagMonitor
 from consumer.offsets import OffsetTracker
 from consumer.settings import WorkerSettings
+from producer.transactions import TransactionalPublisher
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +42,9 @@ class Worker:
     """Runs clone requests from the requests topic until `stop()` is called.
 
     `metrics` and `health` default to ones nobody serves, for callers that do not look at them.
+    With `transactions` (exactly once), offsets are committed by it, in the transaction that
+    publishes the outcomes staged below them; else by the consumer, outcomes being already
+    acknowledged.
     """
 
     def __init__(
@@ -49,9 +53,11 @@ class Worker:
         handler: RecordHandler,
         metrics: Metrics | None = None,
         health: Health | None = None,
+        transactions: TransactionalPublisher | None = None,
     ) -> None:
         self._settings = settings
         self._handler = handler
+        self._transactions = transactions
         self._metrics = metrics if metrics is not None else Metrics.unexported()
         self._health = health if health is not None else Health.from_settings(settings.http)
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
@@ -86,9 +92,11 @@ class Worker:
             if lag is not None:
                 lag.cancel()
                 await asyncio.gather(lag, return_exceptions=True)
-            await self._drain(consumer)
-            await consumer.stop()
-            log.info("worker_stopped")
+            try:
+                await self._drain(consumer)
+            finally:
+                await consumer.stop()
+                log.info("worker_stopped")
 
     def _make_consumer(self) -> AIOKafkaConsumer:
         kafka = self._settings.kafka
@@ -194,7 +202,10 @@ class Worker:
         if not offsets:
             return
         try:
-            await consumer.commit(offsets)
+            if self._transactions is None:
+                await consumer.commit(offsets)
+            else:
+                await self._transactions.commit(offsets)
         except KafkaError as exc:  # CommitFailedError and IllegalStateError included
             # Uncommitted work is redelivered to whoever owns the partition next.
             log.warning("commit_failed", error=repr(exc))
@@ -226,6 +237,8 @@ class Worker:
         if self._consumer is not None:
             await self._commit(self._consumer, only=revoked)
         self._tracker.forget(revoked)
+        if self._transactions is not None:
+            self._transactions.forget(revoked)
         # Last, so a lag measured while the revoked work finished is not left behind.
         self._metrics.rebalanced("revoked", revoked)
         self._health.revoked(revoked)

@@ -9,6 +9,7 @@ The publisher reports retries and whether it can reach the broker through `Publi
 its owner can count them and answer readiness probes without this package knowing either.
 """
 
+import asyncio
 import functools
 import random
 import time
@@ -51,6 +52,15 @@ class PublisherHooks:
     connected: Callable[[bool], None] = _ignore
 
 
+@dataclass(frozen=True, slots=True)
+class RecordSource:
+    """The input record an outcome or dead letter answers: where it was read."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     """An input record that could not be handled, kept byte for byte with why it failed."""
@@ -63,6 +73,10 @@ class DeadLetter:
     headers: Headers
     error: BaseException
     attempts: int = 1
+
+    @property
+    def source(self) -> RecordSource:
+        return RecordSource(self.topic, self.partition, self.offset)
 
     def error_headers(self) -> list[tuple[str, bytes]]:
         # Codec errors carry a short machine reason (`corrupt`, `unknown_schema`, ...).
@@ -95,6 +109,7 @@ class OutcomePublisher:
         self._backoff = retry_backoff_seconds
         self._hooks = hooks if hooks is not None else PublisherHooks()
         self._producer = AIOKafkaProducer(
+            **self._producer_options(),
             bootstrap_servers=kafka.bootstrap_servers,
             **kafka.client_options(),
             client_id=f"{kafka.client_id}-publisher",
@@ -106,6 +121,10 @@ class OutcomePublisher:
             max_request_size=MAX_RECORD_BYTES,
         )
 
+    def _producer_options(self) -> dict[str, object]:
+        """Options a subclass adds to the producer's (a transactional id)."""
+        return {}
+
     async def start(self) -> None:
         await self._producer.start()
         self._hooks.connected(True)
@@ -115,7 +134,13 @@ class OutcomePublisher:
         self._hooks.connected(False)
         await self._producer.stop()
 
-    async def publish(self, event: AudioReady | CloneFailed, headers: Headers = ()) -> None:
+    async def publish(
+        self,
+        event: AudioReady | CloneFailed,
+        headers: Headers = (),
+        source: RecordSource | None = None,
+    ) -> None:
+        """Send `event`, answering the request read at `source` (needed by transactions)."""
         topic = self._topics.audio_ready if isinstance(event, AudioReady) else self._topics.failed
         encoded = await retry_while(
             codec_outage,
@@ -124,13 +149,23 @@ class OutcomePublisher:
             what=f"encoding for {topic}",
             on_retry=functools.partial(self._hooks.retried, SCHEMA_REGISTRY_OUTAGE),
         )
-        await self._send(
-            topic, event.request_id.encode(), encoded.value, [*encoded.headers, *headers]
-        )
+        key = event.request_id.encode()
+        await self._deliver(source, topic, key, encoded.value, [*encoded.headers, *headers])
 
     async def dead_letter(self, letter: DeadLetter) -> None:
         headers = [*letter.headers, *letter.error_headers()]
-        await self._send(self._topics.dlq, letter.key, letter.value, headers)
+        await self._deliver(letter.source, self._topics.dlq, letter.key, letter.value, headers)
+
+    async def _deliver(
+        self,
+        source: RecordSource | None,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> None:
+        """At least once: each record is sent on its own and acknowledged before we return."""
+        await self._send(topic, key, value, headers)
 
     async def _send(
         self, topic: str, key: bytes | None, value: bytes | None, headers: Headers
@@ -138,7 +173,7 @@ class OutcomePublisher:
         # The producer already retries within its delivery timeout; past that we keep trying,
         # since marking the offset done without an acknowledged outcome would lose the request.
         await retry_while(
-            _broker_outage,
+            is_broker_outage,
             lambda: self._send_once(topic, key, value, list(headers)),
             backoff_seconds=self._backoff,
             what=f"sending to {topic}",
@@ -149,9 +184,14 @@ class OutcomePublisher:
     async def _send_once(
         self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
     ) -> None:
+        await (await self._enqueue(topic, key, value, headers))
+
+    async def _enqueue(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[object]:
+        """Hand one record to the producer; the returned future resolves on its ack."""
         if key is not None or value is not None:
-            await self._producer.send_and_wait(topic, value, key=key, headers=headers)
-            return
+            return await self._producer.send(topic, value, key=key, headers=headers)
         # Kafka allows a record with neither key nor value (a dead letter may copy one), but
         # aiokafka's send() refuses it: send it as a batch of one, on any partition (there is
         # no key to choose one by).
@@ -159,15 +199,14 @@ class OutcomePublisher:
         batch = self._producer.create_batch()
         batch.append(key=None, value=None, timestamp=None, headers=headers)
         batch.close()
-        partition = random.choice(partitions)
-        await (await self._producer.send_batch(batch, topic, partition=partition))
+        return await self._producer.send_batch(batch, topic, partition=random.choice(partitions))
 
     def _broker_unreachable(self) -> None:
         self._hooks.retried(BROKER_OUTAGE)
         self._hooks.connected(False)
 
 
-def _broker_outage(exc: Exception) -> bool:
+def is_broker_outage(exc: Exception) -> bool:
     """An error that may pass; a record too large or a closed producer never will."""
     # A delivery timeout is not flagged retriable, but it is an outage, not a bad record.
     return isinstance(exc, KafkaError) and (exc.retriable or isinstance(exc, KafkaTimeoutError))

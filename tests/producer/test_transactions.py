@@ -1,0 +1,231 @@
+"""Exactly-once outcomes on the real broker: staged outcomes become visible to read_committed
+readers only with the offsets of the requests they answer, never twice, never when aborted."""
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from producer.follow import assign_since
+from producer.publisher import DeadLetter, RecordSource
+from producer.settings import KafkaSettings
+from producer.transactions import TransactionalPublisher, TransactionsFailed
+from schemas.codec import EventDecodeError, make_codec
+from schemas.events import CloneFailed, ErrorCode
+from schemas.topics import Topics
+from tests.fixtures.kafka import TopicFactory
+
+pytestmark = pytest.mark.timeout(90)
+
+_EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+@pytest.fixture
+async def topics(topic_factory: TopicFactory) -> Topics:
+    return Topics(
+        requests=await topic_factory("requests", partitions=2),
+        audio_ready=await topic_factory("ready", partitions=1),
+        failed=await topic_factory("failed", partitions=1),
+        dlq=await topic_factory("dlq", partitions=1),
+    )
+
+
+@pytest.fixture
+def group_id() -> str:
+    return f"eos-{uuid.uuid4().hex[:8]}"
+
+
+def publisher_for(
+    bootstrap: str, topics: Topics, group_id: str, transactional_id: str | None = None
+) -> TransactionalPublisher:
+    return TransactionalPublisher(
+        KafkaSettings(bootstrap_servers=bootstrap),
+        topics,
+        make_codec(),
+        transactional_id or f"txn-{uuid.uuid4().hex[:8]}",
+        group_id,
+    )
+
+
+@pytest.fixture
+async def publisher(
+    kafka_bootstrap: str, topics: Topics, group_id: str
+) -> AsyncIterator[TransactionalPublisher]:
+    publisher = publisher_for(kafka_bootstrap, topics, group_id)
+    await publisher.start()
+    yield publisher
+    await publisher.stop()
+
+
+def failed(request_id: str) -> CloneFailed:
+    return CloneFailed(
+        request_id=request_id,
+        tenant_id="tenant",
+        error_code=ErrorCode.INVALID_REQUEST,
+        message="test",
+        retryable=False,
+        attempts=1,
+        failed_at=datetime.now(UTC),
+    )
+
+
+async def stage(publisher: TransactionalPublisher, topics: Topics, *offsets: int) -> None:
+    """An outcome named `r<offset>` for each request offset of partition 0."""
+    for offset in offsets:
+        await publisher.publish(
+            failed(f"r{offset}"), source=RecordSource(topics.requests, 0, offset)
+        )
+
+
+async def committed_outcomes(bootstrap: str, topics: Topics) -> list[str]:
+    """Request ids of every clone-failed a read_committed subscriber sees, in order."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, isolation_level="read_committed"
+    )
+    await consumer.start()
+    try:
+        await assign_since(consumer, [topics.failed], _EPOCH)
+        (tp,) = consumer.assignment()
+        end = (await consumer.end_offsets([tp]))[tp]  # the last stable offset, read_committed
+        codec, seen = make_codec(), []
+        while await consumer.position(tp) < end:
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                for record in records:
+                    event = await codec.decode(record.topic, record.value, record.headers)
+                    seen.append(event.request_id)
+        return seen
+    finally:
+        await consumer.stop()
+
+
+async def committed_offset(bootstrap: str, group_id: str, tp: TopicPartition) -> int | None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group_id)
+    finally:
+        await admin.close()
+    return offsets[tp].offset if tp in offsets else None
+
+
+async def test_a_commit_publishes_the_outcomes_below_its_offsets_with_them(
+    kafka_bootstrap: str, topics: Topics, group_id: str, publisher: TransactionalPublisher
+) -> None:
+    tp = TopicPartition(topics.requests, 0)
+    await stage(publisher, topics, 0, 1, 3)  # request 2 still running
+
+    await publisher.commit({tp: 2})
+
+    assert await committed_outcomes(kafka_bootstrap, topics) == ["r0", "r1"]
+    assert await committed_offset(kafka_bootstrap, group_id, tp) == 2
+    assert publisher.staged == 1  # r3 waits for the gap below it
+
+    await stage(publisher, topics, 2)
+    await publisher.commit({tp: 4})
+
+    assert await committed_outcomes(kafka_bootstrap, topics) == ["r0", "r1", "r2", "r3"]
+    assert await committed_offset(kafka_bootstrap, group_id, tp) == 4
+    assert publisher.staged == 0
+
+
+async def test_dead_letters_go_in_the_same_transaction(
+    kafka_bootstrap: str, topics: Topics, publisher: TransactionalPublisher
+) -> None:
+    tp = TopicPartition(topics.requests, 1)
+    error = EventDecodeError("corrupt", "not Avro")
+    await publisher.dead_letter(DeadLetter(topics.requests, 1, 7, b"k", b"\x00", [], error))
+
+    await publisher.commit({tp: 8})
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka_bootstrap, group_id=None, isolation_level="read_committed"
+    )
+    await consumer.start()
+    try:
+        await assign_since(consumer, [topics.dlq], _EPOCH)
+        letter = await consumer.getone()
+    finally:
+        await consumer.stop()
+    assert (letter.key, letter.value) == (b"k", b"\x00")
+    assert ("dlq.original.offset", b"7") in letter.headers
+
+
+async def test_forget_drops_what_revoked_partitions_staged(
+    kafka_bootstrap: str, topics: Topics, group_id: str, publisher: TransactionalPublisher
+) -> None:
+    await stage(publisher, topics, 0, 1)
+    publisher.forget([TopicPartition(topics.requests, 0)])
+
+    assert publisher.staged == 0
+    await publisher.commit({TopicPartition(topics.requests, 0): 2})
+    assert await committed_outcomes(kafka_bootstrap, topics) == []
+
+
+async def test_an_outcome_needs_the_request_it_answers(publisher: TransactionalPublisher) -> None:
+    with pytest.raises(ValueError, match="request record"):
+        await publisher.publish(failed("r0"))
+
+
+async def test_a_refused_record_fails_its_transaction_and_nothing_of_it_shows(
+    kafka_bootstrap: str, topics: Topics, group_id: str
+) -> None:
+    # A failed-outcome topic that refuses records over 1,000 bytes: the broker fails the
+    # transaction's produce after the good record went in with it. aiokafka's producer cannot
+    # go on after a refused batch (its sequence numbers are off), so the worker must restart.
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    small = f"small-{uuid.uuid4().hex[:8]}"
+    try:
+        limit = {"max.message.bytes": "1000"}
+        await admin.create_topics([NewTopic(small, 1, 1, topic_configs=limit)])
+    finally:
+        await admin.close()
+    topics = topics.model_copy(update={"failed": small})
+    transactional_id = f"txn-{uuid.uuid4().hex[:8]}"
+    publisher = publisher_for(kafka_bootstrap, topics, group_id, transactional_id)
+    await publisher.start()
+    tp = TopicPartition(topics.requests, 0)
+    try:
+        await stage(publisher, topics, 0)
+        big = failed("r1").model_copy(update={"message": "x" * 2000})
+        await publisher.publish(big, source=RecordSource(topics.requests, 0, 1))
+
+        with pytest.raises(TransactionsFailed, match=transactional_id):
+            await publisher.commit({tp: 2})
+    finally:
+        await publisher.stop()
+
+    assert await committed_outcomes(kafka_bootstrap, topics) == []
+    assert await committed_offset(kafka_bootstrap, group_id, tp) is None
+    # Restarted with the same id, the worker commits what it redid.
+    restarted = publisher_for(kafka_bootstrap, topics, group_id, transactional_id)
+    await restarted.start()
+    try:
+        await stage(restarted, topics, 0)
+        await restarted.commit({tp: 1})
+    finally:
+        await restarted.stop()
+    assert await committed_outcomes(kafka_bootstrap, topics) == ["r0"]
+
+
+async def test_a_newer_instance_with_the_same_id_fences_the_older(
+    kafka_bootstrap: str, topics: Topics, group_id: str
+) -> None:
+    transactional_id = f"txn-{uuid.uuid4().hex[:8]}"
+    older = publisher_for(kafka_bootstrap, topics, group_id, transactional_id)
+    newer = publisher_for(kafka_bootstrap, topics, group_id, transactional_id)
+    await older.start()
+    try:
+        await stage(older, topics, 0)
+        await newer.start()
+        try:
+            with pytest.raises(TransactionsFailed, match=transactional_id):
+                await older.commit({TopicPartition(topics.requests, 0): 1})
+        finally:
+            await newer.stop()
+    finally:
+        await older.stop()
+    assert await committed_outcomes(kafka_bootstrap, topics) == []
