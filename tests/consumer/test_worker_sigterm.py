@@ -1,23 +1,16 @@
 """`voiceclone worker` as a process, configured by environment variables: SIGTERM under load
 drains what is in flight and exits 0; a second worker of the group then finishes the rest."""
 
-import asyncio
-import json
-import os
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pydantic import BaseModel
 
 from consumer.backends import BackendSettings
 from consumer.settings import WorkerSettings
 from schemas.events import AudioReady
+from tests.fixtures.process import settings_env, worker_process
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
@@ -30,77 +23,7 @@ from tests.fixtures.worker import (
 
 pytestmark = pytest.mark.timeout(180)
 
-VOICECLONE = Path(sys.executable).with_name("voiceclone")  # what `uv run voiceclone` runs
 SHUTDOWN_GRACE_S = 10
-
-
-def settings_env(settings: BaseModel, prefix: str = "VOICECLONE") -> dict[str, str]:
-    """The environment variables that configure `settings` (nested groups joined by `__`)."""
-    env: dict[str, str] = {}
-
-    def add(name: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                add(f"{name}__{key.upper()}", item)
-        elif value is not None:
-            env[name] = value if isinstance(value, str) else json.dumps(value)
-
-    for key, value in settings.model_dump(mode="json").items():
-        add(f"{prefix}_{key.upper()}", value)
-    return env
-
-
-class WorkerProcess:
-    """A running `voiceclone worker` and the JSON log lines it has written so far."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.logs: list[dict[str, Any]] = []
-        self._logged = asyncio.Event()
-        self._reader = asyncio.create_task(self._read_logs())
-
-    async def _read_logs(self) -> None:
-        assert self.process.stderr is not None
-        async for line in self.process.stderr:
-            try:
-                self.logs.append(json.loads(line))
-            except json.JSONDecodeError:  # a library printing plain text
-                self.logs.append({"event": "<text>", "line": line.decode(errors="replace")})
-            self._logged.set()
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [entry for entry in self.logs if entry.get("event") == name]
-
-    async def wait_for_log(self, name: str, count: int = 1, within_s: float = 60.0) -> None:
-        """Until the process has logged `name` `count` times."""
-        async with asyncio.timeout(within_s):
-            while len(self.events(name)) < count:
-                if self.process.returncode is not None:
-                    raise AssertionError(f"worker exited before logging {name}: {self.logs}")
-                self._logged.clear()
-                await self._logged.wait()
-
-    async def exit_code(self, within_s: float) -> int:
-        async with asyncio.timeout(within_s):
-            code = await self.process.wait()
-        await self._reader
-        return code
-
-
-@asynccontextmanager
-async def worker_process(settings: WorkerSettings) -> AsyncIterator[WorkerProcess]:
-    env = {**os.environ, **settings_env(settings), "VOICECLONE_LOG_FORMAT": "json"}
-    env["VOICECLONE_LOG_LEVEL"] = "debug"  # for record_started, a DEBUG line
-    process = await asyncio.create_subprocess_exec(
-        str(VOICECLONE), "worker", env=env, stderr=asyncio.subprocess.PIPE
-    )
-    worker = WorkerProcess(process)
-    try:
-        yield worker
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 def test_settings_env_configures_the_same_settings(
