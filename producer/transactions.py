@@ -135,6 +135,8 @@ class TransactionalPublisher(OutcomePublisher):
         await self._producer.begin_transaction()
         try:
             acks = [await self._enqueue(r.topic, r.key, r.value, r.headers) for r in records]
+            for ack in acks:  # a failed transaction raises its own error; acks may go unread
+                ack.add_done_callback(_retrieve)
             await self._producer.send_offsets_to_transaction(dict(offsets), self._group_id)
             for result in await asyncio.gather(*acks, return_exceptions=True):
                 if isinstance(result, BaseException):  # the first refused record's error
@@ -159,3 +161,9 @@ class TransactionalPublisher(OutcomePublisher):
         """Drop what was staged for revoked partitions: their requests are redone elsewhere."""
         for tp in partitions:
             self._staged.pop(tp, None)
+
+
+def _retrieve(ack: asyncio.Future[object]) -> None:
+    """Mark an ack's error as seen, so asyncio does not report it as never retrieved."""
+    if not ack.cancelled():
+        ack.exception()

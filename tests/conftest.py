@@ -8,3 +8,8 @@ pytest_plugins = [
     "tests.fixtures.seed",
     "tests.fixtures.worker",
 ]
+
+# Imported while the stack is shallow: hypothesis's pytest plugin otherwise imports it first in
+# its terminal summary, where assertion rewriting it can fail on CPython 3.11 ("AST constructor
+# recursion depth mismatch") when no collected test imported it (a subset run).
+import hypothesis  # noqa: E402, F401
