@@ -115,6 +115,11 @@ class OffsetTracker(Generic[P]):
         for tp in tps:
             self._partitions.pop(tp, None)
 
+    def next_offset(self, tp: P) -> int | None:
+        """One past the last offset tracked for `tp`; None before its first."""
+        state = self._partitions.get(tp)
+        return None if state is None else state.last_tracked + 1
+
     def partitions(self) -> list[P]:
         """Partitions with state, for example to wait for their in-flight work on revoke."""
         return list(self._partitions)

@@ -61,6 +61,8 @@ class Worker:
         self._metrics = metrics if metrics is not None else Metrics.unexported()
         self._health = health if health is not None else Health.from_settings(settings.http)
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        # Partitions paused for good: their next record cannot be parsed (_isolate_unreadable).
+        self._unreadable: set[TopicPartition] = set()
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
         self._slot_freed = asyncio.Event()
         # A record that starts waiting for its tenant's turn gives its slot back.
@@ -126,10 +128,14 @@ class Worker:
                 await self._wait_for_slot()
             # Full or not, poll: it is what keeps us in the group while long jobs run. When
             # full, every partition is paused, so the poll returns at once and fetches nothing.
-            batch = await consumer.getmany(
-                timeout_ms=self._settings.poll_timeout_ms if free > 0 else 0,
-                max_records=max(free, 1),
-            )
+            try:
+                batch = await consumer.getmany(
+                    timeout_ms=self._settings.poll_timeout_ms if free > 0 else 0,
+                    max_records=max(free, 1),
+                )
+            except UnicodeDecodeError:  # aiokafka's record parser: a header name not UTF-8
+                await self._isolate_unreadable(consumer)
+                continue
             self._health.progressed()
             for records in batch.values():
                 for record in records:
@@ -151,8 +157,55 @@ class Worker:
     def _apply_backpressure(self, consumer: AIOKafkaConsumer, free: int) -> None:
         if free <= 0:
             consumer.pause(*consumer.assignment())
-        elif paused := consumer.paused():
+        elif paused := consumer.paused() - self._unreadable:
             consumer.resume(*paused)
+
+    async def _isolate_unreadable(self, consumer: AIOKafkaConsumer) -> None:
+        """Keep serving every partition but one whose next record aiokafka cannot parse.
+
+        aiokafka fails a whole poll on such a record, and then on every fetch of its batch: no
+        consumer of ours can read past it. Its partition is paused for as long as it is ours
+        (its lag grows; the log says where the record is, for an operator to move the group's
+        offset past its batch); the poll's other records are read again, one at a time, since
+        the failed poll may have consumed records of other partitions without returning them.
+        """
+        for tp in consumer.assignment():
+            consumer.seek(tp, await self._resume_point(consumer, tp))
+        for tp in consumer.assignment() - consumer.paused():
+            await self._read_one_by_one(consumer, tp)
+
+    async def _read_one_by_one(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
+        """Start `tp`'s records one at a time while slots are free, up to one that cannot be
+        parsed: then pause `tp` at it."""
+        while self._free_slots() > 0:
+            try:
+                batch = await consumer.getmany(
+                    tp, timeout_ms=self._settings.poll_timeout_ms, max_records=1
+                )
+            except UnicodeDecodeError as exc:
+                await self._pause_unreadable(consumer, tp, exc)
+                return
+            if not batch:
+                return
+            self._start(batch[tp][0])
+
+    async def _pause_unreadable(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, error: UnicodeDecodeError
+    ) -> None:
+        offset = await self._resume_point(consumer, tp)
+        consumer.seek(tp, offset)
+        consumer.pause(tp)
+        self._unreadable.add(tp)
+        log.error("partition_unreadable", partition=tp.partition, offset=offset, error=str(error))
+
+    async def _resume_point(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
+        """The offset after the last record of `tp` this worker started; before the first, the
+        group's committed offset or, with none, the beginning (auto_offset_reset earliest)."""
+        if (offset := self._tracker.next_offset(tp)) is not None:
+            return offset
+        if (committed := await consumer.committed(tp)) is not None:
+            return committed
+        return (await consumer.beginning_offsets([tp]))[tp]
 
     async def _wait_for_slot(self) -> None:
         self._slot_freed.clear()
@@ -237,6 +290,7 @@ class Worker:
         if self._consumer is not None:
             await self._commit(self._consumer, only=revoked)
         self._tracker.forget(revoked)
+        self._unreadable -= revoked
         if self._transactions is not None:
             self._transactions.forget(revoked)
         # Last, so a lag measured while the revoked work finished is not left behind.

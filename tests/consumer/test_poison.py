@@ -3,11 +3,12 @@
 Every poison record must end as a dead letter carrying its original key, value and headers
 byte for byte, or as a clone-failed event with the right code; every good request around it
 still gets its audio; `serve()` never stops; and the group's committed offset reaches the end.
+The one exception, a record the Kafka client itself cannot parse, stops its partition alone
+(the test near the end).
 
 The bad input test_worker.py already sends (random bytes with a trace header, a newer writer
 schema, an unknown enum symbol, text too long, expired, missing or forbidden references) is
-not repeated here. The xfail test near the end is poison the worker does not survive yet; it names
-the bug, and fails strictly once it is fixed, to have its marker removed.
+not repeated here.
 """
 
 import asyncio
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.record.default_records import DefaultRecordBatchBuilder, _DefaultRecordBatchBuilderPy
+from structlog.testing import capture_logs
 
 from consumer.backends import BackendSettings
 from consumer.settings import WorkerSettings
@@ -351,24 +353,56 @@ async def poison_between_good_requests(
     return outcomes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (consumer/worker.py; the cause is in aiokafka): a record whose header name is "
-    "not UTF-8 makes every AIOKafkaConsumer.getmany() on its partition raise "
-    "UnicodeDecodeError, so _consume() ends and serve() fails; a restarted worker fails the "
-    "same way: one hostile record stops the partition for good.",
-)
-async def test_a_header_name_that_is_not_utf8_does_not_stop_the_worker(
-    one_partition_settings: WorkerSettings, voice_uri: str
+async def test_a_record_the_client_cannot_parse_stops_its_partition_alone(
+    make_worker_settings: WorkerSettingsFactory,
+    worker_topics: Topics,
+    topic_factory: TopicFactory,
+    seed_server: SeedServer,
+    voice_uri: str,
 ) -> None:
-    # Not a request either, so however a fix reads the name, the record is dead-lettered.
-    poison = Poison("header-name", b"\x00" * 40, [(RawName(b"\xff\xfe"), b"1")], "bad_header")
+    # aiokafka's record parser fails the whole fetch of a record whose header name is not
+    # UTF-8, every time: no consumer of ours can read past it. The worker pauses that partition
+    # at it, says where it is, and serves the others.
+    settings = make_worker_settings(
+        backend=BackendSettings(kind="http", http={"base_url": seed_server.url}),
+        topics=worker_topics.model_copy(
+            update={"requests": await topic_factory("requests", partitions=2)}
+        ),
+    )
+    before, behind, elsewhere = (clone_request(voice_uri) for _ in range(3))
+    with capture_logs() as logs:
+        async with (
+            Requests(settings) as requests,
+            Outcomes(settings) as outcomes,
+            running_worker(settings) as serving,
+        ):
+            await requests.send(before, partition=0)  # offset 0
+            await until(outcomes.wait_for([before.request_id]), serving)
+            await send_any_record(  # offset 1
+                settings.kafka.bootstrap_servers,
+                settings.topics.requests,
+                b"poison",
+                b"\x00" * 40,
+                [(RawName(b"\xff\xfe"), b"1")],
+            )
+            await requests.send(behind, partition=0)  # offset 2
+            await until(logged(logs, "partition_unreadable"), serving)
+            await requests.send(elsewhere, partition=1)
+            await until(outcomes.wait_for([elsewhere.request_id]), serving)
 
-    outcomes = await poison_between_good_requests(one_partition_settings, voice_uri, poison)
+    (unreadable,) = [entry for entry in logs if entry["event"] == "partition_unreadable"]
+    assert (unreadable["partition"], unreadable["offset"]) == (0, 1)
+    assert behind.request_id not in outcomes.by_id
+    lag = await group_lag(
+        settings.kafka.bootstrap_servers, settings.group_id, settings.topics.requests
+    )
+    assert lag == {0: 2, 1: 0}  # all committed up to the unreadable record
 
-    (letter,) = outcomes.dead_letters
-    assert (letter.key, letter.value) == (poison.key, poison.value)
-    await assert_all_committed(one_partition_settings)
+
+async def logged(logs: list[dict[str, Any]], event: str) -> None:
+    """Until `event` is among the captured log entries (a plain list: nothing to wait on)."""
+    while not any(entry["event"] == event for entry in logs):  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
 
 
 async def test_a_record_without_key_or_value_is_dead_lettered(
