@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FastTalker", "TalkerSampling", "batch_bucket"]
+__all__ = ["FastTalker", "TalkerSampling", "batch_bucket", "stock_talker_kwargs"]
 
 _BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _KV_STEP = 256  # attention-length bucket: graphs attend over a multiple of this many positions
@@ -91,6 +91,30 @@ class TalkerSampling:
             suppress_tokens=tuple(kwargs.get("suppress_tokens") or ()),
             token_bias=_single_token_bias(bias),
         )
+
+
+def stock_talker_kwargs(talker_config: Any, max_new_tokens: int, **overrides: Any) -> dict:
+    """The sampling arguments qwen-tts's `generate` passes to `talker.generate`, at its default
+    values (mirrored, as a benchmark or test needs them without building a text prompt)."""
+    eos, vocab = talker_config.codec_eos_token_id, talker_config.vocab_size
+    return {
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": 2,
+        "do_sample": True,
+        "top_k": 50,
+        "top_p": 1.0,
+        "temperature": 0.9,
+        "subtalker_dosample": True,
+        "subtalker_top_k": 50,
+        "subtalker_top_p": 1.0,
+        "subtalker_temperature": 0.9,
+        "eos_token_id": eos,
+        "repetition_penalty": 1.05,
+        # The top 1024 ids are control tokens; only the end token may be chosen among them.
+        "suppress_tokens": [token for token in range(vocab - 1024, vocab) if token != eos],
+        "output_hidden_states": True,
+        "return_dict_in_generate": True,
+    } | overrides
 
 
 def _single_token_bias(sequence_bias: Any) -> tuple[tuple[int, float], ...]:

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch", reason="needs the engine extra")
 pytest.importorskip("qwen_tts", reason="needs the engine extra")
 
 from modal_app.engine import BatchCloneInput, CloneInput, Engine, EngineOptions  # noqa: E402
-from modal_app.fastgen import FastTalker, batch_bucket  # noqa: E402
+from modal_app.fastgen import FastTalker, batch_bucket, stock_talker_kwargs  # noqa: E402
 from modal_app.params import GenerationParams  # noqa: E402
 from modal_app.synthetic import CODE_GROUPS, CODEBOOK_SIZE  # noqa: E402
 from tests.fixtures.model import (  # noqa: E402
@@ -132,28 +132,6 @@ def talker_inputs(talker: Any, lengths: list[int], seed: int) -> dict[str, Any]:
     }
 
 
-def talker_kwargs(talker: Any, max_new_tokens: int, **overrides: Any) -> dict[str, Any]:
-    """The sampling arguments qwen-tts passes to `talker.generate` (its defaults)."""
-    eos, vocab = talker.config.codec_eos_token_id, talker.config.vocab_size
-    return {
-        "max_new_tokens": max_new_tokens,
-        "min_new_tokens": 2,
-        "do_sample": True,
-        "top_k": 50,
-        "top_p": 1.0,
-        "temperature": 0.9,
-        "subtalker_dosample": True,
-        "subtalker_top_k": 50,
-        "subtalker_top_p": 1.0,
-        "subtalker_temperature": 0.9,
-        "eos_token_id": eos,
-        "repetition_penalty": 1.05,
-        "suppress_tokens": [token for token in range(vocab - 1024, vocab) if token != eos],
-        "output_hidden_states": True,
-        "return_dict_in_generate": True,
-    } | overrides
-
-
 def cut_at_end(codes: Any, eos: int) -> list[Any]:
     """Each row up to its first end token, as qwen-tts cuts the talker's output."""
     rows = []
@@ -173,7 +151,7 @@ def test_rows_that_stop_at_different_frames_give_the_stock_codes(
     # different frames (found for these inputs: between 2 and 7 frames of at most 39).
     monkeypatch.setattr(talker.generation_config, "sequence_bias", [[[eos], 0.15]])
     inputs = talker_inputs(talker, [12, 7, 10, 5, 12, 9], seed=1)
-    kwargs = talker_kwargs(talker, 40, **GREEDY)
+    kwargs = stock_talker_kwargs(talker.config, 40, **GREEDY)
 
     result = talker.generate(**inputs, **kwargs)
     stock = cut_at_end(torch.stack([step[-1] for step in result.hidden_states[1:]], dim=1), eos)
@@ -190,7 +168,7 @@ def test_rows_that_stop_at_different_frames_give_the_stock_codes(
 def test_sampling_is_repeatable_under_a_seed_and_stays_in_range(engine: Engine) -> None:
     talker = engine.tts.model.talker
     inputs = talker_inputs(talker, [8, 6, 8], seed=2)
-    kwargs = talker_kwargs(talker, 10, top_k=20, top_p=0.9)
+    kwargs = stock_talker_kwargs(talker.config, 10, top_k=20, top_p=0.9)
     fast = FastTalker(talker)
 
     def sample(seed: int) -> Any:
@@ -257,7 +235,7 @@ def test_arguments_the_fast_loop_does_not_implement_are_refused(engine: Engine) 
     inputs = talker_inputs(talker, [4], seed=0)
 
     with pytest.raises(TypeError, match="num_beams"):
-        FastTalker(talker).generate(**inputs, **talker_kwargs(talker, 3, num_beams=2))
+        FastTalker(talker).generate(**inputs, **stock_talker_kwargs(talker.config, 3, num_beams=2))
 
 
 def test_batch_buckets() -> None:
