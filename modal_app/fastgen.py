@@ -33,6 +33,7 @@ __all__ = ["FastTalker", "TalkerSampling", "batch_bucket", "stock_talker_kwargs"
 
 _BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _KV_STEP = 256  # attention-length bucket: graphs attend over a multiple of this many positions
+_INITIAL_FRAMES = 512  # KV room at first (41 s of audio); it doubles when a generation needs more
 _IGNORED_KWARGS = {"output_hidden_states", "return_dict_in_generate"}
 
 
@@ -62,6 +63,11 @@ class TalkerSampling:
     subtalker_top_p: float
     suppress_tokens: tuple[int, ...] = ()
     token_bias: tuple[tuple[int, float], ...] = ()  # single-token `sequence_bias` entries
+
+    @property
+    def graph_constants(self) -> tuple[bool, bool, int, int]:
+        """The settings a captured step holds as constants (the others live in tensors)."""
+        return (self.do_sample, self.subtalker_dosample, self.min_new_tokens, self.eos_token_id)
 
     @classmethod
     def from_generate_kwargs(
@@ -144,10 +150,6 @@ class _StaticCache:
         self.rows = rows
         self.length = positions
 
-    @property
-    def capacity(self) -> tuple[int, int]:
-        return self.keys[0].shape[0], self.keys[0].shape[2]
-
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: dict
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +164,13 @@ class _StaticCache:
         """Move the rows `index` to the front (only the first `positions` are in use)."""
         for tensor in (*self.keys, *self.values):
             tensor[: len(index), :, :positions] = tensor[index, :, :positions]
+
+    def copy_from(self, other: "_StaticCache") -> None:
+        """Take over a smaller cache's contents (same layers and heads)."""
+        for mine, theirs in zip(
+            (*self.keys, *self.values), (*other.keys, *other.values), strict=True
+        ):
+            _copy_prefix(mine, theirs)
 
 
 class _GraphRunner:
@@ -249,6 +258,18 @@ class _Workspace:
     def fits(self, rows: int, positions: int, text_len: int) -> bool:
         return rows <= self.rows and positions <= self.positions and text_len <= self.text_len
 
+    def copy_from(self, other: "_Workspace") -> None:
+        """Take over a smaller workspace's state mid-generation (when it runs out of room)."""
+        for name, mine in vars(self).items():
+            theirs = getattr(other, name)
+            if isinstance(mine, _StaticCache):
+                mine.copy_from(theirs)
+            elif isinstance(mine, torch.Tensor):
+                _copy_prefix(mine, theirs)
+            elif isinstance(mine, dict):
+                for key, tensor in mine.items():
+                    tensor.copy_(theirs[key])
+
     def load_sampling(self, sampling: TalkerSampling) -> None:
         """Copy this call's sampling settings into the tensors the captured steps read."""
         values = {
@@ -283,10 +304,17 @@ class FastTalker:
     """Generates the talker's codes for a left-padded batch of prompts.
 
     `cuda_graphs` None: capture when the model is on a CUDA device. `check_every`: frames
-    between looks at which rows have finished (each look waits for the device)."""
+    between looks at which rows have finished (each look waits for the device). `kv_step` and
+    `initial_frames` size the talker's KV cache (tests make them small to exercise growth)."""
 
     def __init__(
-        self, talker: nn.Module, *, cuda_graphs: bool | None = None, check_every: int = 8
+        self,
+        talker: nn.Module,
+        *,
+        cuda_graphs: bool | None = None,
+        check_every: int = 8,
+        kv_step: int = _KV_STEP,
+        initial_frames: int = _INITIAL_FRAMES,
     ) -> None:
         implementation = talker.config._attn_implementation
         if implementation not in ("sdpa", "eager"):
@@ -295,6 +323,7 @@ class FastTalker:
             raise ValueError("fast generation does not support sliding-window attention")
         self.talker = talker
         self.check_every = max(1, check_every)
+        self.kv_step, self.initial_frames = kv_step, initial_frames
         self._cuda_graphs = cuda_graphs
         self._eager_mask = implementation == "eager"
         self._workspace: _Workspace | None = None
@@ -345,7 +374,8 @@ class FastTalker:
         rows, prompt_len = attention_mask.shape
         frames = max(sampling.max_new_tokens - 1, 0)
         bucket = batch_bucket(rows)
-        ws = self._workspace_for(bucket, prompt_len + frames + 1, trailing_text_hidden.shape[1])
+        room = prompt_len + min(frames, self.initial_frames) + 1
+        ws = self._workspace_for(bucket, room, trailing_text_hidden.shape[1])
         ws.load_sampling(sampling)
         logits = self._prefill(ws, bucket, inputs_embeds, attention_mask, trailing_text_hidden)
         ws.text_pad.copy_(tts_pad_embed.reshape(-1))
@@ -354,30 +384,48 @@ class FastTalker:
         slots[:rows] = torch.arange(rows)
         segments: list[tuple[torch.Tensor, list[torch.Tensor]]] = [(slots, [])]
         for frame in range(frames):
-            if frame and frame % self.check_every == 0:
-                live = torch.nonzero(~ws.finished[:bucket].cpu()).flatten()
-                if len(live) == 0:
-                    break
-                if batch_bucket(len(live)) < bucket:
-                    bucket, slots = self._compact(ws, live, slots)
-                    segments.append((slots, []))
+            if frame % self.check_every == 0:
+                if frame:
+                    live = torch.nonzero(~ws.finished[:bucket].cpu()).flatten()
+                    if len(live) == 0:
+                        break
+                    if batch_bucket(len(live)) < bucket:
+                        bucket, slots = self._compact(ws, live, slots)
+                        segments.append((slots, []))
+                room = prompt_len + min(frame + self.check_every, frames) + 1
+                ws = self._workspace_for(bucket, room, ws.text_len, keep_state=True)
             self._frame(ws, bucket, prompt_len + frame, sampling)
             segments[-1][1].append(ws.frame[:bucket].clone())
         return _assemble(segments, rows, ws.frame.shape[1], sampling.eos_token_id)
 
-    def _workspace_for(self, bucket: int, positions: int, text_len: int) -> _Workspace:
-        positions = _round_up(positions, _KV_STEP)
+    def _workspace_for(
+        self, bucket: int, positions: int, text_len: int, *, keep_state: bool = False
+    ) -> _Workspace:
+        """The workspace, replaced by a larger one when it lacks rows, positions or text room
+        (graphs are dropped: they point into the old buffers). `keep_state`: carry a running
+        generation over."""
+        positions = _round_up(positions, self.kv_step)
         text_len = _round_up(max(text_len, 1), 64)
-        ws = self._workspace
-        if ws is None or not ws.fits(bucket, positions, text_len):
-            self._graphs.clear()  # graphs point into the old buffers
-            old = (ws.rows, ws.positions, ws.text_len) if ws else (0, 0, 0)
+        old = self._workspace
+        if old is not None and old.fits(bucket, positions, text_len):
+            return old
+        self._graphs.clear()
+        if old is None:
+            ws = _Workspace(self.talker, bucket, positions, text_len)
+        else:
+            if positions > old.positions:  # at least double, so this happens rarely
+                positions = max(positions, 2 * old.positions)
             ws = _Workspace(
-                self.talker, max(bucket, old[0]), max(positions, old[1]), max(text_len, old[2])
+                self.talker,
+                max(bucket, old.rows),
+                max(positions, old.positions),
+                max(text_len, old.text_len),
             )
-            self._workspace = ws
-            enabled = self._cuda_graphs
-            self._graphs.enabled = ws.token.is_cuda if enabled is None else enabled
+            if keep_state:
+                ws.copy_from(old)
+        self._workspace = ws
+        enabled = self._cuda_graphs
+        self._graphs.enabled = ws.token.is_cuda if enabled is None else enabled
         return ws
 
     def _prefill(
@@ -457,11 +505,11 @@ class FastTalker:
     def _frame(self, ws: _Workspace, bucket: int, position: int, sampling: TalkerSampling) -> None:
         """One 12.5 Hz frame: the code predictor completes the current token's codes, then the
         talker reads the frame and picks the next first-codebook token."""
-        modes = (sampling.do_sample, sampling.subtalker_dosample)
+        modes = sampling.graph_constants
         self._graphs.run(
             ("codes", bucket, modes), lambda: self._predict_codes(ws, bucket, sampling)
         )
-        length = min(_round_up(position + 1, _KV_STEP), ws.positions)
+        length = min(_round_up(position + 1, self.kv_step), ws.positions)
         self._graphs.run(
             ("talker", bucket, length, modes),
             lambda: self._talker_step(ws, bucket, length, sampling),
@@ -623,6 +671,11 @@ def _assemble(
         out[slots[used].to(device), start : start + len(part)] = block[used.to(device)]
         start += len(part)
     return out
+
+
+def _copy_prefix(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Copy `source` into the leading corner of the (same or larger) `target`."""
+    target[tuple(slice(0, size) for size in source.shape)] = source
 
 
 def _head_dim(config: Any) -> int:

@@ -165,6 +165,22 @@ def test_rows_that_stop_at_different_frames_give_the_stock_codes(
     assert sum(length < max(lengths) for length in lengths) >= 6 - batch_bucket(6) // 2
 
 
+def test_a_cache_that_grows_during_generation_gives_the_same_codes(engine: Engine) -> None:
+    talker = engine.tts.model.talker
+    inputs = talker_inputs(talker, [9, 4, 7], seed=3)
+    kwargs = stock_talker_kwargs(talker.config, 30, **GREEDY)
+
+    roomy = FastTalker(talker).generate(**inputs, **kwargs)
+    # 16-position steps and room for 4 frames at first: the cache grows twice (to 32, 64).
+    small = FastTalker(talker, kv_step=16, initial_frames=4, check_every=4)
+    grown = small.generate(**inputs, **kwargs)
+
+    assert roomy.shape == (3, 29, CODE_GROUPS)
+    assert torch.equal(grown, roomy)
+    assert small._workspace is not None
+    assert small._workspace.positions == 64
+
+
 def test_sampling_is_repeatable_under_a_seed_and_stays_in_range(engine: Engine) -> None:
     talker = engine.tts.model.talker
     inputs = talker_inputs(talker, [8, 6, 8], seed=2)
