@@ -265,3 +265,44 @@ def test_batch_buckets() -> None:
         128,
         192,
     ]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda_talker_and_inputs(tiny_model_dir: Path) -> tuple[Any, dict[str, Any]]:
+    talker = Engine.load(tiny_model_dir, device="cuda", dtype="float32").tts.model.talker
+    inputs = talker_inputs(talker, [12, 7, 10, 5, 12, 9], seed=1)
+    return talker, {name: tensor.cuda() for name, tensor in inputs.items()}
+
+
+@needs_cuda
+def test_cuda_graph_replays_give_the_eager_codes(tiny_model_dir: Path) -> None:
+    talker, inputs = cuda_talker_and_inputs(tiny_model_dir)
+    kwargs = stock_talker_kwargs(talker.config, 40, **GREEDY)
+    eager = FastTalker(talker, cuda_graphs=False).generate(**inputs, **kwargs)
+    graphed = FastTalker(talker, cuda_graphs=True, check_every=4)
+
+    first = graphed.generate(**inputs, **kwargs)  # warms up, captures and replays
+    again = graphed.generate(**inputs, **kwargs)  # replays only
+
+    assert graphed._graphs._graphs  # captured, not only warmed up
+    assert torch.equal(first, eager)
+    assert torch.equal(again, eager)
+
+
+@needs_cuda
+def test_cuda_graph_sampling_repeats_under_a_seed(tiny_model_dir: Path) -> None:
+    talker, inputs = cuda_talker_and_inputs(tiny_model_dir)
+    kwargs = stock_talker_kwargs(talker.config, 40)
+    graphed = FastTalker(talker, cuda_graphs=True)
+    graphed.generate(**inputs, **kwargs)
+
+    def sample(seed: int) -> Any:
+        torch.manual_seed(seed)
+        return graphed.generate(**inputs, **kwargs)
+
+    first, again = sample(4), sample(4)
+
+    assert torch.equal(first, again)
+    assert int(first.max()) < CODEBOOK_SIZE
