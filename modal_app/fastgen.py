@@ -34,7 +34,27 @@ __all__ = ["FastTalker", "TalkerSampling", "batch_bucket", "stock_talker_kwargs"
 _BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _KV_STEP = 256  # attention-length bucket: graphs attend over a multiple of this many positions
 _INITIAL_FRAMES = 512  # KV room at first (41 s of audio); it doubles when a generation needs more
-_IGNORED_KWARGS = {"output_hidden_states", "return_dict_in_generate"}
+# What qwen-tts passes to `talker.generate`; the last two only shape the stock result.
+_ACCEPTED_KWARGS = frozenset(
+    {
+        "max_new_tokens",
+        "min_new_tokens",
+        "eos_token_id",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "repetition_penalty",
+        "subtalker_dosample",
+        "subtalker_temperature",
+        "subtalker_top_k",
+        "subtalker_top_p",
+        "suppress_tokens",
+        "sequence_bias",
+        "output_hidden_states",
+        "return_dict_in_generate",
+    }
+)
 
 
 def batch_bucket(rows: int) -> int:
@@ -76,8 +96,7 @@ class TalkerSampling:
         """Read the keyword arguments qwen-tts passes to `talker.generate`; the talker's
         generation config supplies `sequence_bias` (how the fixed-length test model and the
         benchmark mask the end token). Anything this loop does not implement is refused."""
-        unknown = set(kwargs) - {f for f in cls.__dataclass_fields__} - _IGNORED_KWARGS
-        unknown -= {"sequence_bias"}
+        unknown = set(kwargs) - _ACCEPTED_KWARGS
         if unknown:
             raise TypeError(f"fast generation does not support {sorted(unknown)}")
         bias = kwargs.get("sequence_bias") or getattr(generation_config, "sequence_bias", None)
