@@ -28,11 +28,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 __all__ = ["FastTalker", "TalkerSampling", "batch_bucket", "stock_talker_kwargs"]
 
 _BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _KV_STEP = 256  # attention-length bucket: graphs attend over a multiple of this many positions
+_GROUPED_SDPA = "fastgen_grouped_sdpa"  # our attention function's name in transformers' registry
 _INITIAL_FRAMES = 512  # KV room at first (41 s of audio); it doubles when a generation needs more
 # What qwen-tts passes to `talker.generate`; the last two only shape the stock result.
 _ACCEPTED_KWARGS = frozenset(
@@ -378,7 +381,28 @@ class FastTalker:
         return SimpleNamespace(hidden_states=steps)
 
     @torch.inference_mode()
-    def generate(
+    def generate(self, **kwargs: Any) -> torch.Tensor:
+        """Codes shaped (rows, frames, code groups) for `talker.generate`'s arguments. After
+        a row's end token, its first codebook holds the end token (as in the stock loop, whose
+        caller cuts there)."""
+        with self._grouped_attention():
+            return self._generate(**kwargs)
+
+    @contextmanager
+    def _grouped_attention(self) -> Iterator[None]:
+        """Within: the layers' sdpa attention is `_grouped_sdpa` (the talker's config passes
+        the setting on to the code predictor's)."""
+        config = self.talker.config
+        if config._attn_implementation != "sdpa":
+            yield
+            return
+        config._attn_implementation = _GROUPED_SDPA
+        try:
+            yield
+        finally:
+            config._attn_implementation = "sdpa"
+
+    def _generate(
         self,
         *,
         inputs_embeds: torch.Tensor,
@@ -387,8 +411,6 @@ class FastTalker:
         tts_pad_embed: torch.Tensor,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Codes shaped (rows, frames, code groups). After a row's end token, its first
-        codebook holds the end token (as in the stock loop, whose caller cuts there)."""
         sampling = TalkerSampling.from_generate_kwargs(kwargs, self.talker.generation_config)
         rows, prompt_len = attention_mask.shape
         frames = max(sampling.max_new_tokens - 1, 0)
@@ -644,6 +666,36 @@ class FastTalker:
         kept = slots[index].clone()
         kept[len(live) :] = -1
         return bucket, kept
+
+
+def _grouped_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """sdpa for a single query position that reads the cache as it is: the query heads
+    sharing a key/value head become the rows of one query block, where transformers' sdpa would
+    first copy every key and value once per query head (it does so whenever a mask is given).
+    Longer queries (prefills) take transformers' path."""
+    rows, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    if length != 1 or heads == kv_heads:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    grouped = query.view(rows, kv_heads, heads // kv_heads, dim)  # head h = g * (heads/kv) + r
+    out = torch.nn.functional.scaled_dot_product_attention(
+        grouped, key, value, attn_mask=attention_mask, scale=scaling
+    )
+    return out.view(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(_GROUPED_SDPA, _grouped_sdpa)
 
 
 def _choose(
