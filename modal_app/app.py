@@ -179,13 +179,17 @@ class Qwen3TTSService:
         from modal_app.engine import pick_device
 
         started = time.perf_counter()
+        # The task id changes when a container is restored from a snapshot taken by another.
+        self._restored = self._snapshot_task not in (None, os.environ.get("MODAL_TASK_ID"))
         best = pick_device(None)
         if self._engine.device.type != best:
             self._engine.to(best)
             self._engine.warm_up()
+        elif self._restored and self._engine.options.generation == "fast":
+            # CUDA graphs captured before a GPU memory snapshot are not relied on after it.
+            self._engine.reset_generation_state()
+            self._engine.warm_up()
         self._container_id = container_id()
-        # The task id changes when a container is restored from a snapshot taken by another.
-        self._restored = self._snapshot_task not in (None, os.environ.get("MODAL_TASK_ID"))
         restore_work = time.perf_counter() - started
         self._model_load_seconds = (
             restore_work if self._restored else self._load_seconds + restore_work

@@ -151,6 +151,12 @@ class Engine:
             speech_tokenizer.device = target
             self._tts.device = target
             self._prompts.clear()
+        self.reset_generation_state()
+
+    def reset_generation_state(self) -> None:
+        """Drop the fast loop's buffers and CUDA graphs (rebuilt on the next call); no-op for
+        the stock loop. `to` does it too."""
+        with self._lock:
             if self._fast is not None:
                 self._fast.reset()
 

@@ -242,6 +242,22 @@ def test_the_fast_engine_batches_texts_and_repeats_under_a_seed(
         np.testing.assert_array_equal(wave, repeat)
 
 
+def test_resetting_the_generation_state_drops_the_buffers_and_keeps_working(
+    fast_engine: Engine, reference_wav: bytes
+) -> None:
+    request = CloneInput(
+        text="Hi.", reference_audio=reference_wav, params=GenerationParams(max_new_tokens=3)
+    )
+    fast_engine.clone(request)
+    assert fast_engine._fast is not None
+    assert fast_engine._fast._workspace is not None
+
+    fast_engine.reset_generation_state()
+
+    assert fast_engine._fast._workspace is None
+    assert len(fast_engine.clone(request).waveform) == frames_to_samples(3)
+
+
 def test_an_unknown_generation_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="generation must be one of stock, fast"):
         EngineOptions(generation="turbo")
