@@ -141,21 +141,28 @@ def cut_at_end(codes: Any, eos: int) -> list[Any]:
     return rows
 
 
+def ending_rows_codes(
+    talker: Any, monkeypatch: pytest.MonkeyPatch, check_every: int = 8
+) -> tuple[list[Any], list[Any]]:
+    """Stock and fast codes, cut at the end token, for six rows that end at different frames.
+
+    The test model never ends; a small bias towards the end token makes these rows end between
+    2 and 7 frames (of at most 39), found by trying biases on these inputs."""
+    eos = talker.config.codec_eos_token_id
+    monkeypatch.setattr(talker.generation_config, "sequence_bias", [[[eos], 0.15]])
+    inputs = talker_inputs(talker, [12, 7, 10, 5, 12, 9], seed=1)
+    kwargs = stock_talker_kwargs(talker.config, 40, **GREEDY)
+    result = talker.generate(**inputs, **kwargs)
+    stock = torch.stack([step[-1] for step in result.hidden_states[1:]], dim=1)
+    fast = FastTalker(talker, check_every=check_every).generate(**inputs, **kwargs)
+    return cut_at_end(stock, eos), cut_at_end(fast, eos)
+
+
 @pytest.mark.parametrize("check_every", [1, 3])
 def test_rows_that_stop_at_different_frames_give_the_stock_codes(
     engine: Engine, monkeypatch: pytest.MonkeyPatch, check_every: int
 ) -> None:
-    talker = engine.tts.model.talker
-    eos = talker.config.codec_eos_token_id
-    # The test model never ends; a small bias towards the end token makes rows end at
-    # different frames (found for these inputs: between 2 and 7 frames of at most 39).
-    monkeypatch.setattr(talker.generation_config, "sequence_bias", [[[eos], 0.15]])
-    inputs = talker_inputs(talker, [12, 7, 10, 5, 12, 9], seed=1)
-    kwargs = stock_talker_kwargs(talker.config, 40, **GREEDY)
-
-    result = talker.generate(**inputs, **kwargs)
-    stock = cut_at_end(torch.stack([step[-1] for step in result.hidden_states[1:]], dim=1), eos)
-    fast = cut_at_end(FastTalker(talker, check_every=check_every).generate(**inputs, **kwargs), eos)
+    stock, fast = ending_rows_codes(engine.tts.model.talker, monkeypatch, check_every)
 
     assert_same_codes(stock, fast)
     lengths = [len(codes) for codes in fast]
@@ -163,6 +170,14 @@ def test_rows_that_stop_at_different_frames_give_the_stock_codes(
     assert max(lengths) < 39
     # Enough rows end early for the live ones to move into a smaller batch bucket.
     assert sum(length < max(lengths) for length in lengths) >= 6 - batch_bucket(6) // 2
+
+
+def test_eager_attention_gives_the_stock_codes_too(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    talker = Engine.load(tiny_model_dir, attn_implementation="eager").tts.model.talker
+
+    assert_same_codes(*ending_rows_codes(talker, monkeypatch))
 
 
 def test_a_cache_that_grows_during_generation_gives_the_same_codes(engine: Engine) -> None:
