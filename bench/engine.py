@@ -133,15 +133,21 @@ def measure(
 ) -> dict[str, Any]:
     inputs = talker_inputs(talker, batch, args.prompt)
     kwargs = stock_talker_kwargs(talker.config, frames + 1)
+    short = stock_talker_kwargs(talker.config, min(frames, 8) + 1)
     fast = FastTalker(talker)
-    loops = {"fast": lambda: fast.generate(**inputs, **kwargs)}
+    # (timed run, warm-up run): the fast loop warms up at full length, which captures a graph
+    # for every attention length it will use; the stock loop has nothing to capture.
+    loops = {"fast": (lambda: fast.generate(**inputs, **kwargs),) * 2}
     if not args.no_stock:
-        loops["stock"] = lambda: talker.generate(**inputs, **kwargs)
+        loops["stock"] = (
+            lambda: talker.generate(**inputs, **kwargs),
+            lambda: talker.generate(**inputs, **short),
+        )
     result: dict[str, Any] = {"batch": batch, "frames": frames}
-    for name, run in loops.items():
+    for name, (run, warm_up) in loops.items():
         torch.manual_seed(0)
         for _ in range(args.warmup):
-            run()
+            warm_up()
         seconds = timed(run, args.device, args.repeats)
         result[name] = {
             "seconds": seconds,
@@ -189,10 +195,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--batch", default="1,8,32,64", help="comma-separated batch sizes")
-    parser.add_argument("--frames", type=int, default=128, help="frames per row (80 ms each)")
+    parser.add_argument("--frames", type=int, default=64, help="frames per row (80 ms each)")
     parser.add_argument("--prompt", type=int, default=96, help="prompt length in positions")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per loop first")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per loop (median)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per loop (median)")
     parser.add_argument("--no-stock", action="store_true", help="time the fast loop only")
     parser.add_argument(
         "--out", type=Path, help="JSON file (default bench/results/engine-<device>.json)"
