@@ -351,10 +351,6 @@ class FastTalker:
         self._workspace: _Workspace | None = None
         self._graphs = _GraphRunner(False)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.talker.parameters()).device
-
     def reset(self) -> None:
         """Drop buffers and graphs, e.g. after the model moved to another device."""
         self._workspace = None
