@@ -116,7 +116,13 @@ class Engine:
             options=options or EngineOptions(),
             load_seconds=time.perf_counter() - started,
         )
-        logger.info("Loaded %s on %s in %.1f s", engine.model_name, device, engine.load_seconds)
+        logger.info(
+            "Loaded %s on %s in %.1f s (%s generation)",
+            engine.model_name,
+            device,
+            engine.load_seconds,
+            engine.options.generation,
+        )
         return engine
 
     @property
