@@ -31,6 +31,10 @@ lint: setup ## ruff: lint and formatting
 bench: setup broker-start ## Benchmarks on the local broker (README "Benchmarks"); BENCH_ARGS=--quick
 	$(UV) run --frozen python -m bench --bootstrap $$($(BROKER) bootstrap) $(BENCH_ARGS)
 
+.PHONY: bench-engine
+bench-engine: setup ## Talker generation, stock vs fast loop (README "Fast generation"); BENCH_ARGS=--size 0.6B
+	$(UV) run --frozen python -m bench.engine $(BENCH_ARGS)
+
 run: setup broker-start topics ## The main job: broker, topics, a local worker (left running), one request
 	$(BOOTSTRAP_ENV) $(UV) run --frozen python deploy/demo.py run $(if $(MODEL),--model '$(MODEL)')
 

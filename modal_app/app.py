@@ -9,7 +9,8 @@ app name, the model and the GPU list (see `modal_app.profiles`). Run from the re
 
 Deploy-time settings, all optional: `VOICECLONE_MODAL_GPUS` (comma-separated, first choice
 first), `VOICECLONE_MODAL_GPU_SNAPSHOT` (`0` for CPU-only memory snapshots),
-`VOICECLONE_MODAL_MIN_CONTAINERS`, `VOICECLONE_MODAL_SCALEDOWN_SECONDS`.
+`VOICECLONE_MODAL_MIN_CONTAINERS`, `VOICECLONE_MODAL_SCALEDOWN_SECONDS`,
+`VOICECLONE_MODAL_GENERATION` (`stock` or `fast`: the engine's generation loop).
 
 Containers restore from a memory snapshot taken after the model is loaded (with its GPU memory
 where Modal's GPU snapshots are enabled), so a cold start skips import, load and warm-up.
@@ -25,7 +26,7 @@ from typing import Any
 
 import modal
 
-from modal_app.contract import BatchCloneInput, CloneInput, CloneOutput
+from modal_app.contract import BatchCloneInput, CloneInput, CloneOutput, EngineOptions
 from modal_app.params import GenerationParams
 from modal_app.profiles import DEFAULT_SIZE, PROFILES, ModelProfile, profile_for
 
@@ -46,6 +47,7 @@ class DeploySettings:
     gpu_snapshot: bool = True
     min_containers: int = 0
     scaledown_seconds: int = 300
+    generation: str = "stock"  # EngineOptions.generation: "stock" or "fast"
     timeout_seconds: int = 1800  # per call: long texts run to many minutes of audio
     startup_timeout_seconds: int = 900  # first boot on a new snapshot: load from the Volume
 
@@ -59,6 +61,9 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> DeploySettings
         gpu_snapshot=_flag(environ.get("VOICECLONE_MODAL_GPU_SNAPSHOT", "1")),
         min_containers=int(environ.get("VOICECLONE_MODAL_MIN_CONTAINERS", "0")),
         scaledown_seconds=int(environ.get("VOICECLONE_MODAL_SCALEDOWN_SECONDS", "300")),
+        generation=EngineOptions(
+            generation=environ.get("VOICECLONE_MODAL_GENERATION", "stock")
+        ).generation,
     )
 
 
@@ -98,6 +103,7 @@ image = (
         {
             "HF_HOME": HF_HOME,
             "VOICECLONE_MODEL_SIZE": PROFILE.size,  # the container imports this module too
+            "VOICECLONE_MODAL_GENERATION": SETTINGS.generation,
             "TOKENIZERS_PARALLELISM": "false",
         }
     )
@@ -158,7 +164,9 @@ class Qwen3TTSService:
         # Without GPU snapshots no GPU is visible yet: load on the CPU, move in `attach`.
         device = None if SETTINGS.gpu_snapshot else "cpu"
         self._engine: Engine = Engine.load(
-            resolve_model(self.model or PROFILE.repo_id), device=device
+            resolve_model(self.model or PROFILE.repo_id),
+            device=device,
+            options=EngineOptions(generation=SETTINGS.generation),
         )
         if self._engine.device.type == "cuda":
             self._engine.warm_up()
@@ -171,13 +179,17 @@ class Qwen3TTSService:
         from modal_app.engine import pick_device
 
         started = time.perf_counter()
+        # The task id changes when a container is restored from a snapshot taken by another.
+        self._restored = self._snapshot_task not in (None, os.environ.get("MODAL_TASK_ID"))
         best = pick_device(None)
         if self._engine.device.type != best:
             self._engine.to(best)
             self._engine.warm_up()
+        elif self._restored and self._engine.options.generation == "fast":
+            # CUDA graphs captured before a GPU memory snapshot are not relied on after it.
+            self._engine.reset_generation_state()
+            self._engine.warm_up()
         self._container_id = container_id()
-        # The task id changes when a container is restored from a snapshot taken by another.
-        self._restored = self._snapshot_task not in (None, os.environ.get("MODAL_TASK_ID"))
         restore_work = time.perf_counter() - started
         self._model_load_seconds = (
             restore_work if self._restored else self._load_seconds + restore_work

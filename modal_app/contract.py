@@ -9,6 +9,8 @@ import numpy as np
 from modal_app.audio import AudioFormat, DecodedAudio
 from modal_app.params import GenerationParams
 
+GENERATION_MODES = ("stock", "fast")
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -22,6 +24,14 @@ class EngineOptions:
     min_reference_seconds: float = 0.5
     max_reference_seconds: float = 60.0
     prompt_cache_size: int = 32  # voices; 0 disables the cache
+    # "stock": qwen-tts's generation loop; "fast": modal_app.fastgen (static caches, CUDA graphs)
+    generation: str = "stock"
+
+    def __post_init__(self) -> None:
+        if self.generation not in GENERATION_MODES:
+            raise ValueError(
+                f"generation must be one of {', '.join(GENERATION_MODES)}, not {self.generation!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import numpy as np
 import soxr
@@ -31,6 +31,7 @@ from modal_app.contract import (
     VoiceRequest,
 )
 from modal_app.errors import EngineError, GenerationFailed, InvalidInput
+from modal_app.fastgen import FastTalker
 from modal_app.languages import SUPPORTED_LANGUAGES, normalize_language
 from modal_app.params import GenerationParams
 from modal_app.prompt_cache import PromptCache
@@ -82,6 +83,7 @@ class Engine:
         self.load_seconds = load_seconds
         self.languages = _model_languages(tts)
         self._prompts: PromptCache[VoiceClonePromptItem] = PromptCache(options.prompt_cache_size)
+        self._fast = FastTalker(tts.model.talker) if options.generation == "fast" else None
         self._lock = threading.Lock()
 
     @classmethod
@@ -114,7 +116,13 @@ class Engine:
             options=options or EngineOptions(),
             load_seconds=time.perf_counter() - started,
         )
-        logger.info("Loaded %s on %s in %.1f s", engine.model_name, device, engine.load_seconds)
+        logger.info(
+            "Loaded %s on %s in %.1f s (%s generation)",
+            engine.model_name,
+            device,
+            engine.load_seconds,
+            engine.options.generation,
+        )
         return engine
 
     @property
@@ -149,11 +157,19 @@ class Engine:
             speech_tokenizer.device = target
             self._tts.device = target
             self._prompts.clear()
+        self.reset_generation_state()
+
+    def reset_generation_state(self) -> None:
+        """Drop the fast loop's buffers and CUDA graphs (rebuilt on the next call); no-op for
+        the stock loop. `to` does it too."""
+        with self._lock:
+            if self._fast is not None:
+                self._fast.reset()
 
     def warm_up(self) -> None:
         """One tiny generation, so the first real request does not pay for first-use setup."""
         noise = np.random.default_rng(0).normal(0.0, 0.05, MODEL_SAMPLE_RATE).astype(np.float32)
-        with self._lock, _generation_errors():
+        with self._lock, _generation_errors(), self._generation_loop():
             prompt = self._tts.create_voice_clone_prompt(
                 ref_audio=(noise, MODEL_SAMPLE_RATE), x_vector_only_mode=True
             )
@@ -287,7 +303,7 @@ class Engine:
         prompt: VoiceClonePromptItem,
         params: GenerationParams,
     ) -> list[np.ndarray]:
-        with _generation_errors():
+        with _generation_errors(), self._generation_loop():
             waves, sample_rate = self._tts.generate_voice_clone(
                 text=chunks,
                 language=languages,
@@ -299,6 +315,11 @@ class Engine:
                 f"Model produced {sample_rate} Hz audio, not {MODEL_SAMPLE_RATE}"
             )
         return [np.asarray(wave, dtype=np.float32) for wave in waves]
+
+    def _generation_loop(self) -> AbstractContextManager[None]:
+        """The talker loop for this engine's `generation` option: qwen-tts's own, or the fast
+        one, installed for the duration of a call (callers hold the lock)."""
+        return self._fast.installed() if self._fast is not None else nullcontext()
 
 
 def pick_device(requested: str | None) -> str:

@@ -223,7 +223,7 @@ async def _load_model(weights: _Weights, settings: LocalBackendSettings) -> _Loa
     )
     try:
         engine = await asyncio.get_running_loop().run_in_executor(
-            executor, _load_engine, weights, settings.device
+            executor, _load_engine, weights, settings
         )
     except BaseException:
         executor.shutdown(wait=False, cancel_futures=True)
@@ -246,11 +246,13 @@ def _set_torch_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _load_engine(weights: _Weights, device: str) -> "Engine":
-    from modal_app.engine import Engine
+def _load_engine(weights: _Weights, settings: LocalBackendSettings) -> "Engine":
+    from modal_app.engine import Engine, EngineOptions
 
+    device = None if settings.device == "auto" else settings.device
+    options = EngineOptions(generation=settings.generation)
     try:
-        engine = Engine.load(weights.folder, device=None if device == "auto" else device)
+        engine = Engine.load(weights.folder, device=device, options=options)
     except Exception as exc:
         problem = f"loading it failed ({type(exc).__name__}: {exc})"
         raise _unloadable(weights.sizes, weights.configured, problem) from exc

@@ -114,6 +114,11 @@ class LocalBackendSettings(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch. Unset: torch's default."
     )
+    generation: Literal["stock", "fast"] = Field(
+        "stock",
+        description='Generation loop: "stock" (qwen-tts\'s) or "fast" (static caches, CUDA '
+        "graphs, batched rows that stop independently; same inputs and outputs).",
+    )
 
     def models(self) -> dict[str, str]:
         """Model size key → weights (hub id or path), for the sizes that are served."""

@@ -23,6 +23,7 @@ ENV_KEYS = (
     "VOICECLONE_MODAL_GPU_SNAPSHOT",
     "VOICECLONE_MODAL_MIN_CONTAINERS",
     "VOICECLONE_MODAL_SCALEDOWN_SECONDS",
+    "VOICECLONE_MODAL_GENERATION",
 )
 EXPECTED = {
     "1.7B": ("voiceclone-qwen3-tts-1-7b", "Qwen/Qwen3-TTS-12Hz-1.7B-Base", ["A10G", "L4"]),
@@ -86,6 +87,13 @@ def test_the_default_size_is_the_large_model(load_app: LoadApp) -> None:
     module, _ = load_app()
 
     assert module.app.name == "voiceclone-qwen3-tts-1-7b"
+    assert module.SETTINGS.generation == "stock"
+
+
+def test_the_generation_loop_is_a_deploy_setting(load_app: LoadApp) -> None:
+    module, _ = load_app(VOICECLONE_MODAL_GENERATION="fast")
+
+    assert module.SETTINGS.generation == "fast"
 
 
 def test_the_download_function_fills_the_shared_volume(load_app: LoadApp) -> None:
@@ -120,6 +128,10 @@ def test_gpu_list_and_snapshot_mode_are_configurable(load_app: LoadApp) -> None:
     [
         ({"VOICECLONE_MODEL_SIZE": "7B"}, r"Unknown model size '7B'; expected one of 1\.7B, 0\.6B"),
         ({"VOICECLONE_MODAL_GPU_SNAPSHOT": "maybe"}, r"Expected a boolean .*got 'maybe'"),
+        (
+            {"VOICECLONE_MODAL_GENERATION": "turbo"},
+            r"generation must be one of stock, fast, not 'turbo'",
+        ),
     ],
 )
 def test_bad_settings_fail_the_import_with_one_sentence(

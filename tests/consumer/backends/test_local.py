@@ -200,6 +200,21 @@ async def test_threads_setting_applies_in_the_engine_thread(tiny_model_dir: Path
     assert threads == 2
 
 
+async def test_generation_setting_reaches_the_engine(
+    tiny_model_dir: Path, voice_job: CloneJobFactory
+) -> None:
+    backend = make_backend(local_settings(model_1_7b=str(tiny_model_dir), generation="fast"))
+    await backend.start()
+    try:
+        assert isinstance(backend, LocalBackend)
+        assert backend._models["1.7B"].engine.options.generation == "fast"
+        result = await backend.clone(voice_job(), timeout=60)
+    finally:
+        await backend.close()
+
+    assert soundfile.info(io.BytesIO(result.audio)).frames == frames_to_samples(FRAMES)
+
+
 ACTIONABLE = (
     "VOICECLONE_BACKEND__LOCAL__MODEL_1_7B=/path/to/model",
     "set it empty to not serve that size",
