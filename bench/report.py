@@ -68,9 +68,19 @@ def _concurrency(r: dict[str, Any]) -> Row:
         f"{p['requests']:,} requests over {p['partitions']} partitions",
         f"{r['throughput_per_s']:.1f} req/s of the {r['bound_per_s']:.0f}/s bound: "
         f"**{r['efficiency']:.3f}** (whole waves allow at most "
-        f"{r['best_possible_efficiency']:.3f}){_wave(r)}",
+        f"{r['best_possible_efficiency']:.3f}){_wave(r)}{_concurrency_tmpfs(r)}",
         f"≥ {p['target_efficiency']}",
         _met(r["met"]),
+    )
+
+
+def _concurrency_tmpfs(r: dict[str, Any]) -> str:
+    if "tmpfs" not in r:
+        return ""
+    tmpfs = r["tmpfs"]
+    return (
+        f"; storing to tmpfs instead of disk: {tmpfs['efficiency']:.3f} "
+        f"({tmpfs['start_lag_per_wave_ms']:.0f} ms a wave)"
     )
 
 

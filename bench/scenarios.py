@@ -171,9 +171,23 @@ class ConcurrencyParams:
     target_efficiency: float = 0.95
 
 
+_TMPFS_FIGURES = ("throughput_per_s", "efficiency", "start_lag_s", "start_lag_per_wave_ms")
+
+
 async def concurrency(env: Env, params: ConcurrencyParams) -> dict[str, Any]:
     """Requests loaded first; throughput from the first backend call to the last outcome,
-    against Little's law: at most max_in_flight / latency requests per second."""
+    against Little's law: at most max_in_flight / latency requests per second.
+
+    Run storing on disk (the result), then, where there is one, on tmpfs (`tmpfs`): the
+    difference is what the disk's durable writes cost the waves."""
+    result = await _concurrency_run(env, params, WORKER)
+    if env.tmpfs is not None:
+        in_memory = await _concurrency_run(env, params, WORKER_TMPFS)
+        result["tmpfs"] = {key: in_memory[key] for key in (*_TMPFS_FIGURES, "failed")}
+    return result
+
+
+async def _concurrency_run(env: Env, params: ConcurrencyParams, kind: str) -> dict[str, Any]:
     reference = env.small_reference()
     backend = FixedLatencyBackend(params.latency_seconds)
     async with fresh_topics(env.bootstrap, params.partitions) as topics:
@@ -181,7 +195,7 @@ async def concurrency(env: Env, params: ConcurrencyParams) -> dict[str, Any]:
         await preload(env.bootstrap, topics.requests, messages)
         expected_s = params.requests / params.max_in_flight * params.latency_seconds
         async with TopicReader(env.bootstrap) as reader:
-            async with _runner(env, WORKER, topics, params.max_in_flight, backend) as runner:
+            async with _runner(env, kind, topics, params.max_in_flight, backend) as runner:
                 done = reader.wait_for(
                     topics.audio_ready, params.requests, expected_s + _DONE_MARGIN_S
                 )

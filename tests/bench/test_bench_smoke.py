@@ -84,6 +84,10 @@ def _check_concurrency(result: dict[str, Any], params: scenarios.ConcurrencyPara
     assert result["makespan_s"] == pytest.approx(result["best_makespan_s"] + lost)
     assert result["start_lag_s"] >= 0
     assert result["finish_s"] > -0.002  # outcome timestamps are whole milliseconds
+    # The same run storing to tmpfs, for the share of the disk's writes.
+    assert result["tmpfs"]["failed"] == 0
+    assert 0 < result["tmpfs"]["efficiency"] <= result["best_possible_efficiency"]
+    assert result["tmpfs"]["start_lag_s"] >= 0
 
 
 def _check_latency(result: dict[str, Any], params: scenarios.LatencyParams) -> None:
