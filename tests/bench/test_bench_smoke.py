@@ -91,12 +91,13 @@ def _check_concurrency(result: dict[str, Any], params: scenarios.ConcurrencyPara
 
 
 def _check_latency(result: dict[str, Any], params: scenarios.LatencyParams) -> None:
-    for kind in ("worker", "relay"):
+    for kind in ("worker", "relay", "worker_tmpfs"):
         measured = result[kind]
         assert measured["count"] == params.requests
         assert measured["failed"] == 0
         assert 0 < measured["p50_ms"] <= measured["p99_ms"] <= measured["max_ms"]
-    assert 0 <= result["worker"]["pipeline_p50_ms"] <= result["worker"]["pipeline_p99_ms"]
+    for kind in ("worker", "worker_tmpfs"):
+        assert 0 <= result[kind]["pipeline_p50_ms"] <= result[kind]["pipeline_p99_ms"]
 
 
 def _check_memory(result: dict[str, Any], params: scenarios.MemoryParams) -> None:
