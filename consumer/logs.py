@@ -115,9 +115,14 @@ class _HandlerLogger:
 
     def msg(self, line: str) -> None:
         handler = self._handler
-        with handler.lock or contextlib.nullcontext():
-            handler.stream.write(line + handler.terminator)
-            handler.flush()
+        try:
+            with handler.lock or contextlib.nullcontext():
+                handler.stream.write(line + handler.terminator)
+                handler.flush()
+        except Exception:
+            # As StreamHandler.emit: a stream that fails (closed, broken pipe) is reported on
+            # stderr and never raises into the code that logs.
+            handler.handleError(logging.makeLogRecord({"msg": line}))
 
     debug = info = warning = warn = error = critical = fatal = exception = log = msg
 
