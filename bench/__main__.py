@@ -1,6 +1,6 @@
 """`python -m bench`: run the benchmarks against a broker, print the table, write the JSON.
 
-uv run --frozen python -m bench                      # all four, about 2.5 minutes
+uv run --frozen python -m bench                      # all four, about 3 minutes
 uv run --frozen python -m bench --quick              # small sizes, about 30 s
 uv run --frozen python -m bench --only latency,memory
 uv run --frozen python -m bench --table bench/results/latest.json   # table of a past run

@@ -68,9 +68,19 @@ def _concurrency(r: dict[str, Any]) -> Row:
         f"{p['requests']:,} requests over {p['partitions']} partitions",
         f"{r['throughput_per_s']:.1f} req/s of the {r['bound_per_s']:.0f}/s bound: "
         f"**{r['efficiency']:.3f}** (whole waves allow at most "
-        f"{r['best_possible_efficiency']:.3f}){_wave(r)}",
+        f"{r['best_possible_efficiency']:.3f}){_wave(r)}{_concurrency_tmpfs(r)}",
         f"≥ {p['target_efficiency']}",
         _met(r["met"]),
+    )
+
+
+def _concurrency_tmpfs(r: dict[str, Any]) -> str:
+    if "tmpfs" not in r:
+        return ""
+    tmpfs = r["tmpfs"]
+    return (
+        f"; storing to tmpfs instead of disk: {tmpfs['efficiency']:.3f} "
+        f"({tmpfs['start_lag_per_wave_ms']:.0f} ms a wave)"
     )
 
 
@@ -90,9 +100,19 @@ def _latency(r: dict[str, Any]) -> Row:
         f"3. Added latency: {p['rate_per_s']:g} req/s for {p['requests']:,} requests, instant "
         "backend; request produced → outcome received",
         f"p50 {w['p50_ms']:.1f} ms, p99 **{w['p99_ms']:.1f} ms** (raw relay, two Kafka hops: "
-        f"p50 {relay['p50_ms']:.1f} ms, p99 {relay['p99_ms']:.1f} ms)",
+        f"p50 {relay['p50_ms']:.1f} ms, p99 {relay['p99_ms']:.1f} ms){_latency_tmpfs(r)}",
         f"p99 ≤ {p['target_p99_ms']:g} ms",
         _met(r["met"]),
+    )
+
+
+def _latency_tmpfs(r: dict[str, Any]) -> str:
+    if "worker_tmpfs" not in r:
+        return ""
+    tmpfs = r["worker_tmpfs"]
+    return (
+        f"; storing to tmpfs instead of disk: p50 {tmpfs['p50_ms']:.1f} ms, "
+        f"p99 {tmpfs['p99_ms']:.1f} ms"
     )
 
 

@@ -171,9 +171,23 @@ class ConcurrencyParams:
     target_efficiency: float = 0.95
 
 
+_TMPFS_FIGURES = ("throughput_per_s", "efficiency", "start_lag_s", "start_lag_per_wave_ms")
+
+
 async def concurrency(env: Env, params: ConcurrencyParams) -> dict[str, Any]:
     """Requests loaded first; throughput from the first backend call to the last outcome,
-    against Little's law: at most max_in_flight / latency requests per second."""
+    against Little's law: at most max_in_flight / latency requests per second.
+
+    Run storing on disk (the result), then, where there is one, on tmpfs (`tmpfs`): the
+    difference is what the disk's durable writes cost the waves."""
+    result = await _concurrency_run(env, params, WORKER)
+    if env.tmpfs is not None:
+        in_memory = await _concurrency_run(env, params, WORKER_TMPFS)
+        result["tmpfs"] = {key: in_memory[key] for key in (*_TMPFS_FIGURES, "failed")}
+    return result
+
+
+async def _concurrency_run(env: Env, params: ConcurrencyParams, kind: str) -> dict[str, Any]:
     reference = env.small_reference()
     backend = FixedLatencyBackend(params.latency_seconds)
     async with fresh_topics(env.bootstrap, params.partitions) as topics:
@@ -181,7 +195,7 @@ async def concurrency(env: Env, params: ConcurrencyParams) -> dict[str, Any]:
         await preload(env.bootstrap, topics.requests, messages)
         expected_s = params.requests / params.max_in_flight * params.latency_seconds
         async with TopicReader(env.bootstrap) as reader:
-            async with _runner(env, WORKER, topics, params.max_in_flight, backend) as runner:
+            async with _runner(env, kind, topics, params.max_in_flight, backend) as runner:
                 done = reader.wait_for(
                     topics.audio_ready, params.requests, expected_s + _DONE_MARGIN_S
                 )
@@ -243,14 +257,15 @@ class LatencyParams:
 async def added_latency(env: Env, params: LatencyParams) -> dict[str, Any]:
     """Requests sent at a steady rate; each one's latency is from just before it was produced
     to its outcome arriving at a subscriber. The raw relay run the same way gives the floor
-    that two Kafka hops set on this machine."""
+    that two Kafka hops set on this machine; the worker storing to tmpfs (where there is one,
+    `worker_tmpfs`), what is left without the disk's durable writes."""
     reference = env.small_reference()
-    results = {kind: await _paced(env, kind, params, reference) for kind in (RELAY, WORKER)}
+    kinds = [RELAY, WORKER, *([WORKER_TMPFS] if env.tmpfs is not None else [])]
+    results = {kind: await _paced(env, kind, params, reference) for kind in kinds}
     worker = results[WORKER]
     return {
         "params": asdict(params),
-        "worker": worker,
-        "relay": results[RELAY],
+        **results,
         "met": worker["p99_ms"] <= params.target_p99_ms,
     }
 
@@ -274,7 +289,7 @@ async def _paced(
                 )
         finally:
             await producer.stop()
-        outcomes = await _outcomes(env, topics, set(sent), timings=kind == WORKER)
+        outcomes = await _outcomes(env, topics, set(sent), timings=kind != RELAY)
     latencies = [(clock.arrived[key] - at) * 1000 for key, at in sent.items()]
     return _summary(latencies) | outcomes
 

@@ -32,7 +32,8 @@ class CancelRegistry:
         self._ttl = ttl_seconds
         self._max = max_entries
         self._cancelled: OrderedDict[RequestKey, float] = OrderedDict()
-        self._running: dict[RequestKey, set[asyncio.Event]] = {}
+        # Called when a running request is cancelled: its event's `set`, and what stops it.
+        self._running: dict[RequestKey, list[Callable[[], object]]] = {}
 
     def __len__(self) -> int:
         """Cancels remembered (expired ones included until evicted)."""
@@ -44,27 +45,34 @@ class CancelRegistry:
         self._cancelled.move_to_end(key)
         while len(self._cancelled) > self._max:
             self._cancelled.popitem(last=False)
-        for event in self._running.get(key, ()):
-            event.set()
+        for callback in list(self._running.get(key, ())):
+            callback()
 
     def is_cancelled(self, tenant_id: str, request_id: str) -> bool:
         expires = self._cancelled.get((tenant_id, request_id))
         return expires is not None and expires > time.monotonic()
 
     @contextlib.contextmanager
-    def watch(self, tenant_id: str, request_id: str) -> Iterator[asyncio.Event]:
-        """An event set when this request is cancelled while the block runs."""
+    def watch(
+        self, tenant_id: str, request_id: str, on_cancel: Callable[[], object] | None = None
+    ) -> Iterator[asyncio.Event]:
+        """An event set when this request is cancelled while the block runs (at once if it
+        already was); `on_cancel` is called then too, so the caller can stop its work directly
+        rather than keep a task waiting on the event (bench/)."""
         key = (tenant_id, request_id)
         event = asyncio.Event()
-        if self.is_cancelled(*key):
-            event.set()
-        self._running.setdefault(key, set()).add(event)
+        callbacks = [event.set, *([on_cancel] if on_cancel is not None else [])]
+        running = self._running.setdefault(key, [])
+        running.extend(callbacks)
         try:
+            if self.is_cancelled(*key):
+                for callback in callbacks:
+                    callback()
             yield event
         finally:
-            waiting = self._running[key]
-            waiting.discard(event)
-            if not waiting:
+            for callback in callbacks:
+                running.remove(callback)
+            if not running:
                 del self._running[key]
 
 

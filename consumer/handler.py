@@ -139,23 +139,18 @@ class RecordHandler:
         return ready, _ready_fields(ready)
 
     async def _cancellable(self, request: CloneRequest) -> AudioReady:
-        """Run the pipeline, racing it against a cancel event for this request."""
-        with self._cancels.watch(request.tenant_id, request.request_id) as cancelled:
-            if cancelled.is_set():  # cancelled while queued: never start the work
-                raise _cancelled()
-            work = asyncio.ensure_future(self._pipeline.process(request))
-            waiter = asyncio.ensure_future(cancelled.wait())
+        """Run the pipeline in a task that a cancel event for this request cancels."""
+        if self._cancels.is_cancelled(request.tenant_id, request.request_id):
+            raise _cancelled()  # cancelled while queued: never start the work
+        work = asyncio.ensure_future(self._pipeline.process(request))
+        with self._cancels.watch(request.tenant_id, request.request_id, on_cancel=work.cancel):
             try:
-                await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                # Also on our own cancellation (shutdown): never leave the work running.
-                waiter.cancel()
-                if not work.done():
-                    work.cancel()
-                    await asyncio.gather(work, return_exceptions=True)
-            if work.cancelled():
-                raise _cancelled()
-            return work.result()
+                # Our own cancellation (shutdown) cancels the work too, and waits for it.
+                return await work
+            except asyncio.CancelledError:
+                if work.cancelled() and not _being_cancelled():
+                    raise _cancelled() from None
+                raise
 
 
 def _loggable(request_id: str) -> str:
@@ -164,6 +159,12 @@ def _loggable(request_id: str) -> str:
     if re.fullmatch(SAFE_ID_PATTERN, request_id):
         return request_id
     return repr(request_id[:64])
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task itself was asked to stop (shutdown, revocation)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _cancelled() -> CloneError:

@@ -126,6 +126,10 @@ class Worker:
             self._apply_backpressure(consumer, free)
             if free <= 0:
                 await self._wait_for_slot()
+                if self._free_slots() > 0:
+                    # Resume before polling: a poll while paused drops the records fetched
+                    # ahead, and the freed slot would wait a fetch round trip (bench/).
+                    continue
             # Full or not, poll: it is what keeps us in the group while long jobs run. When
             # full, every partition is paused, so the poll returns at once and fetches nothing.
             try:

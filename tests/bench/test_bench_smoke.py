@@ -84,15 +84,20 @@ def _check_concurrency(result: dict[str, Any], params: scenarios.ConcurrencyPara
     assert result["makespan_s"] == pytest.approx(result["best_makespan_s"] + lost)
     assert result["start_lag_s"] >= 0
     assert result["finish_s"] > -0.002  # outcome timestamps are whole milliseconds
+    # The same run storing to tmpfs, for the share of the disk's writes.
+    assert result["tmpfs"]["failed"] == 0
+    assert 0 < result["tmpfs"]["efficiency"] <= result["best_possible_efficiency"]
+    assert result["tmpfs"]["start_lag_s"] >= 0
 
 
 def _check_latency(result: dict[str, Any], params: scenarios.LatencyParams) -> None:
-    for kind in ("worker", "relay"):
+    for kind in ("worker", "relay", "worker_tmpfs"):
         measured = result[kind]
         assert measured["count"] == params.requests
         assert measured["failed"] == 0
         assert 0 < measured["p50_ms"] <= measured["p99_ms"] <= measured["max_ms"]
-    assert 0 <= result["worker"]["pipeline_p50_ms"] <= result["worker"]["pipeline_p99_ms"]
+    for kind in ("worker", "worker_tmpfs"):
+        assert 0 <= result[kind]["pipeline_p50_ms"] <= result[kind]["pipeline_p99_ms"]
 
 
 def _check_memory(result: dict[str, Any], params: scenarios.MemoryParams) -> None:

@@ -96,6 +96,18 @@ def test_level_filters_our_events_and_libraries_stay_quiet_below_warning(
     assert [entry["event"] for entry in lines(stream)] == ["shown", "no leader"]
 
 
+def test_a_failing_stream_never_raises_into_the_code_that_logs(
+    stream: io.StringIO, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging(LogFormat.JSON, LogLevel.INFO, stream)
+    stream.close()
+
+    structlog.get_logger().info("outcome_published", request_id="r")
+    logging.getLogger("some.library").warning("still fine")
+
+    assert "Logging error" in capsys.readouterr().err
+
+
 def test_console_format_is_for_people(stream: io.StringIO) -> None:
     configure_logging(LogFormat.CONSOLE, LogLevel.INFO, stream)
 
