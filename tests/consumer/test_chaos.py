@@ -59,8 +59,12 @@ class Counts:
     seconds: float = 0.0
 
     def line(self, guarantee: str) -> str:
-        fields = " ".join(f"{name}={value}" for name, value in vars(self).items())
-        return f"chaos[{guarantee}]: {fields}"
+        fields = {**vars(self), "exits": len(self.exits)}
+        reasons = sorted({why[:80] for why in self.exits})
+        text = " ".join(f"{name}={value}" for name, value in fields.items())
+        return f"chaos[{guarantee}]: {text}" + (
+            f" (exited: {'; '.join(reasons)})" if reasons else ""
+        )
 
 
 @dataclass
