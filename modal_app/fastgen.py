@@ -519,17 +519,8 @@ class FastTalker:
         model = self.talker.model
         ws.cache.rows, ws.cache.length = bucket, length
         embeddings = model.rotary_emb(embeds, positions)
-        hidden = embeds
         mask = self._mask(attend, embeds.dtype)
-        for layer in model.layers:
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                past_key_values=ws.cache,
-                cache_position=cache_position,
-                position_embeddings=embeddings,
-            )[0]
-        return model.norm(hidden)
+        return _decoder(model, embeds, mask, ws.cache, cache_position, embeddings)
 
     def _mask(self, attend: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """sdpa takes the boolean mask; eager attention adds it to the scores."""
@@ -593,16 +584,7 @@ class FastTalker:
         attend = ws.cp_causal[positions][None, None]
         embeddings = model.rotary_emb(inputs, positions[None].expand(bucket, -1))
         mask = self._mask(attend, inputs.dtype)
-        hidden = inputs
-        for layer in model.layers:
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                past_key_values=ws.cp_cache,
-                cache_position=positions,
-                position_embeddings=embeddings,
-            )[0]
-        return model.norm(hidden)
+        return _decoder(model, inputs, mask, ws.cp_cache, positions, embeddings)
 
     def _talker_step(
         self, ws: _Workspace, bucket: int, length: int, sampling: TalkerSampling
@@ -747,6 +729,27 @@ def _copy_prefix(target: torch.Tensor, source: torch.Tensor) -> None:
 
 def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _decoder(
+    model: nn.Module,
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    cache: _StaticCache,
+    cache_position: torch.Tensor,
+    embeddings: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """A Qwen3-style decoder's layers and final norm over a static cache (the talker's and the
+    code predictor's `forward` without their mask and cache setup)."""
+    for layer in model.layers:
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            past_key_values=cache,
+            cache_position=cache_position,
+            position_embeddings=embeddings,
+        )[0]
+    return model.norm(hidden)
 
 
 def _round_up(value: int, step: int) -> int:
