@@ -148,7 +148,8 @@ class Metrics:
             Counter,
             "requests_total",
             "Clone requests consumed, by model size and outcome (audio_ready, failed, "
-            "dead_letter); counted once the outcome is acknowledged by the broker.",
+            "dead_letter); counted once the outcome is acknowledged by the broker (exactly_once: "
+            "staged for the next transaction).",
             ["model", "outcome"],
         )
         self._failures = self._add(
