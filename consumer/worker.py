@@ -18,6 +18,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
+from aiokafka.protocol.commit import OffsetCommitRequest
 
 from consumer.handler import RecordHandler
 from consumer.metrics import Metrics
@@ -261,8 +262,15 @@ class Worker:
         try:
             if self._transactions is None:
                 await consumer.commit(offsets)
-            else:
+            elif _group_member(consumer):
                 await self._transactions.commit(offsets)
+            else:
+                # Dropped from the group: the broker would still take transactional offsets
+                # (aiokafka sends no generation with them) although another member may own
+                # these partitions by now. Their work is redone there.
+                log.warning("commit_skipped", reason="no longer a member of the group")
+                self._metrics.commit_failed()
+                return
         except KafkaError as exc:  # CommitFailedError and IllegalStateError included
             # Uncommitted work is redelivered to whoever owns the partition next.
             log.warning("commit_failed", error=repr(exc))
@@ -320,6 +328,13 @@ class _Rebalances(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._worker.on_assigned(set(assigned))
+
+
+def _group_member(consumer: AIOKafkaConsumer) -> bool:
+    """Whether the group coordinator still counts this consumer in: aiokafka resets its
+    generation to -1 when told it is not (it has no public accessor for this)."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    return getattr(coordinator, "generation", None) != OffsetCommitRequest.DEFAULT_GENERATION_ID
 
 
 def _names(tps: Iterable[TopicPartition]) -> list[str]:
