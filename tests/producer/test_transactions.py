@@ -16,7 +16,6 @@ from producer.transactions import TransactionalPublisher, TransactionsFailed
 from schemas.codec import EventDecodeError, make_codec
 from schemas.events import CloneFailed, ErrorCode
 from schemas.topics import Topics
-from tests.fixtures.kafka import TopicFactory
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -24,13 +23,9 @@ _EPOCH = datetime.fromtimestamp(0, UTC)
 
 
 @pytest.fixture
-async def topics(topic_factory: TopicFactory) -> Topics:
-    return Topics(
-        requests=await topic_factory("requests", partitions=2),
-        audio_ready=await topic_factory("ready", partitions=1),
-        failed=await topic_factory("failed", partitions=1),
-        dlq=await topic_factory("dlq", partitions=1),
-    )
+def topics(worker_topics: Topics) -> Topics:
+    """The worker's topics: requests with 3 partitions, the outcomes' with 1 (kept in order)."""
+    return worker_topics
 
 
 @pytest.fixture
