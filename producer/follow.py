@@ -24,9 +24,10 @@ async def assign_since(consumer: AIOKafkaConsumer, topics: list[str], since: dat
     consumer.assign(tps)
     if not tps:
         return 0
+    # Ends first: a record produced between the two look-ups then lies past the end taken
+    # (read), rather than before an end taken after it (skipped).
+    ends = await consumer.end_offsets(tps)
     found = await consumer.offsets_for_times(dict.fromkeys(tps, int(since.timestamp() * 1000)))
-    past_end = [tp for tp in tps if found.get(tp) is None]
-    ends = await consumer.end_offsets(past_end) if past_end else {}
     for tp in tps:
         hit = found.get(tp)
         consumer.seek(tp, hit.offset if hit is not None else ends[tp])
