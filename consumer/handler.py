@@ -2,10 +2,18 @@
 
 `handle` returns only after an outcome or a dead letter is acknowledged by the broker (exactly
 once: staged for the transaction that commits the record's offset), and never raises for a bad
-message: undecodable input, unexpected failures and outcomes the broker refuses go to the
+message: unreadable input, unexpected failures and outcomes the broker refuses go to the
 dead-letter topic with the original bytes, so nothing is lost and the loop goes on.
 Transient failures are retried inside the pipeline, stage by stage; a clone-failed event says
 how many times the failing stage was tried (`attempts`).
+
+Invalid requests are answered, not dead-lettered. The event model (schemas/events.py) is the
+one place for the rules a request must follow; when a request that was read breaks one (a NaN
+temperature, an empty voice_id), the codec's EventDecodeError carries the record it read, and
+if the request's header (ids, model, creation time, metadata; `RequestHeader`, same types)
+validates, the sender gets a clone-failed INVALID_REQUEST naming the invalid fields, counted
+and logged as any failed request. Only a record that cannot be read, or whose ids are empty
+(an answer would address nobody), goes to the DLQ.
 
 Unknown languages. The schema lets writers add enum symbols and tells readers to map ones they
 do not know to the default (AUTO: the model detects the language), so a request from a producer
@@ -18,13 +26,14 @@ lacks (`corrupt`), is dead-lettered. A registry outage is waited out, never dead
 import asyncio
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 
 import structlog
 from aiokafka import ConsumerRecord
 from opentelemetry.trace import INVALID_SPAN, Span
+from pydantic import ValidationError
 
 from consumer.cancels import CancelRegistry
 from consumer.errors import CloneError
@@ -34,7 +43,14 @@ from consumer.tracing import RequestTracing, mark_outcome, outcome_headers, stag
 from producer.publisher import DeadLetter, OutcomePublisher, RecordSource
 from producer.retry import SCHEMA_REGISTRY_OUTAGE, codec_outage, retry_while
 from schemas.codec import Codec, EventDecodeError
-from schemas.events import SAFE_ID_PATTERN, AudioReady, CloneFailed, CloneRequest, ErrorCode
+from schemas.events import (
+    SAFE_ID_PATTERN,
+    AudioReady,
+    CloneFailed,
+    CloneRequest,
+    ErrorCode,
+    RequestHeader,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -80,16 +96,30 @@ class RecordHandler:
         try:
             request = await self._decode(record)
         except EventDecodeError as exc:
-            # The reason only: a decoder's message may quote the record's bytes.
-            log_.warning("dead_letter", reason=exc.reason)
-            await self._publisher.dead_letter(_dead_letter(record, exc))
-            self._metrics.dead_lettered(str(exc.reason))
+            header = _answerable(exc)
+            if header is None:
+                # The reason only: a decoder's message may quote the record's bytes.
+                log_.warning("dead_letter", reason=exc.reason)
+                await self._publisher.dead_letter(_dead_letter(record, exc))
+                self._metrics.dead_lettered(str(exc.reason))
+                return
+            await self._answer(record, header, functools.partial(_refuse, exc), log_)
             return
+        await self._answer(record, request, lambda: self._cancellable(request), log_)
+
+    async def _answer(
+        self,
+        record: ConsumerRecord,
+        request: CloneRequest | RequestHeader,
+        work: Callable[[], Awaitable[AudioReady]],
+        log_: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        """Publish the outcome of `work` for `request`: its audio, or the CloneError it raised."""
         log_ = log_.bind(request_id=_loggable(request.request_id))
         model = request.model.size
         with self._traced(record, request) as span:
             try:
-                outcome, fields = await self._outcome(request)
+                outcome, fields = await _outcome(request, work)
                 headers = outcome_headers(record.headers)  # naming the request's span
                 with self._metrics.stage("publish", model), stage_span("publish"):
                     await self._publisher.publish(outcome, headers, _source(record))
@@ -105,7 +135,7 @@ class RecordHandler:
         log_.info("outcome_published", outcome=type(outcome).__name__, **fields)
 
     def _traced(
-        self, record: ConsumerRecord, request: CloneRequest
+        self, record: ConsumerRecord, request: CloneRequest | RequestHeader
     ) -> AbstractContextManager[Span]:
         """The request's span while it is handled; the API's invalid span when not traced."""
         if self._tracing is None:
@@ -128,16 +158,6 @@ class RecordHandler:
             )
         return event
 
-    async def _outcome(
-        self, request: CloneRequest
-    ) -> tuple[AudioReady | CloneFailed, dict[str, object]]:
-        """The outcome, and what its log line says beyond its type."""
-        try:
-            ready = await self._cancellable(request)
-        except CloneError as exc:
-            return _failed(request, exc), _failed_fields(exc)
-        return ready, _ready_fields(ready)
-
     async def _cancellable(self, request: CloneRequest) -> AudioReady:
         """Run the pipeline in a task that a cancel event for this request cancels."""
         if self._cancels.is_cancelled(request.tenant_id, request.request_id):
@@ -151,6 +171,33 @@ class RecordHandler:
                 if work.cancelled() and not _being_cancelled():
                     raise _cancelled() from None
                 raise
+
+
+async def _outcome(
+    request: CloneRequest | RequestHeader, work: Callable[[], Awaitable[AudioReady]]
+) -> tuple[AudioReady | CloneFailed, dict[str, object]]:
+    """The outcome, and what its log line says beyond its type."""
+    try:
+        ready = await work()
+    except CloneError as exc:
+        return _failed(request, exc), _failed_fields(exc)
+    return ready, _ready_fields(ready)
+
+
+def _answerable(error: EventDecodeError) -> RequestHeader | None:
+    """The header of a request that was read but is invalid, when it can be answered."""
+    if error.event_type is not CloneRequest or error.record is None:
+        return None
+    try:
+        return RequestHeader.model_validate(error.record)
+    except ValidationError:
+        return None
+
+
+async def _refuse(error: EventDecodeError) -> AudioReady:
+    """The work an invalid request gets: none. The codec's message names the invalid fields
+    without quoting them, so the sender learns what to fix and nothing leaks."""
+    raise CloneError(ErrorCode.INVALID_REQUEST, error.message)
 
 
 def _loggable(request_id: str) -> str:
@@ -184,7 +231,7 @@ def _failed_fields(error: CloneError) -> dict[str, object]:
     return {**facts, "stage_ms": dict(error.stage_ms)}
 
 
-def _failed(request: CloneRequest, error: CloneError) -> CloneFailed:
+def _failed(request: CloneRequest | RequestHeader, error: CloneError) -> CloneFailed:
     return CloneFailed(
         request_id=request.request_id,
         tenant_id=request.tenant_id,

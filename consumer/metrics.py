@@ -37,7 +37,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from consumer.backends.base import MODEL_SIZES, CloneResult
 from producer.retry import BROKER_OUTAGE, SCHEMA_REGISTRY_OUTAGE
 from schemas.errors import DecodeReason
-from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode
+from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode, RequestHeader
 
 PREFIX: Final = "voiceclone"
 UNKNOWN_MODEL: Final = "unknown"  # dead letters: the request (and so its model) is unreadable
@@ -323,7 +323,7 @@ class Metrics:
 
     def outcome_published(
         self,
-        request: CloneRequest,
+        request: CloneRequest | RequestHeader,
         outcome: AudioReady | CloneFailed,
         now: datetime | None = None,
     ) -> None:

@@ -19,7 +19,7 @@ class GenerationParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        for name, (kind, is_valid, rule) in _PARAM_RULES.items():
+        for name, (kind, is_valid, rule) in PARAM_RULES.items():
             value = getattr(self, name)
             if value is None:
                 continue
@@ -52,7 +52,9 @@ class GenerationParams:
 
 
 _REAL = (int, float)
-_PARAM_RULES = {
+# Each parameter's rule: its type, the check, and the words that state it, in error messages
+# and in the request schema's docs (schemas/avro/clone_request.avsc; a test compares them).
+PARAM_RULES = {
     "temperature": (_REAL, lambda value: value > 0, "must be greater than 0"),
     "top_k": (int, lambda value: value >= 0, "must be 0 or more"),
     "top_p": (_REAL, lambda value: 0 < value <= 1, "must be in (0, 1]"),

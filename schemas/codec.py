@@ -202,6 +202,9 @@ class AvroCodec:
                 DecodeReason.INVALID_RECORD,
                 f"invalid {event_type.__name__}: {_describe(exc)}",
                 topic=topic,
+                event_type=event_type,
+                # What was read, for a reader to act on its valid parts; not after a defect.
+                record=record if isinstance(exc, ValidationError) else None,
             ) from exc
 
 

@@ -1,6 +1,8 @@
 """The typed errors the codecs raise. Nothing else escapes encode() or decode()."""
 
+from collections.abc import Mapping
 from enum import StrEnum
+from typing import Any
 
 
 class DecodeReason(StrEnum):
@@ -54,7 +56,25 @@ class EventCodecError(Exception):
 
 
 class EventDecodeError(EventCodecError):
-    """A record's bytes are not a valid event for its topic. Reasons: DecodeReason."""
+    """A record's bytes are not a valid event for its topic. Reasons: DecodeReason.
+
+    On INVALID_RECORD, `event_type` and `record` say what was read (the Avro record as fastavro
+    returns it), so that a reader may still act on its valid parts: the worker answers a request
+    whose ids are readable rather than dead-lettering it. None for every other reason.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        topic: str | None = None,
+        event_type: type | None = None,
+        record: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(reason, message, topic=topic)
+        self.event_type = event_type
+        self.record = record
 
 
 class EventEncodeError(EventCodecError):

@@ -25,9 +25,10 @@ AVRO_NAMESPACE: Final = "io.voiceclone.events"
 
 # Ids end up in object keys and paths, hence the character set and the ban on dot segments.
 # Events the worker writes from a served request (AudioReady) and cancels carry such ids; a
-# CloneRequest may carry any string, so that one with an unsafe id is answered (the worker
-# refuses it with INVALID_REQUEST before building any key) rather than dead-lettered, and its
-# CloneFailed carries the ids back as they were.
+# CloneRequest may carry any non-empty string, so that one with an unsafe id is answered (the
+# worker refuses it with INVALID_REQUEST before building any key) rather than dead-lettered, and
+# its CloneFailed carries the ids back as they were. An empty id addresses nobody: such a
+# request cannot be answered (see RequestHeader).
 SAFE_ID_PATTERN: Final = r"^[A-Za-z0-9._-]{1,128}$"
 _DOT_SEGMENTS: Final = frozenset({".", ".."})
 
@@ -52,6 +53,8 @@ SafeId = Annotated[
     str, StringConstraints(pattern=SAFE_ID_PATTERN), AfterValidator(_not_dot_segment)
 ]
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
+# The ids a request is answered under: any text but "" (an answer to "" would reach nobody).
+AnswerId = NonEmptyStr
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
 # Avro int/long are 32/64-bit: out-of-range numbers must fail here, not in the encoder.
 Int32 = Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)]
@@ -177,8 +180,8 @@ class GenerationParams(_Record):
 class CloneRequest(EventModel):
     avro_name: ClassVar[str] = f"{AVRO_NAMESPACE}.CloneRequest"
 
-    request_id: str  # checked by the worker, see SAFE_ID_PATTERN
-    tenant_id: str
+    request_id: AnswerId  # checked by the worker, see SAFE_ID_PATTERN
+    tenant_id: AnswerId
     voice: VoiceReference
     text: str
     language: Language = Language.AUTO
@@ -186,6 +189,25 @@ class CloneRequest(EventModel):
     output_format: AudioFormat = AudioFormat.WAV
     generation: GenerationParams | None = None
     deadline: UtcDatetime | None = None
+    created_at: UtcDatetime
+    metadata: StrMap = {}  # pydantic copies it per instance
+
+
+class RequestHeader(_Record):
+    """What of a CloneRequest its answer and the worker's metrics need: the ids and metadata the
+    answer carries, the model and creation time its metrics are labelled and timed by.
+
+    Read on its own from a request that fails validation elsewhere (say a NaN temperature), so
+    that the request is answered with a clone-failed event instead of dead-lettered. Its fields
+    share CloneRequest's types: each rule stays in one place, and whatever fails here fails the
+    whole request too.
+    """
+
+    model_config = ConfigDict(extra="ignore")  # the rest of the request is not read here
+
+    request_id: AnswerId
+    tenant_id: AnswerId
+    model: ModelName = DEFAULT_MODEL
     created_at: UtcDatetime
     metadata: StrMap = {}  # pydantic copies it per instance
 

@@ -23,7 +23,8 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder, _DefaultR
 from structlog.testing import capture_logs
 
 from consumer.backends import BackendSettings
-from consumer.settings import WorkerSettings
+from consumer.observability.settings import HttpServerSettings
+from consumer.settings import ProcessingGuarantee, WorkerSettings
 from schemas.codec import EVENT_TYPE_HEADER, FINGERPRINT_HEADER, make_codec
 from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode, Event
 from schemas.topics import Topics
@@ -37,6 +38,7 @@ from tests.fixtures.worker import (
     clone_request,
     group_lag,
     running_worker,
+    scrape_worker,
 )
 from tests.schemas.samples import full_audio_ready, full_cancel
 from tests.schemas.variants import schemaless_record, shipped
@@ -92,7 +94,6 @@ async def poison_records(topic: str, victim: CloneRequest) -> list[Poison]:
     audio_ready, audio_ready_headers = await encoded(topic, full_audio_ready())
     cancel, cancel_headers = await encoded(topic, full_cancel())
     noise = random.Random(20_240_229)  # the same bytes every run
-    nan_temperature = victim.to_avro() | {"generation": {"temperature": float("nan")}}
     return [
         Poison("random", noise.randbytes(300), [], "bad_header"),
         Poison("random-with-our-headers", noise.randbytes(300), headers, "corrupt"),
@@ -119,9 +120,10 @@ async def poison_records(topic: str, victim: CloneRequest) -> list[Poison]:
             [(FINGERPRINT_HEADER, dict(cancel_headers)[FINGERPRINT_HEADER])],
             "corrupt",
         ),
+        # Read, but with no id to answer under (invalid requests with ids are answered).
         Poison(
-            "nan-temperature",
-            *_schemaless(nan_temperature),
+            "empty-request-id",
+            *_schemaless(victim.to_avro() | {"request_id": ""}),
             "invalid_record",
         ),
         *_garbage_headers(value, headers, fingerprint),
@@ -415,3 +417,114 @@ async def test_a_record_without_key_or_value_is_dead_lettered(
     letter = letter_for(outcomes.dead_letters, poison)
     assert check_dead_letter(letter, poison, one_partition_settings.topics.requests) == []
     await assert_all_committed(one_partition_settings)
+
+
+# Invalid requests: read, but breaking a rule of the contract
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """A request record that breaks one rule; `field` is what its clone-failed must name."""
+
+    name: str
+    record: dict[str, Any]
+    field: str
+
+    @property
+    def request_id(self) -> str:
+        return str(self.record["request_id"])
+
+
+def invalid_requests(voice_uri: str) -> list[Invalid]:
+    """Requests the codec refuses to encode, so written with plain fastavro as another team's
+    producer could."""
+
+    def breaking(part: str, **changes: object) -> dict[str, Any]:
+        record = clone_request(voice_uri, text="do not echo me").to_avro()
+        record[part] = {**record[part], **changes}
+        return record
+
+    return [
+        *(
+            Invalid(f"{value}-temperature", breaking("generation", temperature=value), field)
+            for value, field in [
+                (float("nan"), "generation.temperature"),
+                (float("inf"), "generation.temperature"),
+                (float("-inf"), "generation.temperature"),
+            ]
+        ),
+        Invalid("empty-voice-id", breaking("voice", voice_id=""), "voice.voice_id"),
+        Invalid(
+            "bad-sha256",
+            breaking("voice", reference_audio_sha256="not-a-sha"),
+            "voice.reference_audio_sha256",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("guarantee", list(ProcessingGuarantee))
+async def test_invalid_requests_are_answered_invalid_request_not_dead_lettered(
+    one_partition_settings: WorkerSettings,
+    voice_uri: str,
+    unused_tcp_port: int,
+    guarantee: ProcessingGuarantee,
+) -> None:
+    settings = one_partition_settings.model_copy(
+        update={
+            "processing_guarantee": guarantee,
+            "http": HttpServerSettings(host="127.0.0.1", port=unused_tcp_port),
+        }
+    )
+    invalid = invalid_requests(voice_uri)
+    # Readable, but not answerable: an empty id addresses nobody.
+    no_id = clone_request(voice_uri).to_avro() | {"request_id": ""}
+    no_tenant = invalid[0].record | {"tenant_id": "", "request_id": "no-tenant"}
+    good = clone_request(voice_uri)
+
+    with capture_logs() as logs:
+        async with (
+            Requests(settings) as requests,
+            Outcomes(settings) as outcomes,
+            running_worker(settings) as serving,
+        ):
+            for record in (*(i.record for i in invalid), no_id, no_tenant):
+                await requests.send_raw(*_schemaless(record), key=record["request_id"].encode())
+            await requests.send(good)
+            await until(outcomes.wait_for([i.request_id for i in invalid]), serving)
+            await until(outcomes.wait_for([good.request_id]), serving)
+            await until(outcomes.wait_for_dead_letters(2), serving)
+            scrape = await scrape_worker(settings)
+            await outcomes.read_to_end()
+
+    for case in invalid:
+        (failed,) = outcomes.by_id[case.request_id]  # exactly one answer
+        assert isinstance(failed, CloneFailed), case.name
+        assert (failed.error_code, failed.retryable, failed.attempts) == (
+            ErrorCode.INVALID_REQUEST,
+            False,
+            1,
+        )
+        assert case.field in failed.message, (case.name, failed.message)
+        assert "do not echo me" not in failed.message
+        assert failed.tenant_id == case.record["tenant_id"]
+        assert failed.metadata == case.record["metadata"]
+    assert isinstance(outcomes.first(good.request_id), AudioReady)
+    assert sorted(letter.key for letter in outcomes.dead_letters) == [b"", b"no-tenant"]
+    assert {dict(letter.headers)["dlq.error.reason"] for letter in outcomes.dead_letters} == {
+        b"invalid_record"
+    }
+    # Counted and logged as failed requests; only the two without ids as dead letters.
+    answered = [
+        entry
+        for entry in logs
+        if entry["event"] == "outcome_published" and entry.get("error_code") == "INVALID_REQUEST"
+    ]
+    assert sorted(entry["request_id"] for entry in answered) == sorted(
+        i.request_id for i in invalid
+    )
+    assert len([entry for entry in logs if entry["event"] == "dead_letter"]) == 2
+    assert scrape.value("voiceclone_requests_total", outcome="failed") == len(invalid)
+    assert scrape.value("voiceclone_failures_total", error_code="INVALID_REQUEST") == len(invalid)
+    assert scrape.value("voiceclone_requests_total", outcome="dead_letter") == 2
+    assert scrape.value("voiceclone_dead_letters_total", reason="invalid_record") == 2
+    await assert_all_committed(settings)

@@ -6,12 +6,15 @@ Avro type vs Python type, nullability, enum symbols, and defaults must all match
 """
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from modal_app.params import PARAM_RULES
 from schemas import events
 from schemas.events import EVENT_TYPES, INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN
 from schemas.store import AVRO_DIR, SchemaStore, load_schema_file
@@ -217,3 +220,58 @@ def test_every_type_and_field_is_documented(fullname: str) -> None:
 def test_schema_file_is_self_contained(fullname: str) -> None:
     """Each file parses alone, so other teams can use one without the rest."""
     assert SchemaStore([AVRO[fullname]]).reader_names == {fullname}
+
+
+# -- the ranges the request's docs state are the ones the code enforces ------------------------
+
+
+def _documented_fields(avro: Json, node: Json, walk: Walk, path: str) -> Iterator[Json]:
+    """Each field of an Avro record, nested records included, as {path, doc, avro, model}:
+    its Avro type and the model's JSON schema node, both without the null of a union."""
+    properties = walk.deref(node).get("properties", {})
+    for field in avro["fields"]:
+        avro_type, model = field["type"], walk.deref(properties[field["name"]])
+        if isinstance(avro_type, list):
+            avro_type = next(option for option in avro_type if option != "null")
+            model = walk.deref(next(o for o in model["anyOf"] if o != _NULL))
+        where = f"{path}.{field['name']}"
+        yield {"path": where, "doc": field["doc"], "avro": avro_type, "model": model}
+        if isinstance(avro_type, dict) and avro_type["type"] == "record":
+            yield from _documented_fields(avro_type, model, walk, where)
+
+
+REQUEST_FIELDS = {
+    field["path"]: field
+    for field in _documented_fields(
+        AVRO[events.CloneRequest.avro_name],
+        events.CloneRequest.model_json_schema(),
+        Walk(events.CloneRequest.model_json_schema()),
+        "",
+    )
+}
+
+
+@pytest.mark.parametrize("path", sorted(REQUEST_FIELDS))
+def test_request_docs_state_the_models_string_rules(path: str) -> None:
+    field = REQUEST_FIELDS[path]
+    if field["model"].get("minLength") == 1:
+        assert "non-empty" in field["doc"]
+    if "pattern" in field["model"]:
+        assert field["model"]["pattern"].strip("^$") in field["doc"]
+
+
+@pytest.mark.parametrize("field", ["request_id", "tenant_id"])
+def test_request_id_docs_state_the_workers_rule(field: str) -> None:
+    assert events.SAFE_ID_PATTERN.strip("^$") in REQUEST_FIELDS[f".{field}"]["doc"]
+
+
+@pytest.mark.parametrize("name", sorted(PARAM_RULES))
+def test_generation_docs_state_the_engines_rules(name: str) -> None:
+    field = REQUEST_FIELDS[f".generation.{name}"]
+    _, _, rule = PARAM_RULES[name]
+    assert rule in field["doc"]
+    if field["avro"] == "double":  # the model refuses what Avro can carry but no engine takes
+        assert "a finite number" in field["doc"]
+        for value in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ValidationError, match=name):
+                events.GenerationParams(**{name: value})

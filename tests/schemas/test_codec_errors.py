@@ -105,9 +105,28 @@ async def test_invalid_record(codecs: CodecPair) -> None:
     error = await _decode_error(codecs.reader, encoded.value, encoded.headers)
     assert error.reason == DecodeReason.INVALID_RECORD
     assert "reference_audio_sha256" in str(error)
+    # What was read comes with the error, so the worker can answer the sender.
+    assert error.event_type is CloneRequest
+    assert error.record is not None
+    assert error.record["voice"]["reference_audio_sha256"] == "not-a-sha256"
 
 
-@pytest.mark.parametrize("unsafe", ["..", "../etc/passwd", "a/b", ""])
+async def test_only_an_invalid_record_carries_what_was_read(codecs: CodecPair) -> None:
+    encoded = await _valid(codecs)
+    error = await _decode_error(codecs.reader, encoded.value[:-1], encoded.headers)
+    assert (error.reason, error.event_type, error.record) == (DecodeReason.CORRUPT, None, None)
+
+
+@pytest.mark.parametrize("field", ["request_id", "tenant_id"])
+async def test_a_request_with_an_empty_id_is_invalid(codecs: CodecPair, field: str) -> None:
+    """An answer to an empty id would reach nobody: such a request is not one."""
+    encoded = await _written(codecs, {**minimal_request().to_avro(), field: ""})
+    error = await _decode_error(codecs.reader, encoded.value, encoded.headers)
+    assert error.reason == DecodeReason.INVALID_RECORD
+    assert field in str(error)
+
+
+@pytest.mark.parametrize("unsafe", ["..", "../etc/passwd", "a/b", "a\nb"])
 async def test_a_request_with_an_unsafe_id_decodes(codecs: CodecPair, unsafe: str) -> None:
     """The worker refuses it with a clone-failed event (INVALID_REQUEST) that names the ids,
     instead of dead-lettering it: so decoding accepts it."""

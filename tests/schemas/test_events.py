@@ -15,6 +15,7 @@ from schemas.events import (
     GenerationParams,
     Language,
     ModelName,
+    RequestHeader,
     event_types_by_topic,
     utc_now,
 )
@@ -32,7 +33,9 @@ def _request(**changes: object) -> CloneRequest:
     return CloneRequest.model_validate({**minimal_request().model_dump(), **changes})
 
 
-UNSAFE_IDS = ["", ".", "..", "a/b", "../x", "a b", "a\n", "é", "x" * 129, "a:b", "a\\b"]
+# Ids a request may carry and be answered under, though the worker serves none of them.
+REFUSED_IDS = [".", "..", "a/b", "../x", "a b", "a\n", "é", "x" * 129, "a:b", "a\\b"]
+UNSAFE_IDS = ["", *REFUSED_IDS]
 
 
 def _ready(**changes: object) -> AudioReady:
@@ -61,7 +64,27 @@ def test_events_the_worker_writes_from_checked_ids_reject_unsafe_ones(field: str
         _cancel(**{field: bad})
 
 
-@pytest.mark.parametrize("bad", UNSAFE_IDS)
+@pytest.mark.parametrize("field", ["request_id", "tenant_id"])
+def test_a_request_and_its_header_need_ids(field: str) -> None:
+    """An empty id addresses nobody: such a request cannot be answered, so is not valid."""
+    with pytest.raises(ValidationError, match=field):
+        _request(**{field: ""})
+    with pytest.raises(ValidationError, match=field):
+        RequestHeader.model_validate({**minimal_request().model_dump(), field: ""})
+
+
+def test_a_header_is_read_from_an_otherwise_invalid_request() -> None:
+    record = full_request().model_dump()
+    record["generation"] = {"temperature": float("nan")}
+    with pytest.raises(ValidationError, match=r"generation\.temperature"):
+        CloneRequest.model_validate(record)
+    header = RequestHeader.model_validate(record)
+    assert header.model_dump() == {
+        field: getattr(full_request(), field) for field in RequestHeader.model_fields
+    }
+
+
+@pytest.mark.parametrize("bad", REFUSED_IDS)
 def test_requests_and_their_failures_carry_any_id(bad: str) -> None:
     """The worker, not decoding, refuses a request with an unsafe id: with a clone-failed event
     naming the ids as they were sent."""
