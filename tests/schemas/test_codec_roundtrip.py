@@ -10,9 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from producer.settings import ClientSettings
 from schemas.codec import (
     EVENT_TYPE_HEADER,
     FINGERPRINT_HEADER,
+    SINGLE_OBJECT_MARKER,
     SchemalessCodec,
     SchemalessForm,
     make_codec,
@@ -210,3 +212,19 @@ async def test_round_trip_any_request(
     )
     encoded = await _SCHEMALESS.encode("voice.clone.requests", event)
     assert await _SCHEMALESS.decode("voice.clone.requests", encoded.value, encoded.headers) == event
+
+
+@pytest.mark.parametrize(
+    ("form", "header_names"),
+    [
+        ("single_object", [EVENT_TYPE_HEADER]),
+        ("header", [FINGERPRINT_HEADER, EVENT_TYPE_HEADER]),
+    ],
+)
+async def test_the_settings_choose_the_form_producers_write(
+    form: str, header_names: list[str]
+) -> None:
+    codec = ClientSettings(schemaless_form=form).make_codec()
+    encoded = await codec.encode("voice.clone.requests", full_request())
+    assert [name for name, _ in encoded.headers] == header_names
+    assert encoded.value.startswith(SINGLE_OBJECT_MARKER) == (form == "single_object")
