@@ -25,7 +25,7 @@ from consumer.worker import Worker
 from producer.publisher import OutcomePublisher, PublisherHooks
 from producer.storage import make_storage
 from producer.transactions import TransactionalPublisher
-from schemas.codec import Codec, make_codec
+from schemas.codec import Codec
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +45,7 @@ async def serve(
     serve() owns it either way: it starts it and closes it on the way out, so pass one not
     started and do not use it after.
     """
-    codec = make_codec(settings.schema_registry_url)
+    codec = settings.make_codec()
     metrics = Metrics()
     health = Health.from_settings(settings.http)
     async with AsyncExitStack() as stack:

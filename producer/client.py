@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from producer.follow import assign_since
 from producer.settings import ClientSettings
 from producer.storage import Storage, make_storage
-from schemas.codec import Codec, EventDecodeError, make_codec
+from schemas.codec import Codec, EventDecodeError
 from schemas.events import (
     AudioFormat,
     AudioReady,
@@ -49,7 +49,7 @@ class VoiceCloneClient:
 
     def __init__(self, settings: ClientSettings, storage: Storage | None = None) -> None:
         self._settings = settings
-        self._codec: Codec = make_codec(settings.schema_registry_url)
+        self._codec: Codec = settings.make_codec()
         self._storage = storage
         self._producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka.bootstrap_servers,

@@ -13,6 +13,7 @@ from aiokafka.helpers import create_ssl_context
 from pydantic import (
     BaseModel,
     ConfigDict,
+    DirectoryPath,
     Field,
     FilePath,
     PrivateAttr,
@@ -22,6 +23,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.storage.settings import StorageSettings
+from schemas.codec import Codec, SchemalessForm, make_codec
+from schemas.store import SchemaStore
 from schemas.topics import Topics
 
 
@@ -210,7 +213,26 @@ class ClientSettings(BaseSettings):
     topics: Topics = Topics()
     schema_registry_url: str | None = Field(
         None,
-        description="Confluent-compatible Schema Registry URL. Unset: schemaless Avro with the "
-        "writer schema's fingerprint in a header.",
+        description="Confluent-compatible Schema Registry URL. Unset: schemaless Avro, each "
+        "record naming its writer schema by fingerprint.",
+    )
+    schemaless_form: SchemalessForm = Field(
+        SchemalessForm.SINGLE_OBJECT,
+        description="Schemaless mode: how events are written (both are read). `single_object`: "
+        "Avro single-object encoding; `header`: bare Avro with the fingerprint in the "
+        "`voiceclone-schema` header, the only form releases before it read.",
+    )
+    extra_schemas_dir: DirectoryPath | None = Field(
+        None,
+        description="Schemaless mode: a folder of `.avsc` files, newer versions of the event "
+        "schemas, whose records are then read too (by Avro schema resolution).",
     )
     storage: StorageSettings = StorageSettings()
+
+    def make_codec(self) -> Codec:
+        """The codec these settings describe; loads the extra schemas (InvalidSchemaError)."""
+        return make_codec(
+            self.schema_registry_url,
+            form=self.schemaless_form,
+            store=SchemaStore.shipped(self.extra_schemas_dir),
+        )

@@ -2,9 +2,10 @@
 
 Two wire formats share one interface (`Codec`) and one Avro core (`AvroCodec`):
 
-- schemaless (default, no registry): the value is the bare Avro binary; the header
-  `voiceclone-schema` carries the writer schema's 8-byte CRC-64-AVRO fingerprint, which the
-  reader looks up in its SchemaStore;
+- schemaless (default, no registry): Avro's single-object encoding (marker C3 01, the writer
+  schema's 8-byte little-endian CRC-64-AVRO fingerprint, the Avro binary), or, as written
+  before it, the bare Avro binary with that fingerprint in the `voiceclone-schema` header; the
+  reader looks the fingerprint up in its SchemaStore;
 - registry (schemas/registry.py): Confluent wire format, magic byte 0 + 4-byte schema id.
 
 Both also send `voiceclone-event-type` (the Avro full name) so routers can filter without
@@ -15,6 +16,7 @@ EventDecodeError; nothing else escapes decode(), whatever the bytes.
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from io import BytesIO
 from typing import Final, Protocol
 
@@ -37,6 +39,8 @@ __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
     "EVENT_TYPE_HEADER",
     "FINGERPRINT_HEADER",
+    "SINGLE_OBJECT_MARKER",
+    "SINGLE_OBJECT_PREFIX_BYTES",
     "AvroCodec",
     "Codec",
     "Encoded",
@@ -45,12 +49,18 @@ __all__ = [
     "EventEncodeError",
     "Header",
     "SchemalessCodec",
+    "SchemalessForm",
     "make_codec",
 ]
 
 FINGERPRINT_HEADER: Final = "voiceclone-schema"
 EVENT_TYPE_HEADER: Final = "voiceclone-event-type"
 FINGERPRINT_BYTES: Final = 8
+# Avro's single-object encoding: these two bytes, the fingerprint, then the Avro binary body.
+# A bare body of any of our schemas never starts with them: every record's first field is a
+# string, and C3 01 would be its length as a negative varint (-98).
+SINGLE_OBJECT_MARKER: Final = b"\xc3\x01"
+SINGLE_OBJECT_PREFIX_BYTES: Final = len(SINGLE_OBJECT_MARKER) + FINGERPRINT_BYTES
 # Far above any real event and Kafka's default message.max.bytes (1 MiB); bounds the work a
 # hostile or corrupt value can cause.
 DEFAULT_MAX_VALUE_BYTES: Final = 4 * 1024 * 1024
@@ -253,43 +263,98 @@ def _read_record(topic: str, writer: WriterSchema, value: bytes, offset: int) ->
     return record
 
 
+class SchemalessForm(StrEnum):
+    """How the schemaless codec writes (it reads both)."""
+
+    SINGLE_OBJECT = "single_object"  # Avro single-object encoding
+    HEADER = "header"  # bare Avro binary, fingerprint in FINGERPRINT_HEADER (the older form)
+
+
 class SchemalessCodec(AvroCodec):
-    """Bare Avro values; the writer schema travels as a fingerprint header."""
+    """Records that name their writer schema by fingerprint, in either SchemalessForm.
+
+    Decoding: a value that starts with SINGLE_OBJECT_MARKER is single-object encoded (a
+    FINGERPRINT_HEADER sent with it must agree); any other value is a bare body and needs the
+    header.
+    """
+
+    def __init__(
+        self,
+        *,
+        form: SchemalessForm = SchemalessForm.SINGLE_OBJECT,
+        topics: Topics | None = None,
+        store: SchemaStore | None = None,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+    ) -> None:
+        super().__init__(topics=topics, store=store, max_value_bytes=max_value_bytes)
+        self._form = form
 
     async def encode(self, topic: str, event: Event) -> Encoded:
         writer = self._writer_for(topic, event)
+        if self._form is SchemalessForm.SINGLE_OBJECT:
+            prefix = SINGLE_OBJECT_MARKER + writer.fingerprint
+            value = self._serialize(topic, writer, event, prefix)
+            return Encoded(value, [self._type_header(event)])
         value = self._serialize(topic, writer, event, b"")
         return Encoded(value, [(FINGERPRINT_HEADER, writer.fingerprint), self._type_header(event)])
 
     async def decode(self, topic: str, value: bytes | None, headers: InHeaders) -> Event:
         expected = self._expected_type(topic)
         payload = self._checked_value(topic, value)
-        writer = self._writer_from_headers(topic, headers)
+        fingerprint, offset = _fingerprint_of(topic, payload, headers)
+        writer = self._known_writer(topic, fingerprint)
         event_type = self._event_type_of(topic, writer, expected)
         self._check_type_header(topic, writer, headers)
-        return self._deserialize(topic, writer, payload, 0, event_type)
+        return self._deserialize(topic, writer, payload, offset, event_type)
 
-    def _writer_from_headers(self, topic: str, headers: InHeaders) -> WriterSchema:
-        fingerprint = last_header(headers, FINGERPRINT_HEADER)
-        if fingerprint is None or len(fingerprint) != FINGERPRINT_BYTES:
-            raise EventDecodeError(
-                DecodeReason.BAD_HEADER,
-                f"no {FINGERPRINT_BYTES}-byte {FINGERPRINT_HEADER} header",
-                topic=topic,
-            )
+    def _known_writer(self, topic: str, fingerprint: bytes) -> WriterSchema:
         writer = self._store.get(fingerprint)
         if writer is None:
             raise EventDecodeError(
                 DecodeReason.UNKNOWN_SCHEMA,
-                f"unknown writer schema fingerprint {fingerprint.hex()}",
+                f"unknown writer schema fingerprint {fingerprint.hex()}: this reader knows only "
+                "the schemas it ships and any extra schemas it was given; upgrade it, give it "
+                "the writer's .avsc as an extra schema, or use a Schema Registry",
                 topic=topic,
             )
         return writer
 
 
+def _fingerprint_of(topic: str, value: bytes, headers: InHeaders) -> tuple[bytes, int]:
+    """The writer schema's fingerprint, and where the Avro body starts in `value`."""
+    header = last_header(headers, FINGERPRINT_HEADER)
+    if value.startswith(SINGLE_OBJECT_MARKER):
+        if len(value) <= SINGLE_OBJECT_PREFIX_BYTES:
+            raise EventDecodeError(
+                DecodeReason.CORRUPT,
+                f"{len(value)} bytes is too short for single-object encoding (marker "
+                f"{SINGLE_OBJECT_MARKER.hex()}, {FINGERPRINT_BYTES}-byte fingerprint, body)",
+                topic=topic,
+            )
+        fingerprint = value[len(SINGLE_OBJECT_MARKER) : SINGLE_OBJECT_PREFIX_BYTES]
+        if header is not None and header != fingerprint:
+            raise EventDecodeError(
+                DecodeReason.BAD_HEADER,
+                f"{FINGERPRINT_HEADER} header {header.hex()} contradicts the single-object "
+                f"fingerprint {fingerprint.hex()}",
+                topic=topic,
+            )
+        return fingerprint, SINGLE_OBJECT_PREFIX_BYTES
+    if header is None or len(header) != FINGERPRINT_BYTES:
+        raise EventDecodeError(
+            DecodeReason.BAD_HEADER,
+            f"value starts with {value[:2].hex()}, not the single-object marker "
+            f"{SINGLE_OBJECT_MARKER.hex()}, and has no {FINGERPRINT_BYTES}-byte "
+            f"{FINGERPRINT_HEADER} header",
+            topic=topic,
+        )
+    return header, 0
+
+
 def make_codec(
     schema_registry_url: str | None = None,
     *,
+    form: SchemalessForm = SchemalessForm.SINGLE_OBJECT,
     topics: Topics | None = None,
     store: SchemaStore | None = None,
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
@@ -297,11 +362,14 @@ def make_codec(
 ) -> Codec:
     """A registry codec when a registry URL is given, else the schemaless one.
 
-    auto_register only applies to the registry: when False, encode looks schemas up but
-    never registers them (for registries only CI may write to).
+    form only applies to the schemaless codec: how it writes. auto_register only applies to the
+    registry: when False, encode looks schemas up but never registers them (for registries only
+    CI may write to).
     """
     if not schema_registry_url:
-        return SchemalessCodec(topics=topics, store=store, max_value_bytes=max_value_bytes)
+        return SchemalessCodec(
+            form=form, topics=topics, store=store, max_value_bytes=max_value_bytes
+        )
     # Imported here so schemaless deployments never load the registry client and its deps.
     from schema_registry.client import AsyncSchemaRegistryClient
 

@@ -10,7 +10,7 @@ class DecodeReason(StrEnum):
 
     EMPTY = "empty"  # no value (a tombstone) or zero bytes
     TOO_LARGE = "too_large"  # over the codec's max_value_bytes
-    BAD_HEADER = "bad_header"  # schema header missing or malformed, or headers contradict
+    BAD_HEADER = "bad_header"  # no C3 01 marker and no schema header, or headers contradict
     BAD_MAGIC = "bad_magic"  # not the Confluent wire format (first byte is not 0)
     UNKNOWN_TOPIC = "unknown_topic"  # the codec was told which topics exist; this is not one
     UNKNOWN_SCHEMA = "unknown_schema"  # fingerprint or schema id nobody knows

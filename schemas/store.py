@@ -75,11 +75,16 @@ class SchemaStore:
             self._by_fingerprint[reader.fingerprint] = reader
 
     @classmethod
-    def shipped(cls) -> "SchemaStore":
-        """A store of the .avsc files in schemas/avro/, knowing every released version."""
+    def shipped(cls, extra_dir: Path | None = None) -> "SchemaStore":
+        """A store of the .avsc files in schemas/avro/, knowing every released version, plus
+        the writer schemas in `extra_dir` (e.g. a newer release's, so its records are readable
+        before this reader is upgraded)."""
         store = cls(load_schema_file(path) for path in sorted(AVRO_DIR.glob("*.avsc")))
         for path in sorted(HISTORY_DIR.glob("*.avsc")):
             store.add(load_schema_file(path))
+        if extra_dir is not None:
+            for path in sorted(extra_dir.glob("*.avsc")):
+                store.add_file(path)
         return store
 
     @property
@@ -104,6 +109,19 @@ class SchemaStore:
         reader = self._readers.get(name)
         resolve_into = reader.parsed if reader is not None else None
         return WriterSchema(name, fingerprint, schema, parsed, resolve_into)
+
+    def add_file(self, path: Path) -> WriterSchema:
+        """Remember the writer schema in an .avsc file, which must be a version of one of our
+        records: a stray file fails here, at start, not as wrong_type on every record."""
+        try:
+            writer = self.resolve(load_schema_file(path))
+        except (OSError, ValueError) as exc:  # JSONDecodeError, InvalidSchemaError
+            raise InvalidSchemaError(f"{path}: {exc}") from exc
+        if writer.fullname not in self._readers:
+            raise InvalidSchemaError(
+                f"{path}: {writer.fullname} is not one of {', '.join(sorted(self._readers))}"
+            )
+        return self.add(writer.raw)
 
     def add(self, raw: RawSchema | str) -> WriterSchema:
         """Remember another writer schema (an older or newer version of one of ours)."""

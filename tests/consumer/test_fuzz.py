@@ -38,6 +38,7 @@ from tests.consumer.test_security import LocalDns
 from tests.fixtures.worker import clone_request
 from tests.schemas.samples import SAMPLE_IDS, SAMPLES
 from tests.schemas.test_decode_fuzz import SEEDS as DECODE_FUZZ_SEEDS
+from tests.schemas.test_decode_fuzz import SINGLE_OBJECT_SEEDS as DECODE_FUZZ_SINGLE_OBJECT_SEEDS
 
 # deadline=None: a busy CI machine must not turn a slow example into a failure. No example
 # database: CI starts clean, and the working tree stays so.
@@ -52,8 +53,9 @@ Headers = list[tuple[str, bytes | None]]
 T = TypeVar("T")
 
 
-# Every event type, full and minimal, as our producers write them.
+# Every event type, full and minimal, in the older header form, and single-object encoded.
 SEEDS = [record for _, record in DECODE_FUZZ_SEEDS]
+SINGLE_OBJECT_SEEDS = [record for _, record in DECODE_FUZZ_SINGLE_OBJECT_SEEDS]
 FINGERPRINTS = [dict(seed.headers)[FINGERPRINT_HEADER] for seed in SEEDS]
 
 
@@ -134,7 +136,7 @@ def truncate(draw: st.DrawFn, value: bytes) -> bytes:
 def mutated_records(draw: st.DrawFn) -> tuple[bytes, Headers]:
     """A real record with bit flips, a truncation or a splice, under its own headers or
     another record's (so the bytes are read with the wrong schema too)."""
-    seed = draw(st.sampled_from(SEEDS))
+    seed = draw(st.sampled_from(SEEDS + SINGLE_OBJECT_SEEDS))
     mutate = draw(st.sampled_from([flip_bits, splice, truncate]))
     headers = draw(st.sampled_from([seed.headers, draw(st.sampled_from(SEEDS)).headers]))
     return mutate(draw, seed.value), list(headers)

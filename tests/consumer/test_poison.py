@@ -25,7 +25,14 @@ from structlog.testing import capture_logs
 from consumer.backends import BackendSettings
 from consumer.observability.settings import HttpServerSettings
 from consumer.settings import ProcessingGuarantee, WorkerSettings
-from schemas.codec import EVENT_TYPE_HEADER, FINGERPRINT_HEADER, make_codec
+from schemas.codec import (
+    EVENT_TYPE_HEADER,
+    FINGERPRINT_HEADER,
+    SINGLE_OBJECT_MARKER,
+    SINGLE_OBJECT_PREFIX_BYTES,
+    SchemalessForm,
+    make_codec,
+)
 from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode, Event
 from schemas.topics import Topics
 from tests.consumer.test_worker import small_messages_topic
@@ -48,7 +55,10 @@ pytestmark = pytest.mark.timeout(120)
 Headers = list[tuple[str, bytes | None]]
 # aiokafka's default max_request_size, which the test's producer and the worker's share.
 PRODUCER_MAX_REQUEST_BYTES = 1_048_576
-CODEC = make_codec()
+# The older schemaless form, whose fingerprint header most poisons garble; single-object
+# poisons are made from SINGLE_OBJECT's records.
+CODEC = make_codec(form=SchemalessForm.HEADER)
+SINGLE_OBJECT = make_codec()
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,7 @@ async def poison_records(topic: str, victim: CloneRequest) -> list[Poison]:
             "invalid_record",
         ),
         *_garbage_headers(value, headers, fingerprint),
+        *await _single_object_poisons(topic, victim, dict(cancel_headers)[FINGERPRINT_HEADER]),
         # About a megabyte: far more than any request, but within what Kafka takes.
         Poison("megabyte-of-noise", noise.randbytes(1_000_000), headers, "corrupt"),
     ]
@@ -135,6 +146,28 @@ async def poison_records(topic: str, victim: CloneRequest) -> list[Poison]:
 def _schemaless(record: dict[str, Any]) -> tuple[bytes, Headers]:
     written = schemaless_record(shipped("clone_request"), record)
     return written.value, list(written.headers)
+
+
+async def _single_object_poisons(
+    topic: str, victim: CloneRequest, other_fingerprint: bytes
+) -> list[Poison]:
+    value = (await SINGLE_OBJECT.encode(topic, victim)).value
+    body = value[SINGLE_OBJECT_PREFIX_BYTES:]
+    return [
+        Poison("single-object-cut-short", value[:9], [], "corrupt"),
+        Poison(
+            "single-object-unknown-fingerprint",
+            SINGLE_OBJECT_MARKER + b"\x01" * 8 + body,
+            [],
+            "unknown_schema",
+        ),
+        Poison(
+            "single-object-header-disagrees",
+            value,
+            [(FINGERPRINT_HEADER, other_fingerprint)],
+            "bad_header",
+        ),
+    ]
 
 
 def _garbage_headers(value: bytes, headers: Headers, fingerprint: bytes) -> list[Poison]:

@@ -23,7 +23,7 @@ from consumer.backends import BackendSettings
 from consumer.observability.settings import HttpServerSettings
 from consumer.settings import LimitSettings, WorkerSettings
 from consumer.worker import _group_member
-from schemas.codec import make_codec
+from schemas.codec import SchemalessForm, make_codec
 from schemas.events import AudioReady, CloneFailed, ErrorCode
 from schemas.topics import Topics
 from tests.fixtures.kafka import TopicFactory
@@ -83,7 +83,10 @@ async def test_bad_input_gets_its_outcome_or_dead_letter_and_the_worker_goes_on(
     unknown_language = clone_request(voice_uri)
     newer = with_symbol(shipped("clone_request"), "Language", "KLINGON")
     newer_writer = schemaless_record(newer, unknown_language.to_avro() | {"language": "KLINGON"})
-    ours = await make_codec().encode(settings.topics.requests, unknown_language)
+    # The older form: our schema's fingerprint in a header over the newer writer's bare body.
+    ours = await make_codec(form=SchemalessForm.HEADER).encode(
+        settings.topics.requests, unknown_language
+    )
     dead = [
         (garbage, [("traceparent", b"00-abc-def-01")], "bad_header"),
         (newer_writer.value, newer_writer.headers, "unknown_schema"),

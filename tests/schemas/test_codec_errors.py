@@ -1,23 +1,29 @@
 """Bad input raises the typed codec errors, with the right reason, in both wire formats."""
 
+import io
 import os
 from datetime import datetime
 from typing import Any
 
+import fastavro
 import pytest
 
 from schemas.codec import (
     EVENT_TYPE_HEADER,
     FINGERPRINT_HEADER,
+    SINGLE_OBJECT_MARKER,
+    SINGLE_OBJECT_PREFIX_BYTES,
     Codec,
     Encoded,
     EventDecodeError,
     EventEncodeError,
     SchemalessCodec,
+    SchemalessForm,
     make_codec,
 )
 from schemas.errors import DecodeReason, EncodeReason, EventCodecError
-from schemas.events import AudioReady, CloneRequest
+from schemas.events import EVENT_TYPES, AudioReady, CloneCancel, CloneRequest
+from schemas.store import AVRO_DIR, HISTORY_DIR, SchemaStore, load_schema_file
 from schemas.topics import Topics
 from tests.schemas.fake_registry import FakeSchemaRegistry
 from tests.schemas.pairs import CodecPair
@@ -48,11 +54,12 @@ async def test_empty_value(codecs: CodecPair, value: bytes | None) -> None:
 
 
 async def test_random_bytes(codecs: CodecPair) -> None:
-    headers = (await _valid(codecs)).headers
-    prefix = b"\x00\x00\x00\x00\x01" if codecs.mode == "registry" else b""
+    encoded = await _valid(codecs)
+    # A valid prefix (schema id, or single-object marker and fingerprint), then garbage.
+    prefix = encoded.value[: 5 if codecs.mode == "registry" else SINGLE_OBJECT_PREFIX_BYTES]
     for seed in range(50):
         garbage = prefix + os.urandom(1 + seed * 7)
-        error = await _decode_error(codecs.reader, garbage, headers)
+        error = await _decode_error(codecs.reader, garbage, encoded.headers)
         assert error.reason in {DecodeReason.CORRUPT, DecodeReason.INVALID_RECORD}
 
 
@@ -60,7 +67,10 @@ async def test_truncated(codecs: CodecPair) -> None:
     encoded = await _valid(codecs)
     for cut in range(1, len(encoded.value)):
         error = await _decode_error(codecs.reader, encoded.value[:cut], encoded.headers)
-        assert error.reason in {DecodeReason.CORRUPT, DecodeReason.INVALID_RECORD}, cut
+        if codecs.mode == "schemaless" and cut < len(SINGLE_OBJECT_MARKER):
+            assert error.reason == DecodeReason.BAD_HEADER  # half a marker, no header
+        else:
+            assert error.reason in {DecodeReason.CORRUPT, DecodeReason.INVALID_RECORD}, cut
 
 
 async def test_trailing_bytes(codecs: CodecPair) -> None:
@@ -142,8 +152,12 @@ async def test_a_request_with_an_unsafe_id_decodes(codecs: CodecPair, unsafe: st
 # -- schemaless framing -----------------------------------------------------------------------
 
 
-async def test_missing_fingerprint_header() -> None:
-    codec = SchemalessCodec(topics=TOPICS)
+def _header_form() -> SchemalessCodec:
+    return SchemalessCodec(form=SchemalessForm.HEADER, topics=TOPICS)
+
+
+async def test_header_form_without_a_fingerprint_header() -> None:
+    codec = _header_form()
     encoded = await codec.encode(REQUESTS, full_request())
     no_fingerprint = [h for h in encoded.headers if h[0] != FINGERPRINT_HEADER]
     for headers in (
@@ -151,23 +165,74 @@ async def test_missing_fingerprint_header() -> None:
         no_fingerprint,
         [(FINGERPRINT_HEADER, b"short")],
         [(FINGERPRINT_HEADER, None)],
-    ):
+    ):  # no marker and no usable header: neither form
         error = await _decode_error(codec, encoded.value, headers)
         assert error.reason == DecodeReason.BAD_HEADER
+        assert "not the single-object marker c301" in str(error)
+        assert f"no 8-byte {FINGERPRINT_HEADER} header" in str(error)
 
 
 async def test_unknown_fingerprint() -> None:
-    codec = SchemalessCodec(topics=TOPICS)
-    encoded = await codec.encode(REQUESTS, full_request())
-    error = await _decode_error(codec, encoded.value, [(FINGERPRINT_HEADER, b"\x01" * 8)])
-    assert error.reason == DecodeReason.UNKNOWN_SCHEMA
+    """In either form; the reason names the fingerprint and what to do about it."""
+    unknown = b"\x01" * 8
+    body = (await _header_form().encode(REQUESTS, full_request())).value
+    for value, headers in (
+        (body, [(FINGERPRINT_HEADER, unknown)]),
+        (SINGLE_OBJECT_MARKER + unknown + body, []),
+    ):
+        error = await _decode_error(SchemalessCodec(topics=TOPICS), value, headers)
+        assert error.reason == DecodeReason.UNKNOWN_SCHEMA
+        assert unknown.hex() in str(error)
+        assert "upgrade" in str(error)
+        assert "extra schema" in str(error)
 
 
 async def test_last_fingerprint_header_wins() -> None:
-    codec = SchemalessCodec(topics=TOPICS)
+    codec = _header_form()
     encoded = await codec.encode(REQUESTS, full_request())
     headers = [(FINGERPRINT_HEADER, b"\x01" * 8), *encoded.headers]
     assert await codec.decode(REQUESTS, encoded.value, headers) == full_request()
+
+
+@pytest.mark.parametrize("size", [2, 5, SINGLE_OBJECT_PREFIX_BYTES])
+async def test_single_object_value_too_short(size: int) -> None:
+    codec = SchemalessCodec(topics=TOPICS)
+    encoded = await codec.encode(REQUESTS, full_request())
+    error = await _decode_error(codec, encoded.value[:size], encoded.headers)
+    assert error.reason == DecodeReason.CORRUPT
+    assert "too short for single-object encoding" in str(error)
+
+
+@pytest.mark.parametrize("marker", [b"\xc3\x02", b"\xc4\x01", b"\x00\x01"])
+async def test_wrong_marker(marker: bytes) -> None:
+    codec = SchemalessCodec(topics=TOPICS)
+    encoded = await codec.encode(REQUESTS, full_request())
+    error = await _decode_error(codec, marker + encoded.value[2:], encoded.headers)
+    assert error.reason == DecodeReason.BAD_HEADER
+    assert f"starts with {marker.hex()}, not the single-object marker" in str(error)
+
+
+async def test_the_marker_wins_and_a_fingerprint_header_must_agree_with_it() -> None:
+    codec = SchemalessCodec(topics=TOPICS)
+    encoded = await codec.encode(REQUESTS, full_request())
+    fingerprint = encoded.value[2:SINGLE_OBJECT_PREFIX_BYTES]
+    agreeing = [(FINGERPRINT_HEADER, fingerprint), *encoded.headers]
+    assert await codec.decode(REQUESTS, encoded.value, agreeing) == full_request()
+    other = SchemaStore.shipped().reader(CloneCancel.avro_name).fingerprint
+    error = await _decode_error(codec, encoded.value, [(FINGERPRINT_HEADER, other)])
+    assert error.reason == DecodeReason.BAD_HEADER
+    assert other.hex() in str(error)
+    assert fingerprint.hex() in str(error)
+
+
+def test_no_bare_body_starts_with_the_marker() -> None:
+    """Why the marker decides the form: every record we ship (and every released version)
+    starts with a string, whose length C3 01 would make negative (zigzag varint -98)."""
+    assert fastavro.schemaless_reader(io.BytesIO(SINGLE_OBJECT_MARKER), "long") == -98
+    schemas = [*AVRO_DIR.glob("*.avsc"), *HISTORY_DIR.glob("*.avsc")]
+    assert len(schemas) >= 2 * len(EVENT_TYPES)
+    for path in schemas:
+        assert load_schema_file(path)["fields"][0]["type"] == "string", path
 
 
 async def test_event_type_header_must_match_the_schema(codecs: CodecPair) -> None:
@@ -178,7 +243,7 @@ async def test_event_type_header_must_match_the_schema(codecs: CodecPair) -> Non
 
 
 async def test_fingerprint_of_another_event_type() -> None:
-    codec = SchemalessCodec(topics=TOPICS)
+    codec = _header_form()
     request = await codec.encode(REQUESTS, full_request())
     cancel = await codec.encode(TOPICS.cancel, full_cancel())
     error = await _decode_error(codec, request.value, cancel.headers)

@@ -10,7 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.codec import EVENT_TYPE_HEADER, FINGERPRINT_HEADER, SchemalessCodec, make_codec
+from producer.settings import ClientSettings
+from schemas.codec import (
+    EVENT_TYPE_HEADER,
+    FINGERPRINT_HEADER,
+    SINGLE_OBJECT_MARKER,
+    SchemalessCodec,
+    SchemalessForm,
+    make_codec,
+)
 from schemas.events import CloneRequest, Event
 from schemas.registry import RegistryCodec, subject_for
 from schemas.store import AVRO_DIR, SchemaStore, load_schema_file
@@ -70,8 +78,25 @@ async def test_without_topics_any_topic_works(
         assert await reader.decode("some.other.topic", encoded.value, encoded.headers) == event
 
 
-async def test_schemaless_wire_is_bare_avro_plus_fingerprint_header() -> None:
+async def test_schemaless_wire_is_avro_single_object_encoding() -> None:
     codec = SchemalessCodec(topics=Topics())
+    encoded = await codec.encode("voice.clone.requests", full_request())
+
+    assert encoded.headers == [(EVENT_TYPE_HEADER, b"io.voiceclone.events.CloneRequest")]
+    # Marker C3 01, then CRC-64-AVRO of the canonical form as 8 little-endian bytes (the order
+    # of fastavro's hex string), then the body any Avro library reads with the .avsc alone.
+    parsed = fastavro.parse_schema(load_schema_file(AVRO_DIR / "clone_request.avsc"))
+    canonical = fastavro.schema.to_parsing_canonical_form(parsed)
+    # Avro's own test vector pins that byte order: "int" -> 8f 5c 39 3f 1a d5 75 72.
+    assert fastavro.schema.fingerprint('"int"', "CRC-64-AVRO") == "8f5c393f1ad57572"
+    prefix = b"\xc3\x01" + bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
+    assert encoded.value[:10] == prefix
+    record = fastavro.schemaless_reader(io.BytesIO(encoded.value[10:]), parsed)
+    assert CloneRequest.from_avro(record) == full_request()
+
+
+async def test_header_form_is_bare_avro_plus_fingerprint_header() -> None:
+    codec = SchemalessCodec(form=SchemalessForm.HEADER, topics=Topics())
     encoded = await codec.encode("voice.clone.requests", full_request())
     shipped = SchemaStore.shipped().reader(CloneRequest.avro_name)
 
@@ -79,13 +104,21 @@ async def test_schemaless_wire_is_bare_avro_plus_fingerprint_header() -> None:
         (FINGERPRINT_HEADER, shipped.fingerprint),
         (EVENT_TYPE_HEADER, b"io.voiceclone.events.CloneRequest"),
     ]
-    # The fingerprint is Avro's CRC-64-AVRO of the canonical form, as fastavro computes it.
     parsed = fastavro.parse_schema(load_schema_file(AVRO_DIR / "clone_request.avsc"))
-    canonical = fastavro.schema.to_parsing_canonical_form(parsed)
-    assert shipped.fingerprint.hex() == fastavro.schema.fingerprint(canonical, "CRC-64-AVRO")
-    # Any Avro library reads the value with the .avsc file alone.
     record = fastavro.schemaless_reader(io.BytesIO(encoded.value), parsed)
     assert CloneRequest.from_avro(record) == full_request()
+
+
+@pytest.mark.parametrize(("topic_field", "event"), SAMPLES, ids=SAMPLE_IDS)
+async def test_a_single_object_reader_reads_the_header_form(
+    topics: Topics, topic_field: str, event: Event
+) -> None:
+    """What writers before single-object encoding sent stays readable."""
+    topic = getattr(topics, topic_field)
+    encoded = await SchemalessCodec(form=SchemalessForm.HEADER, topics=topics).encode(topic, event)
+    assert (
+        await SchemalessCodec(topics=topics).decode(topic, encoded.value, encoded.headers) == event
+    )
 
 
 async def test_registry_wire_is_confluent_format(registry: FakeSchemaRegistry) -> None:
@@ -179,3 +212,19 @@ async def test_round_trip_any_request(
     )
     encoded = await _SCHEMALESS.encode("voice.clone.requests", event)
     assert await _SCHEMALESS.decode("voice.clone.requests", encoded.value, encoded.headers) == event
+
+
+@pytest.mark.parametrize(
+    ("form", "header_names"),
+    [
+        ("single_object", [EVENT_TYPE_HEADER]),
+        ("header", [FINGERPRINT_HEADER, EVENT_TYPE_HEADER]),
+    ],
+)
+async def test_the_settings_choose_the_form_producers_write(
+    form: str, header_names: list[str]
+) -> None:
+    codec = ClientSettings(schemaless_form=form).make_codec()
+    encoded = await codec.encode("voice.clone.requests", full_request())
+    assert [name for name, _ in encoded.headers] == header_names
+    assert encoded.value.startswith(SINGLE_OBJECT_MARKER) == (form == "single_object")

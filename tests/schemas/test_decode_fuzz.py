@@ -21,7 +21,7 @@ from schemas.store import SchemaStore
 from schemas.topics import Topics
 from tests.schemas.fake_registry import FakeSchemaRegistry
 from tests.schemas.samples import SAMPLES
-from tests.schemas.variants import schemaless_record, shipped
+from tests.schemas.variants import schemaless_record, shipped, single_object_record
 
 TOPICS = Topics()
 ROUTES = event_types_by_topic(TOPICS)
@@ -35,6 +35,11 @@ STEMS = {
 # and into the Avro reader and the model validation.
 SEEDS = [
     (getattr(TOPICS, field), schemaless_record(shipped(STEMS[field]), event.to_avro()))
+    for field, event in SAMPLES
+]
+# The same records single-object encoded, as our producers write them now.
+SINGLE_OBJECT_SEEDS = [
+    (getattr(TOPICS, field), single_object_record(shipped(STEMS[field]), event.to_avro()))
     for field, event in SAMPLES
 ]
 FINGERPRINTS = [SchemaStore.shipped().reader(name).fingerprint for name in EVENT_TYPES]
@@ -79,8 +84,9 @@ any_value = st.none() | st.binary(max_size=512)
 
 @st.composite
 def schemaless_inputs(draw: st.DrawFn) -> Input:
-    """Mostly a mutated real record with its own topic and headers; sometimes anything."""
-    topic, seed = draw(st.sampled_from(SEEDS))
+    """Mostly a mutated real record (either form) with its own topic and headers; sometimes
+    anything."""
+    topic, seed = draw(st.sampled_from(SEEDS + SINGLE_OBJECT_SEEDS))
     if draw(st.integers(0, 3)) == 0:
         return draw(any_topic), draw(any_value), draw(any_headers)
     return topic, mutate(draw, seed.value), seed.headers
@@ -154,5 +160,6 @@ async def test_registry_decode_raises_only_the_typed_error(
 
 async def test_fuzz_seeds_decode(schemaless: Codec) -> None:
     """The unmutated seeds decode, so the fuzzer explores around real records."""
-    for (topic, record), (_, sample) in zip(SEEDS, SAMPLES, strict=True):
-        assert await schemaless.decode(topic, record.value, record.headers) == sample
+    for seeds in (SEEDS, SINGLE_OBJECT_SEEDS):
+        for (topic, record), (_, sample) in zip(seeds, SAMPLES, strict=True):
+            assert await schemaless.decode(topic, record.value, record.headers) == sample

@@ -17,9 +17,10 @@ import fastavro
 import pytest
 from schema_registry.client import AsyncSchemaRegistryClient
 
+from producer.settings import ClientSettings
 from schemas import store as store_module
 from schemas.codec import Codec, Encoded, SchemalessCodec
-from schemas.errors import DecodeReason, EventDecodeError
+from schemas.errors import DecodeReason, EventDecodeError, InvalidSchemaError
 from schemas.events import (
     EVENT_TYPES,
     AudioFormat,
@@ -46,6 +47,7 @@ from tests.schemas.variants import (
     registry_record,
     schemaless_record,
     shipped,
+    single_object_record,
     with_fields,
     with_symbol,
     without_fields,
@@ -166,6 +168,56 @@ async def test_schemaless_reader_must_know_the_writer_version() -> None:
     with pytest.raises(EventDecodeError) as caught:
         await SchemalessCodec(topics=TOPICS).decode(TOPICS.requests, encoded.value, encoded.headers)
     assert caught.value.reason == DecodeReason.UNKNOWN_SCHEMA
+
+
+# A newer CloneRequest from a release this reader predates: a field with a default, a symbol.
+NEWER_REQUEST = with_symbol(
+    with_fields(shipped("clone_request"), *_NEW_FIELDS), "Language", "KLINGON"
+)
+
+
+def _newer_request() -> Encoded:
+    record = _record(minimal_request(), language="KLINGON", speaking_rate=2.0)
+    return single_object_record(NEWER_REQUEST, record)
+
+
+async def test_a_newer_writer_is_refused_naming_its_fingerprint_and_the_remedy() -> None:
+    encoded = _newer_request()
+    fingerprint = encoded.value[2:10].hex()
+    with pytest.raises(EventDecodeError) as caught:
+        await SchemalessCodec(topics=TOPICS).decode(TOPICS.requests, encoded.value, [])
+    assert caught.value.reason == DecodeReason.UNKNOWN_SCHEMA
+    assert f"unknown writer schema fingerprint {fingerprint}" in str(caught.value)
+    assert "upgrade it, give it the writer's .avsc as an extra schema, or use a Schema " in str(
+        caught.value
+    )
+
+
+async def test_extra_schemas_make_a_newer_writer_readable(tmp_path: Path) -> None:
+    (tmp_path / "clone_request.v9.avsc").write_text(json.dumps(NEWER_REQUEST))
+    (tmp_path / "notes.txt").write_text("not a schema: ignored")
+    codec = ClientSettings(extra_schemas_dir=tmp_path, topics=TOPICS).make_codec()
+    encoded = _newer_request()
+    decoded = await codec.decode(TOPICS.requests, encoded.value, encoded.headers)
+    # The unknown symbol becomes the enum's default; the added field is dropped.
+    assert decoded == minimal_request().model_copy(update={"language": Language.AUTO})
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (json.dumps({"type": "record", "name": "Other", "fields": []}), "Other is not one of"),
+        ("{not json", "Expecting property name"),
+    ],
+)
+def test_an_extra_schema_must_be_a_version_of_ours(
+    tmp_path: Path, content: str, problem: str
+) -> None:
+    path = tmp_path / "stray.avsc"
+    path.write_text(content)
+    with pytest.raises(InvalidSchemaError, match=problem) as caught:
+        SchemaStore.shipped(tmp_path)
+    assert str(path) in str(caught.value)
 
 
 async def test_versions_in_history_are_known_to_shipped_store(
