@@ -23,6 +23,7 @@ from consumer.settings import ProcessingGuarantee, WorkerSettings
 from consumer.tracing import RequestTracing
 from consumer.worker import Worker
 from producer.publisher import OutcomePublisher, PublisherHooks
+from producer.reconnects import pace_reconnects
 from producer.storage import make_storage
 from producer.transactions import TransactionalPublisher
 from schemas.codec import Codec
@@ -99,7 +100,13 @@ def _publisher(settings: WorkerSettings, codec: Codec, hooks: PublisherHooks) ->
         return TransactionalPublisher(
             settings.kafka, settings.topics, codec, transactional_id, settings.group_id, hooks
         )
-    return OutcomePublisher(settings.kafka, settings.topics, codec, hooks=hooks)
+    return OutcomePublisher(
+        settings.kafka,
+        settings.topics,
+        codec,
+        hooks=hooks,
+        ack_timeout_seconds=settings.broker_timeout_seconds,
+    )
 
 
 async def _serve_http(
@@ -128,13 +135,16 @@ async def _run_to_completion(worker: Worker) -> None:
 
 
 def _cancel_consumer(settings: WorkerSettings) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
+    consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka.bootstrap_servers,
         **settings.kafka.client_options(),
+        **settings.kafka.backoff_options(),
         client_id=f"{settings.kafka.client_id}-cancels",
         group_id=None,
         enable_auto_commit=False,
     )
+    pace_reconnects(consumer, settings.kafka)
+    return consumer
 
 
 @contextlib.contextmanager

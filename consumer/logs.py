@@ -3,12 +3,17 @@
 `json` (the default, for collectors) renders `{"timestamp": ..., "level": ..., "event": ...,
 ...}`; `console` renders aligned, coloured lines for people. Records of the standard library's
 `logging` (aiokafka, botocore, the engine) go through the same renderer, so a process writes one
-format only.
+format only. A library repeating itself (aiokafka, each time it fails to reach a broker) is cut
+to a few lines per message and interval, and a count of those left out.
 """
 
 import contextlib
 import logging
 import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final, TextIO
 
@@ -30,6 +35,12 @@ _QUIET_LIBRARIES: Final = (
     "qwen_tts",
     "transformers",
 )
+
+
+# Of each library message (same logger, level and format string, whatever its arguments) at most
+# this many lines per interval; the rest are counted, and summed up in one line after it.
+REPEATS_PER_INTERVAL: Final = 3
+REPEAT_INTERVAL_SECONDS: Final = 10.0
 
 
 class LogFormat(StrEnum):
@@ -87,12 +98,83 @@ def configure_logging(
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderers],
     )
     handler.setFormatter(formatter)
+    handler.addFilter(RepeatFilter(handler))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     quiet = logging.DEBUG if level is LogLevel.DEBUG else logging.WARNING
     for name in _QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(quiet)
+
+
+@dataclass
+class _Window:
+    """One message's current interval: when it began and how many lines it has seen."""
+
+    began: float
+    seen: int = 0
+
+
+class RepeatFilter(logging.Filter):
+    """On the handler of the standard library's records (the libraries' lines; structlog's are
+    written past it): lets the first `limit` lines of each message through per `interval`
+    seconds and drops the rest. Once an interval with dropped lines is over, the next library
+    line is preceded by one `similar_lines_suppressed` line per such message, with the count.
+    """
+
+    def __init__(
+        self,
+        handler: logging.Handler,
+        limit: int = REPEATS_PER_INTERVAL,
+        interval: float = REPEAT_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._handler = handler
+        self._limit = limit
+        self._interval = interval
+        self._clock = clock
+        self._windows: dict[tuple[str, int, str], _Window] = {}
+        self._lock = threading.Lock()  # botocore and the engine log from threads of their own
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "suppressed", None) is not None:  # one of our summaries
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        with self._lock:
+            summaries = self._close_intervals(self._clock())
+            window = self._windows.setdefault(key, _Window(self._clock()))
+            window.seen += 1
+            passes = window.seen <= self._limit
+        for summary in summaries:
+            self._handler.handle(summary)
+        return passes
+
+    def _close_intervals(self, now: float) -> list[logging.LogRecord]:
+        """Forget the intervals that are over; a summary record for each that dropped lines."""
+        over = [key for key, w in self._windows.items() if now - w.began >= self._interval]
+        summaries = []
+        for key in over:
+            window = self._windows.pop(key)
+            if window.seen > self._limit:
+                summaries.append(self._summary(key, window.seen - self._limit, now - window.began))
+        return summaries
+
+    def _summary(
+        self, key: tuple[str, int, str], dropped: int, seconds: float
+    ) -> logging.LogRecord:
+        name, level, message = key
+        return logging.makeLogRecord(
+            {
+                "name": name,
+                "levelno": level,
+                "levelname": logging.getLevelName(level),
+                "msg": "similar_lines_suppressed",
+                "suppressed": dropped,
+                "seconds": round(seconds, 1),
+                "repeated": message,
+            }
+        )
 
 
 class _HandlerLogger:

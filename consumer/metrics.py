@@ -182,9 +182,10 @@ class Metrics:
             Counter,
             "retries_total",
             "Retried operations, by reason: `publish` (a broker error while sending an outcome "
-            "or a dead letter), `schema_registry` (a registry outage while decoding a request "
-            "or encoding an outcome), `reference` (fetching a reference), `backend` (a clone "
-            "call) or `storage` (looking up or storing audio).",
+            "or a dead letter, or no acknowledgement within the broker timeout), "
+            "`schema_registry` (a registry outage while decoding a request or encoding an "
+            "outcome), `reference` (fetching a reference), `backend` (a clone call) or "
+            "`storage` (looking up or storing audio).",
             ["reason"],
         )
         self._dead_letters = self._add(
@@ -263,7 +264,8 @@ class Metrics:
         self._commit_failures = self._add(
             Counter,
             "commit_failures_total",
-            "Offset commits the broker refused or that failed; the work is redelivered.",
+            "Offset commits the broker refused, that failed or that it did not answer within "
+            "the broker timeout; the work is redelivered.",
         )
 
     def _child(self, metric: _M, *values: str) -> _M:

@@ -101,6 +101,22 @@ class WorkerSettings(ClientSettings):
     revoke_grace_seconds: float = Field(
         10, ge=0, description="On partition revocation, how long their in-flight requests may run."
     )
+    commit_interval_seconds: float = Field(
+        0.2,
+        ge=0,
+        description="The consume loop commits finished offsets at most this often (drain and "
+        "revocation commit at once): a commit per poll costs a broker round trip per handful "
+        "of records, and a crash redelivers at most this much more finished work.",
+    )
+    broker_timeout_seconds: float = Field(
+        10,
+        gt=0,
+        description="An outcome or dead letter the broker has not acknowledged, or an offset "
+        "commit it has not answered (`at_least_once`), within this long counts as failed (a "
+        "`publish` retry, a commit failure) and fails `/readyz`'s `kafka` check until Kafka "
+        "answers again. The outcome is still waited for, never sent twice; the commit is tried "
+        "again at the next one.",
+    )
     cancel_lookback_seconds: float = Field(
         3600, ge=0, description="How far back the cancel topic is read when the worker starts."
     )

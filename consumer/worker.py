@@ -1,7 +1,7 @@
 """The consume loop: fetch within the in-flight bound, run each request, commit finished prefixes.
 
 One loop, read top to bottom: make room (pause/resume), fetch, start a task per record, commit
-what is contiguous (at most every `_COMMIT_INTERVAL_SECONDS`; at once on drain and revocation).
+what is contiguous (at most every `commit_interval_seconds`; at once on drain and revocation).
 Each record's task always ends in a published outcome or a dead letter before its offset is
 marked done; nothing is committed on cancellation.
 
@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.protocol.commit import OffsetCommitRequest
 
 from consumer.handler import RecordHandler
@@ -26,6 +26,7 @@ from consumer.observability.health import Health
 from consumer.observability.lag import LagMonitor
 from consumer.offsets import OffsetTracker
 from consumer.settings import WorkerSettings
+from producer.reconnects import pace_reconnects
 from producer.transactions import TransactionalPublisher
 
 log = structlog.get_logger(__name__)
@@ -33,10 +34,6 @@ log = structlog.get_logger(__name__)
 _SESSION_TIMEOUT_MS = 10_000  # aiokafka's default: how long a silent member stays in the group
 # Time a rebalance allows beyond the revoke grace: committing and sending the rejoin request.
 _REJOIN_MARGIN_MS = 10_000
-# The loop commits at most this often: a commit per poll is a broker round trip per handful of
-# records (bench/). Drain and revocation still commit at once; a crash redelivers at most this
-# much more finished work, which at-least-once allows.
-_COMMIT_INTERVAL_SECONDS = 0.2
 
 
 class Worker:
@@ -103,9 +100,10 @@ class Worker:
 
     def _make_consumer(self) -> AIOKafkaConsumer:
         kafka = self._settings.kafka
-        return AIOKafkaConsumer(
+        consumer = AIOKafkaConsumer(
             bootstrap_servers=kafka.bootstrap_servers,
             **kafka.client_options(),
+            **kafka.backoff_options(),
             client_id=f"{kafka.client_id}-worker",
             group_id=self._settings.group_id,
             enable_auto_commit=False,
@@ -120,6 +118,8 @@ class Worker:
                 round(self._settings.revoke_grace_seconds * 1000) + _REJOIN_MARGIN_MS,
             ),
         )
+        pace_reconnects(consumer, kafka)
+        return consumer
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         while not self._stopping.is_set():
@@ -247,7 +247,7 @@ class Worker:
 
     async def _commit_if_due(self, consumer: AIOKafkaConsumer) -> None:
         now = time.monotonic()
-        if now - self._last_commit >= _COMMIT_INTERVAL_SECONDS:
+        if now - self._last_commit >= self._settings.commit_interval_seconds:
             self._last_commit = now
             await self._commit(consumer)
 
@@ -258,10 +258,12 @@ class Worker:
         if wanted := set(only):
             offsets = {tp: off for tp, off in offsets.items() if tp in wanted}
         if not offsets:
+            if not only:  # nothing left to commit, so nothing failing either
+                self._health.committed()
             return
         try:
             if self._transactions is None:
-                await consumer.commit(offsets)
+                await self._commit_within_timeout(consumer, offsets)
             elif _group_member(consumer):
                 await self._transactions.commit(offsets)
             else:
@@ -275,8 +277,23 @@ class Worker:
             # Uncommitted work is redelivered to whoever owns the partition next.
             log.warning("commit_failed", error=repr(exc))
             self._metrics.commit_failed()
+            self._health.commit_failed(repr(exc))
         else:
             self._tracker.mark_committed(offsets)
+            self._health.committed()
+
+    async def _commit_within_timeout(
+        self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]
+    ) -> None:
+        """Commit, failing with KafkaTimeoutError after `broker_timeout_seconds`: aiokafka
+        retries a commit for as long as the group coordinator cannot be reached, and would hold
+        the loop (and a drain) for as long as an outage lasts, the failure never reported."""
+        timeout = self._settings.broker_timeout_seconds
+        try:
+            async with asyncio.timeout(timeout):
+                await consumer.commit(offsets)
+        except TimeoutError:
+            raise KafkaTimeoutError(f"offset commit not answered within {timeout:g} s") from None
 
     async def _settle(self, tasks: list[asyncio.Task[None]], grace: float) -> None:
         """Let tasks finish within `grace` seconds, then cancel the rest (left uncommitted)."""

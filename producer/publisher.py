@@ -3,7 +3,10 @@
 One idempotent producer (acks=all) per process. `publish` returns only once the broker has
 acknowledged the record, so the caller may then mark the request's offset done. Outages (of
 the broker or the schema registry) are retried for as long as they last; what is raised is a
-record that can never be sent (too large, invalid), for the caller to dead-letter.
+record that can never be sent (too large, invalid), for the caller to dead-letter. A record not
+acknowledged within `ack_timeout_seconds` counts as retried: aiokafka keeps trying it meanwhile
+and, its producer being idempotent, never gives up on one it has sent, so without this bound an
+outage would go unnoticed (and unreported) for as long as it lasts.
 
 The publisher reports retries and whether it can reach the broker through `PublisherHooks`, so
 its owner can count them and answer readiness probes without this package knowing either.
@@ -13,13 +16,14 @@ import asyncio
 import functools
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
+from producer.reconnects import pace_reconnects
 from producer.retry import BROKER_OUTAGE, SCHEMA_REGISTRY_OUTAGE, codec_outage, retry_while
 from producer.settings import KafkaSettings
 from schemas.codec import Codec
@@ -48,7 +52,7 @@ class PublisherHooks:
     # SCHEMA_REGISTRY_OUTAGE.
     retried: Callable[[str], None] = _ignore
     # True once started and again after a send succeeds; False while sends fail with a broker
-    # outage, and from stop() on.
+    # outage or wait longer than the acknowledgement timeout for the broker, and from stop() on.
     connected: Callable[[bool], None] = _ignore
 
 
@@ -103,10 +107,12 @@ class OutcomePublisher:
         codec: Codec,
         retry_backoff_seconds: float = 0.5,
         hooks: PublisherHooks | None = None,
+        ack_timeout_seconds: float = 10.0,
     ) -> None:
         self._topics = topics
         self._codec = codec
         self._backoff = retry_backoff_seconds
+        self._ack_timeout = ack_timeout_seconds
         self._hooks = hooks if hooks is not None else PublisherHooks()
         self._producer = AIOKafkaProducer(
             **self._producer_options(),
@@ -119,7 +125,9 @@ class OutcomePublisher:
             # while a request is in flight still batch (bench latency p50 5.6 ms, 6.3-7.9 at 2).
             linger_ms=0,
             max_request_size=MAX_RECORD_BYTES,
+            **kafka.backoff_options(),
         )
+        pace_reconnects(self._producer, kafka)
 
     def _producer_options(self) -> dict[str, object]:
         """Options a subclass adds to the producer's (a transactional id)."""
@@ -172,19 +180,15 @@ class OutcomePublisher:
     ) -> None:
         # The producer already retries within its delivery timeout; past that we keep trying,
         # since marking the offset done without an acknowledged outcome would lose the request.
+        delivery = _Delivery(lambda: self._enqueue(topic, key, value, list(headers)))
         await retry_while(
             is_broker_outage,
-            lambda: self._send_once(topic, key, value, list(headers)),
+            lambda: delivery.attempt(self._ack_timeout),
             backoff_seconds=self._backoff,
             what=f"sending to {topic}",
             on_retry=self._broker_unreachable,
         )
         self._hooks.connected(True)
-
-    async def _send_once(
-        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
-    ) -> None:
-        await (await self._enqueue(topic, key, value, headers))
 
     async def _enqueue(
         self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
@@ -204,6 +208,30 @@ class OutcomePublisher:
     def _broker_unreachable(self) -> None:
         self._hooks.retried(BROKER_OUTAGE)
         self._hooks.connected(False)
+
+
+class _Delivery:
+    """One record until the broker acknowledges it; handed to the producer again only once the
+    producer has given up on it, so waiting longer for it never sends it twice."""
+
+    def __init__(self, enqueue: Callable[[], Awaitable[asyncio.Future[object]]]) -> None:
+        self._enqueue = enqueue
+        self._ack: asyncio.Future[object] | None = None
+
+    async def attempt(self, timeout_seconds: float) -> None:
+        """Wait up to `timeout_seconds` for the acknowledgement (KafkaTimeoutError after)."""
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                if self._ack is None or _given_up(self._ack):
+                    self._ack = await self._enqueue()
+                # Shielded: a timeout leaves the record with the producer, which retries it.
+                await asyncio.shield(self._ack)
+        except TimeoutError:
+            raise KafkaTimeoutError(f"not acknowledged within {timeout_seconds:g} s") from None
+
+
+def _given_up(ack: asyncio.Future[object]) -> bool:
+    return ack.done() and (ack.cancelled() or ack.exception() is not None)
 
 
 def is_broker_outage(exc: Exception) -> bool:

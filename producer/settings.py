@@ -100,6 +100,24 @@ class KafkaSettings(BaseModel):
         description="PEM private key (unencrypted) of `ssl_certfile`. Unset: the key is in "
         "`ssl_certfile`.",
     )
+    retry_backoff_ms: int = Field(
+        100,
+        ge=1,
+        description="aiokafka's wait before it tries a failed request again (finding the "
+        "group coordinator, a fetch, a produce request).",
+    )
+    reconnect_backoff_ms: int = Field(
+        100,
+        ge=1,
+        description="Wait after a failed metadata refresh (no broker answers) before the next; "
+        "doubled after each further failure, up to `reconnect_backoff_max_ms`.",
+    )
+    reconnect_backoff_max_ms: int = Field(
+        2000,
+        ge=1,
+        description="Longest wait between metadata refreshes while no broker answers: how long "
+        "a worker may take to notice that the cluster is back.",
+    )
     _password: SecretStr | None = PrivateAttr(None)
 
     @model_validator(mode="after")
@@ -130,6 +148,15 @@ class KafkaSettings(BaseModel):
             _forbid(self, tls_fields, "SSL or SASL_SSL")
         if self.ssl_keyfile is not None and self.ssl_certfile is None:
             raise ValueError("ssl_keyfile needs ssl_certfile, the certificate it belongs to")
+
+    def reconnect_backoff_seconds(self, failures: int) -> float:
+        """The wait after `failures` metadata refreshes in a row failed (1: the first)."""
+        backoff_ms = self.reconnect_backoff_ms * 2 ** min(failures - 1, 30)
+        return min(backoff_ms, self.reconnect_backoff_max_ms) / 1000
+
+    def backoff_options(self) -> dict[str, Any]:
+        """aiokafka's retry backoff, for the clients of long-running processes (the worker)."""
+        return {"retry_backoff_ms": self.retry_backoff_ms}
 
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments for every AIOKafkaProducer, AIOKafkaConsumer and

@@ -1,8 +1,13 @@
 """What `/readyz` answers from: a small object the worker keeps up to date.
 
 The worker reports facts as they happen (partitions assigned or revoked, the consume loop
-polled, the producer started or stopped); `check()` turns them into a verdict, asking the
-backend only then, with a time limit.
+polled, the producer reaching the broker or not, offset commits done or failing); `check()`
+turns them into a verdict, asking the backend only then, with a time limit.
+
+The `kafka` check fails while the worker cannot make progress with Kafka: outcomes not
+acknowledged (within the broker timeout) or offset commits failing. That is for readiness, not
+liveness: a restart does not bring a broker back, and a worker taken out of a Service loses
+nothing (it serves no traffic through one), while its readiness is what operators watch.
 """
 
 import asyncio
@@ -44,6 +49,7 @@ class Health:
         self._assigned: set[TopicPartition] = set()
         self._last_progress: float | None = None
         self.producer_connected = False
+        self._commit_failure: str | None = None  # why the last offset commit failed
         # None: the backend cannot be checked cheaply, so readiness does not ask.
         self.backend_ready: BackendReady | None = None
 
@@ -65,6 +71,13 @@ class Health:
         """The outcome producer started, reached the broker again, lost it or stopped."""
         self.producer_connected = connected
 
+    def committed(self) -> None:
+        """Offsets were committed, or there were none left to commit."""
+        self._commit_failure = None
+
+    def commit_failed(self, why: str) -> None:
+        self._commit_failure = why
+
     def progressed(self) -> None:
         """The consume loop went round (polled, or finished a record)."""
         self._last_progress = self._clock()
@@ -74,13 +87,21 @@ class Health:
             {
                 "partitions": self._check_partitions(),
                 "progress": self._check_progress(),
-                "producer": OK if self.producer_connected else "producer not connected",
+                "kafka": self._check_kafka(),
                 "backend": await self._check_backend(),
             }
         )
 
     def _check_partitions(self) -> str:
         return OK if self._assigned else "no partitions assigned"
+
+    def _check_kafka(self) -> str:
+        problems = []
+        if not self.producer_connected:
+            problems.append("producer not connected")
+        if self._commit_failure is not None:
+            problems.append(f"offset commit failed: {self._commit_failure}")
+        return "; ".join(problems) or OK
 
     def _check_progress(self) -> str:
         if self._last_progress is None:

@@ -9,7 +9,14 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from consumer.logs import LogFormat, LogLevel, configure_logging
+from consumer.logs import (
+    REPEAT_INTERVAL_SECONDS,
+    REPEATS_PER_INTERVAL,
+    LogFormat,
+    LogLevel,
+    RepeatFilter,
+    configure_logging,
+)
 
 
 @pytest.fixture
@@ -94,6 +101,46 @@ def test_level_filters_our_events_and_libraries_stay_quiet_below_warning(
     logging.getLogger("aiokafka.cluster").warning("no leader")
 
     assert [entry["event"] for entry in lines(stream)] == ["shown", "no leader"]
+
+
+def test_a_library_repeating_itself_writes_a_few_lines(stream: io.StringIO) -> None:
+    configure_logging(LogFormat.JSON, LogLevel.INFO, stream)
+    aiokafka = logging.getLogger("aiokafka")
+
+    for attempt in range(50):  # as aiokafka does while no broker answers
+        aiokafka.error("Unable connect to node with id %s: %s", 1, f"refused ({attempt})")
+    aiokafka.error("Unable to update metadata from %s", [1])
+
+    assert [entry["event"] for entry in lines(stream)] == [
+        *(f"Unable connect to node with id 1: refused ({n})" for n in range(3)),
+        "Unable to update metadata from [1]",
+    ]
+
+
+def test_lines_left_out_are_counted_once_their_interval_is_over(stream: io.StringIO) -> None:
+    configure_logging(LogFormat.JSON, LogLevel.INFO, stream)
+    handler = logging.getLogger().handlers[0]
+    now = [0.0]
+    handler.filters[:] = [RepeatFilter(handler, clock=lambda: now[0])]
+    fetcher = logging.getLogger("aiokafka.consumer.fetcher")
+
+    for _ in range(REPEATS_PER_INTERVAL + 7):
+        fetcher.error("Failed fetch messages from %s: %s", 1, "NodeNotReadyError")
+    now[0] += REPEAT_INTERVAL_SECONDS
+    fetcher.error("Failed fetch messages from %s: %s", 1, "NodeNotReadyError")
+
+    *passed, summary, again = lines(stream)
+    assert len(passed) == REPEATS_PER_INTERVAL
+    assert summary | {"timestamp": None} == {
+        "timestamp": None,
+        "level": "error",
+        "event": "similar_lines_suppressed",
+        "logger": "aiokafka.consumer.fetcher",
+        "suppressed": 7,
+        "seconds": REPEAT_INTERVAL_SECONDS,
+        "repeated": "Failed fetch messages from %s: %s",
+    }
+    assert again["event"] == "Failed fetch messages from 1: NodeNotReadyError"
 
 
 def test_a_failing_stream_never_raises_into_the_code_that_logs(

@@ -69,7 +69,7 @@ async def test_ready_when_every_fact_holds() -> None:
     assert readiness.checks == {
         "partitions": "ok",
         "progress": "ok",
-        "producer": "ok",
+        "kafka": "ok",
         "backend": "ok",
     }
 
@@ -80,7 +80,27 @@ async def test_a_fresh_worker_is_not_ready() -> None:
     assert not readiness.ready
     assert readiness.checks["partitions"] == "no partitions assigned"
     assert readiness.checks["progress"] == "the consume loop has not polled yet"
-    assert readiness.checks["producer"] == "producer not connected"
+    assert readiness.checks["kafka"] == "producer not connected"
+
+
+async def test_kafka_is_unready_while_outcomes_or_commits_fail_and_ready_once_they_pass() -> None:
+    health = ready_health()
+
+    health.set_producer_connected(False)
+    health.commit_failed("KafkaTimeoutError('offset commit not answered within 10 s')")
+    both = await health.check()
+    health.set_producer_connected(True)
+    commits = await health.check()
+    health.committed()
+    recovered = await health.check()
+
+    assert both.checks["kafka"] == (
+        "producer not connected; offset commit failed: "
+        "KafkaTimeoutError('offset commit not answered within 10 s')"
+    )
+    assert not commits.ready
+    assert commits.checks["kafka"].startswith("offset commit failed: ")
+    assert recovered.ready
 
 
 async def test_revoking_every_partition_makes_it_unready() -> None:
@@ -223,7 +243,7 @@ async def test_readyz_follows_health(served: tuple[ObservabilityServer, Health])
     assert backend_down.json()["checks"] == {
         "partitions": "ok",
         "progress": "ok",
-        "producer": "ok",
+        "kafka": "ok",
         "backend": "backend not reachable",
     }
     assert after.status_code == 200
