@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from producer.follow import assign_since
 from producer.settings import ClientSettings
-from producer.storage import Storage, make_storage
+from producer.storage import Storage, make_storage, reference_key
 from schemas.codec import Codec, EventDecodeError, make_codec
 from schemas.events import (
     AudioFormat,
@@ -207,7 +207,7 @@ async def upload_reference(storage: Storage, path: Path) -> tuple[str, str]:
     suffix = path.suffix.lower()
     content_type = mimetypes.types_map.get(suffix, "application/octet-stream")
     # Content-addressed: uploading the same recording twice stores it once.
-    stored = await storage.put(f"references/{sha256}{suffix}", data, content_type, {})
+    stored = await storage.put(reference_key(sha256, suffix), data, content_type, {})
     return stored.storage_uri, sha256
 
 

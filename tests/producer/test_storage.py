@@ -15,7 +15,7 @@ from urllib.request import url2pathname
 import httpx
 import pytest
 from botocore.exceptions import ClientError
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -32,8 +32,10 @@ from producer.storage import (
     UriNotAllowed,
     make_storage,
     object_key,
+    reference_key,
     validate_key,
 )
+from producer.storage.local import SIDECAR_SUFFIX
 from producer.storage.s3 import storage_error_from
 from tests.fixtures.s3 import S3Server, free_port, running_s3_server
 
@@ -114,15 +116,41 @@ def sibling_uri(storage_uri: str, name: str) -> str:
     return storage_uri.rsplit("/", 1)[0] + "/" + name
 
 
-# --- object_key ------------------------------------------------------------------------------
+# --- object_key, reference_key ----------------------------------------------------------------
 
-
-def test_object_key_is_deterministic_and_prefixed() -> None:
-    assert object_key("tenant-a", "req-1", "wav") == "tenant-a/req-1.wav"
-    assert object_key("tenant-a", "req-1", ".wav", prefix="/audio/v1/") == (
-        "audio/v1/tenant-a/req-1.wav"
+SHA256 = st.from_regex(r"[0-9a-f]{64}", fullmatch=True)
+# Any id the key functions accept, the names of the namespaces and checksums included.
+SAFE_ID = (
+    st.sampled_from(["audio", "references", "Audio", "REFERENCES"])
+    | SHA256
+    | st.from_regex(r"[A-Za-z0-9._-]{1,128}", fullmatch=True).filter(
+        lambda value: value not in {".", ".."}
     )
+)
+EXTENSION = st.from_regex(r"[A-Za-z0-9]{1,16}", fullmatch=True)
+# Both kinds of key from any arguments the key functions accept, tagged with what they name.
+OUTPUT = st.tuples(st.just("audio"), SAFE_ID, SAFE_ID, EXTENSION)
+REFERENCE = st.tuples(st.just("reference"), SHA256, st.just(""), EXTENSION | st.just(""))
+NAMED = OUTPUT | REFERENCE
+
+
+def key_named(named: tuple[str, str, str, str]) -> str:
+    kind, first, second, extension = named
+    if kind == "audio":
+        return object_key(first, second, extension)
+    return reference_key(first, extension)
+
+
+def test_object_key_is_deterministic_and_under_audio() -> None:
+    assert object_key("tenant-a", "req-1", "wav") == "audio/tenant-a/req-1.wav"
+    assert object_key("tenant-a", "req-1", ".wav") == "audio/tenant-a/req-1.wav"
     assert object_key("t", "r", "mp3") == object_key("t", "r", "mp3")
+
+
+def test_reference_key_is_the_checksum_under_references() -> None:
+    sha = hashlib.sha256(b"voice").hexdigest()
+    assert reference_key(sha, ".wav") == f"references/{sha}.wav"
+    assert reference_key(sha, "") == f"references/{sha}"
 
 
 @pytest.mark.parametrize(
@@ -140,44 +168,61 @@ def test_object_key_accepts_the_longest_id() -> None:
     assert object_key("t" * 128, "r" * 128, "wav").endswith("r" * 128 + ".wav")
 
 
-@pytest.mark.parametrize("bad", [("wav/x", ""), ("", ""), ("w.av", ""), ("wav", "a/../b")])
-def test_object_key_rejects_bad_extension_or_prefix(bad: tuple[str, str]) -> None:
-    extension, prefix = bad
+@pytest.mark.parametrize("extension", ["wav/x", "", ".", "w.av", "x" * 17, "wav@meta"])
+def test_key_functions_reject_a_bad_extension(extension: str) -> None:
     with pytest.raises(InvalidKeyError):
-        object_key("tenant", "req", extension, prefix=prefix)
+        object_key("tenant", "req", extension)
+    if extension.removeprefix("."):
+        with pytest.raises(InvalidKeyError):
+            reference_key("0" * 64, extension)
+
+
+@pytest.mark.parametrize("sha", ["", "0" * 63, "0" * 65, "A" * 64, "g" * 64, "../" + "0" * 61])
+def test_reference_key_rejects_what_is_not_a_sha256(sha: str) -> None:
+    with pytest.raises(InvalidKeyError):
+        reference_key(sha, "wav")
 
 
 def test_invalid_key_error_is_a_value_error() -> None:
     assert issubclass(InvalidKeyError, ValueError)
 
 
-@given(
-    tenant=st.text(max_size=140),
-    request_id=st.text(max_size=140),
-    prefix=st.sampled_from(["", "audio", "/audio/v1/", "a/../b", "..", "x//y"]),
-)
-def test_object_key_never_escapes_its_prefix(tenant: str, request_id: str, prefix: str) -> None:
+@given(tenant=st.text(max_size=140), request_id=st.text(max_size=140))
+def test_object_key_never_leaves_its_tenants_folder(tenant: str, request_id: str) -> None:
     try:
-        key = object_key(tenant, request_id, "wav", prefix=prefix)
+        key = object_key(tenant, request_id, "wav")
     except InvalidKeyError:
         return
-    base = posixpath.join("/root", prefix.strip("/"))
     resolved = posixpath.normpath(posixpath.join("/root", key))
-    assert resolved.startswith(base.rstrip("/") + "/")
-    # Nothing is normalised away: below the prefix sit exactly the tenant and request ids.
-    assert posixpath.relpath(resolved, base) == f"{tenant}/{request_id}.wav"
+    # Nothing is normalised away: the key is exactly the namespace, tenant and request ids.
+    assert posixpath.relpath(resolved, "/root") == f"audio/{tenant}/{request_id}.wav"
+    assert validate_key(key) == key
 
 
-@given(
-    tenant=st.from_regex(r"[A-Za-z0-9._-]{1,128}", fullmatch=True),
-    request_id=st.from_regex(r"[A-Za-z0-9._-]{1,128}", fullmatch=True),
-)
+@given(tenant=SAFE_ID, request_id=SAFE_ID)
 def test_object_key_accepts_every_safe_id(tenant: str, request_id: str) -> None:
-    if "." in {tenant, request_id} or ".." in {tenant, request_id}:
-        with pytest.raises(InvalidKeyError):
-            object_key(tenant, request_id, "wav")
-    else:
-        assert object_key(tenant, request_id, "wav") == f"{tenant}/{request_id}.wav"
+    assert object_key(tenant, request_id, "wav") == f"audio/{tenant}/{request_id}.wav"
+
+
+@given(one=NAMED, other=NAMED)
+@example(one=("audio", "references", "0" * 64, "wav"), other=("reference", "0" * 64, "", "wav"))
+def test_distinct_objects_never_share_a_key_nor_nest(
+    one: tuple[str, str, str, str], other: tuple[str, str, str, str]
+) -> None:
+    """Whatever the ids: an output key is never a reference key, nor another tenant's or
+    request's key, nor the "folder" of any key (a file cannot block a directory)."""
+    key, other_key = key_named(one), key_named(other)
+    if key == other_key:
+        assert one == other
+    assert not other_key.startswith(key + "/")
+
+
+@given(named=NAMED)
+def test_a_key_is_never_a_local_sidecar_or_temp_file(named: tuple[str, str, str, str]) -> None:
+    key = key_named(named)
+    assert "@" not in key  # sidecars end in "@meta.json", temp files in "@tmp"
+    with pytest.raises(InvalidKeyError):
+        validate_key(key + SIDECAR_SUFFIX)
 
 
 @given(key=st.text(alphabet=st.sampled_from("ab./\\\x00-_é"), max_size=30))
