@@ -1,6 +1,7 @@
 """A request names only its own objects: whatever its tenant and request ids, the audio it
-produces cannot land on a reference the client uploaded, on a local directory or on S3 (MinIO).
-Through the pipeline with the real upload of `voiceclone request` and the seed HTTP service."""
+produces cannot land on a reference the client uploaded, and no other tenant's audio can be its
+voice; on a local directory and on S3 (MinIO). Through the pipeline with the real upload of
+`voiceclone request` and the seed HTTP service."""
 
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -9,12 +10,13 @@ import pytest
 
 from consumer.backends import BackendSettings
 from consumer.backends.http import HttpBackend
+from consumer.errors import CloneError
 from consumer.pipeline import Pipeline
 from consumer.reference import ReferenceFetcher, ReferenceSettings
 from consumer.settings import LimitSettings
 from producer.client import upload_reference
-from producer.storage import LocalStorage, Storage
-from schemas.events import AudioFormat
+from producer.storage import LocalStorage, Storage, object_key
+from schemas.events import AudioFormat, ErrorCode
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import clone_request
 from tests.producer.test_storage import storage, storage_kind  # noqa: F401 (fixtures)
@@ -72,3 +74,23 @@ async def test_a_request_named_after_an_uploaded_voice_leaves_that_voice_alone(
     pinned = victim_request.voice.model_copy(update={"reference_audio_sha256": victim_sha})
     ready = await pipeline.process(victim_request.model_copy(update={"voice": pinned}))
     assert ready.request_id == victim_request.request_id
+
+
+async def test_another_tenants_audio_cannot_be_a_voice(
+    pipeline: Pipeline,
+    storage: Storage,  # noqa: F811
+    seed_server: SeedServer,
+    tmp_path: Path,
+    reference_wav: bytes,
+) -> None:
+    voice_uri, _ = await uploaded(storage, tmp_path, "voice.wav", reference_wav)
+    theirs = await pipeline.process(clone_request(voice_uri, tenant_id="tenant-b"))
+    info = await storage.head(object_key("tenant-b", theirs.request_id, "wav"))
+    assert info is not None
+
+    with pytest.raises(CloneError) as raised:
+        await pipeline.process(clone_request(info.storage_uri, tenant_id="tenant-a"))
+
+    assert raised.value.code == ErrorCode.REFERENCE_AUDIO_UNAVAILABLE
+    assert not raised.value.retryable
+    assert len(seed_server.requests) == 1  # theirs only

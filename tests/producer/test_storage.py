@@ -41,6 +41,8 @@ from tests.fixtures.s3 import S3Server, free_port, running_s3_server
 
 AUDIO = os.urandom(150_000)  # bigger than one read chunk, so capped reads loop
 KEY = "tenant-a/req-1.wav"
+# What `read` serves: reference audio (from its own bucket, S3 reads only these).
+REFERENCE = reference_key(hashlib.sha256(AUDIO).hexdigest(), "wav")
 S3_PREFIX = "audio/v1"
 TRAVERSAL_KEYS = [
     "",
@@ -129,9 +131,9 @@ SAFE_ID = (
 )
 EXTENSION = st.from_regex(r"[A-Za-z0-9]{1,16}", fullmatch=True)
 # Both kinds of key from any arguments the key functions accept, tagged with what they name.
-OUTPUT = st.tuples(st.just("audio"), SAFE_ID, SAFE_ID, EXTENSION)
-REFERENCE = st.tuples(st.just("reference"), SHA256, st.just(""), EXTENSION | st.just(""))
-NAMED = OUTPUT | REFERENCE
+OUTPUT_ARGS = st.tuples(st.just("audio"), SAFE_ID, SAFE_ID, EXTENSION)
+REFERENCE_ARGS = st.tuples(st.just("reference"), SHA256, st.just(""), EXTENSION | st.just(""))
+NAMED = OUTPUT_ARGS | REFERENCE_ARGS
 
 
 def key_named(named: tuple[str, str, str, str]) -> str:
@@ -293,7 +295,7 @@ async def test_reput_overwrites_the_one_object(
 
 
 async def test_read_by_storage_uri_up_to_the_cap(storage: Storage) -> None:
-    stored = await storage.put(KEY, AUDIO, "audio/wav", {})
+    stored = await storage.put(REFERENCE, AUDIO, "audio/wav", {})
 
     assert await storage.read(stored.storage_uri, max_bytes=len(AUDIO)) == AUDIO
     with pytest.raises(ObjectTooLarge) as excinfo:
@@ -303,14 +305,14 @@ async def test_read_by_storage_uri_up_to_the_cap(storage: Storage) -> None:
 
 
 async def test_read_of_an_empty_object(storage: Storage) -> None:
-    stored = await storage.put(KEY, b"", "audio/wav", {})
+    stored = await storage.put(REFERENCE, b"", "audio/wav", {})
 
     assert await storage.read(stored.storage_uri, max_bytes=0) == b""
     assert await download(stored.url) == b""
 
 
 async def test_read_of_a_missing_object_raises_not_found(storage: Storage) -> None:
-    stored = await storage.put(KEY, AUDIO, "audio/wav", {})
+    stored = await storage.put(REFERENCE, AUDIO, "audio/wav", {})
 
     with pytest.raises(ObjectNotFound) as excinfo:
         await storage.read(sibling_uri(stored.storage_uri, "missing.wav"), max_bytes=1000)
@@ -532,6 +534,26 @@ async def test_s3_reads_reference_audio_from_allowed_buckets_only(
                 await backend.read(malformed, max_bytes=100)
 
 
+async def test_s3_reads_from_its_own_bucket_only_references(
+    s3_server: S3Server, s3_bucket: str
+) -> None:
+    """The rest of the bucket is the tenants' audio: a request naming one as its voice would
+    clone another tenant's output. Keys outside the prefix are not this deployment's at all."""
+    others = ["audio/tenant-a/req-1.wav", KEY, "references", "referencesx/voice.wav"]
+    full_keys = [f"{S3_PREFIX}/{key}" for key in others] + [REFERENCE]
+    for full_key in full_keys:
+        s3_server.client().put_object(Bucket=s3_bucket, Key=full_key, Body=b"audio")
+    # Spelled so that a server normalising the path would land in references/ or out of it.
+    crafted = [f"{S3_PREFIX}/references/../{KEY}", f"{S3_PREFIX}/references//x.wav"]
+
+    async with s3_storage(s3_server, s3_bucket, allowed_read_buckets=[s3_bucket]) as backend:
+        for full_key in full_keys + crafted:
+            with pytest.raises(UriNotAllowed):
+                await backend.read(f"s3://{s3_bucket}/{full_key}", max_bytes=100)
+        stored = await backend.put(REFERENCE, AUDIO, "audio/wav", {})
+        assert await backend.read(stored.storage_uri, max_bytes=len(AUDIO)) == AUDIO
+
+
 async def test_s3_object_written_elsewhere_has_unknown_checksum(
     s3_server: S3Server, s3_bucket: str
 ) -> None:
@@ -547,8 +569,9 @@ async def test_s3_missing_bucket_is_a_permanent_error(s3_server: S3Server) -> No
     async with s3_storage(s3_server, "no-such-bucket-for-voiceclone") as backend:
         with pytest.raises(StorageError) as excinfo:
             await backend.put(KEY, AUDIO, "audio/wav", {})
+        uri = f"s3://no-such-bucket-for-voiceclone/{S3_PREFIX}/{REFERENCE}"
         with pytest.raises(StorageError) as read_excinfo:
-            await backend.read("s3://no-such-bucket-for-voiceclone/x.wav", max_bytes=10)
+            await backend.read(uri, max_bytes=10)
 
     assert excinfo.value.transient is False
     assert not isinstance(excinfo.value, ObjectNotFound)
@@ -575,7 +598,7 @@ async def test_s3_connection_refused_is_transient(s3_server: S3Server) -> None:
         operations = [
             lambda: backend.put(KEY, AUDIO, "audio/wav", {}),
             lambda: backend.head(KEY),
-            lambda: backend.read("s3://bucket/x.wav", max_bytes=10),
+            lambda: backend.read(f"s3://bucket/{S3_PREFIX}/{REFERENCE}", max_bytes=10),
         ]
         for operation in operations:
             with pytest.raises(StorageError) as excinfo:
@@ -589,7 +612,7 @@ async def test_s3_server_stopped_mid_session_is_transient(tmp_path: Path) -> Non
         bucket = server.create_bucket()
         backend = s3_storage(server, bucket, max_attempts=1, connect_timeout_seconds=2)
         await backend.start()
-        stored = await backend.put(KEY, AUDIO, "audio/wav", {})
+        stored = await backend.put(REFERENCE, AUDIO, "audio/wav", {})
     try:
         with pytest.raises(StorageError) as excinfo:
             await backend.read(stored.storage_uri, max_bytes=len(AUDIO))
