@@ -85,9 +85,9 @@ def reference_key(sha256: str, extension: str) -> str:
     the extension when it is empty. Content-addressed: one recording, one object."""
     if _SHA256.fullmatch(sha256) is None:
         raise InvalidKeyError(f"sha256 {_shown(sha256)} must be 64 lower-case hex digits")
-    ext = extension.removeprefix(".")
-    name = f"{sha256}.{_extension(ext)}" if ext else sha256
-    return f"{REFERENCES_NAMESPACE}/{name}"
+    if not extension.removeprefix("."):
+        return f"{REFERENCES_NAMESPACE}/{sha256}"
+    return f"{REFERENCES_NAMESPACE}/{sha256}.{_extension(extension)}"
 
 
 def _extension(extension: str) -> str:
