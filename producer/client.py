@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from producer.follow import assign_since
 from producer.settings import ClientSettings
-from producer.storage import Storage, make_storage
+from producer.storage import Storage, make_storage, reference_key
 from schemas.codec import Codec, EventDecodeError
 from schemas.events import (
     AudioFormat,
@@ -194,16 +194,21 @@ class VoiceCloneClient:
     async def _reference_uri(self, reference: str | Path) -> tuple[str, str | None]:
         if isinstance(reference, str) and "://" in reference:
             return reference, None
-        data = await asyncio.to_thread(Path(reference).read_bytes)
-        sha256 = hashlib.sha256(data).hexdigest()
         if self._storage is None:
             self._storage = make_storage(self._settings.storage)
             await self._storage.start()
-        suffix = Path(reference).suffix.lower()
-        content_type = mimetypes.types_map.get(suffix, "application/octet-stream")
-        # Content-addressed: uploading the same recording twice stores it once.
-        stored = await self._storage.put(f"references/{sha256}{suffix}", data, content_type, {})
-        return stored.storage_uri, sha256
+        return await upload_reference(self._storage, Path(reference))
+
+
+async def upload_reference(storage: Storage, path: Path) -> tuple[str, str]:
+    """Store the recording at `path` as a reference; returns its storage URI and SHA-256."""
+    data = await asyncio.to_thread(path.read_bytes)
+    sha256 = hashlib.sha256(data).hexdigest()
+    suffix = path.suffix.lower()
+    content_type = mimetypes.types_map.get(suffix, "application/octet-stream")
+    # Content-addressed: uploading the same recording twice stores it once.
+    stored = await storage.put(reference_key(sha256, suffix), data, content_type, {})
+    return stored.storage_uri, sha256
 
 
 class TopicsMissing(Exception):

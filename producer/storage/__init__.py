@@ -1,8 +1,9 @@
 """Object storage for generated audio: a local directory or an S3-compatible bucket.
 
 Both backends implement :class:`Storage`; :func:`make_storage` picks one from
-:class:`StorageSettings`. Keys come from :func:`object_key`, which is deterministic per
-(tenant, request) and cannot escape the storage root or bucket prefix.
+:class:`StorageSettings`. Keys come from :func:`object_key` (a request's audio, deterministic per
+(tenant, request)) and :func:`reference_key` (uploaded reference audio): namespaces apart, and
+unable to escape the storage root or bucket prefix.
 """
 
 from producer.storage.base import ObjectInfo, Storage, StoredObject
@@ -14,7 +15,7 @@ from producer.storage.errors import (
     StorageError,
     UriNotAllowed,
 )
-from producer.storage.keys import object_key, validate_key
+from producer.storage.keys import object_key, reference_key, validate_key
 from producer.storage.local import LocalStorage
 from producer.storage.s3 import S3Storage
 from producer.storage.settings import StorageSettings, make_storage
@@ -34,5 +35,6 @@ __all__ = [
     "UriNotAllowed",
     "make_storage",
     "object_key",
+    "reference_key",
     "validate_key",
 ]

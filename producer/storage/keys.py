@@ -3,9 +3,17 @@
 Keys are ``/``-joined segments drawn from ``[A-Za-z0-9._-]`` and never ``.`` or ``..``; such a
 key means the same thing as an S3 key and as a relative POSIX path, so one rule guards both
 backends against traversal.
+
+Every key starts with the fixed name of its namespace, never with an id: a request's audio is
+``audio/<tenant_id>/<request_id>.<ext>``, an uploaded reference ``references/<sha256>.<ext>``.
+Whatever ids a request carries, its key stays inside ``audio/`` and inside its tenant's folder,
+so it cannot name a reference or another tenant's audio. Audio stored under the earlier layout,
+``<tenant_id>/<request_id>.<ext>`` with no namespace, is never looked up: in that layout the
+tenant ``references`` named the uploaded references.
 """
 
 import re
+from typing import Final
 
 from producer.storage.errors import InvalidKeyError
 
@@ -13,8 +21,11 @@ MAX_ID_LENGTH = 128
 # Room for "<id>.<extension>" while staying well under NAME_MAX (255) once the local backend
 # appends its sidecar and temp-file suffixes.
 MAX_SEGMENT_LENGTH = 200
+AUDIO_NAMESPACE: Final = "audio"
+REFERENCES_NAMESPACE: Final = "references"
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 _EXTENSION = re.compile(r"[A-Za-z0-9]{1,16}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _shown(value: str) -> str:
@@ -58,15 +69,30 @@ def join_key(prefix: str, key: str) -> str:
     return f"{prefix}/{key}" if prefix else key
 
 
-def object_key(tenant_id: str, request_id: str, extension: str, prefix: str = "") -> str:
-    """The key for a request's output: ``[prefix/]tenant_id/request_id.extension``.
+def object_key(tenant_id: str, request_id: str, extension: str) -> str:
+    """The key for a request's output: ``audio/<tenant_id>/<request_id>.<extension>``.
 
     Deterministic so a redelivered request overwrites its earlier object instead of adding a
     second one.
     """
     validate_id(tenant_id, "tenant_id")
     validate_id(request_id, "request_id")
+    return f"{AUDIO_NAMESPACE}/{tenant_id}/{request_id}.{_extension(extension)}"
+
+
+def reference_key(sha256: str, extension: str) -> str:
+    """The key for uploaded reference audio: ``references/<sha256>.<extension>``, or without
+    the extension when it is empty. Content-addressed: one recording, one object."""
+    if _SHA256.fullmatch(sha256) is None:
+        raise InvalidKeyError(f"sha256 {_shown(sha256)} must be 64 lower-case hex digits")
+    if not extension.removeprefix("."):
+        return f"{REFERENCES_NAMESPACE}/{sha256}"
+    return f"{REFERENCES_NAMESPACE}/{sha256}.{_extension(extension)}"
+
+
+def _extension(extension: str) -> str:
+    """``extension`` without its leading dot, if it is 1-16 of [A-Za-z0-9]."""
     ext = extension.removeprefix(".")
     if _EXTENSION.fullmatch(ext) is None:
         raise InvalidKeyError(f"extension {_shown(extension)} must be 1-16 of [A-Za-z0-9]")
-    return join_key(normalize_prefix(prefix), f"{tenant_id}/{request_id}.{ext}")
+    return ext

@@ -32,8 +32,14 @@ from producer.storage.base import (
     validate_content_type,
     validate_metadata,
 )
-from producer.storage.errors import ObjectNotFound, ObjectTooLarge, StorageError, UriNotAllowed
-from producer.storage.keys import join_key, normalize_prefix, validate_key
+from producer.storage.errors import (
+    InvalidKeyError,
+    ObjectNotFound,
+    ObjectTooLarge,
+    StorageError,
+    UriNotAllowed,
+)
+from producer.storage.keys import REFERENCES_NAMESPACE, join_key, normalize_prefix, validate_key
 
 # SigV4 presigned URLs cannot outlive 7 days.
 MAX_PRESIGN_EXPIRY_SECONDS = 7 * 24 * 3600
@@ -97,6 +103,9 @@ def _errors_mapped(key: str) -> Iterator[None]:
 class S3Storage(Lifecycle):
     """Objects under ``prefix`` in ``bucket``; URLs are presigned GETs or ``public_base_url``.
 
+    ``read`` serves reference audio: from ``bucket`` only what lies in its references
+    namespace, from ``allowed_read_buckets`` anything.
+
     ``public_base_url`` must serve the bucket root: the URL is it plus the full object key,
     prefix included. Credentials left unset fall back to botocore's usual chain (environment,
     config files, instance role).
@@ -126,6 +135,7 @@ class S3Storage(Lifecycle):
             )
         self._bucket = bucket
         self._prefix = normalize_prefix(prefix)
+        self._references_prefix = join_key(self._prefix, REFERENCES_NAMESPACE)
         self._presign_expiry = presign_expiry_seconds
         self._public_base_url = public_base_url.rstrip("/") if public_base_url else None
         self._readable_buckets = frozenset({bucket, *allowed_read_buckets})
@@ -256,7 +266,23 @@ class S3Storage(Lifecycle):
             raise UriNotAllowed(f"S3 URI needs a bucket and a key: {uri!r}")
         if bucket not in self._readable_buckets:
             raise UriNotAllowed(f"bucket {bucket!r} is not readable by this worker")
+        if bucket == self._bucket and not self._is_reference(key):
+            # The rest of this bucket is the tenants' audio: no request may clone one's.
+            raise UriNotAllowed(
+                f"in bucket {bucket!r} only {self._references_prefix}/ is readable: {uri!r}"
+            )
         return bucket, key
+
+    def _is_reference(self, full_key: str) -> bool:
+        """Whether ``full_key`` lies in this backend's references namespace, literally: no
+        ``..`` or empty segment that a server could normalise out of it."""
+        if not full_key.startswith(f"{self._references_prefix}/"):
+            return False
+        try:
+            validate_key(full_key)
+        except InvalidKeyError:
+            return False
+        return True
 
     def _started_client(self) -> Any:
         if self._client is None:

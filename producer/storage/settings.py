@@ -56,7 +56,8 @@ class StorageSettings(BaseModel):
     allowed_read_buckets: list[str] = Field(
         default_factory=list,
         description="Buckets besides `bucket` whose `s3://` URIs the worker may read reference "
-        'audio from (JSON list in the environment, e.g. `["refs"]`).',
+        'audio from (JSON list in the environment, e.g. `["refs"]`). In `bucket` itself only '
+        "keys under `<prefix>/references/` are readable: the rest is the tenants' audio.",
     )
     addressing_style: AddressingStyle = Field(
         "auto",

@@ -18,7 +18,7 @@ from consumer.backends import BackendSettings, LocalBackendSettings
 from consumer.observability.settings import HttpServerSettings
 from consumer.reference import ReferenceSettings
 from consumer.settings import WorkerSettings
-from producer.storage import StorageSettings
+from producer.storage import StorageSettings, reference_key
 from schemas.events import AudioFormat, AudioReady, GenerationParams, Language, ModelName
 from tests.fixtures.model import SAMPLE_RATE, frames_to_samples
 from tests.fixtures.s3 import S3Server
@@ -66,7 +66,9 @@ def engine_settings(
     storage: StorageSettings = request.getfixturevalue("s3_storage_settings")
     server: S3Server = request.getfixturevalue("s3_server")
     assert storage.bucket is not None
-    server.client().put_object(Bucket=storage.bucket, Key="refs/voice.wav", Body=reference_wav)
+    # Where `voiceclone request` uploads it: the only place of the output bucket the worker reads.
+    key = reference_key(sha256_of(reference_wav), "wav")
+    server.client().put_object(Bucket=storage.bucket, Key=key, Body=reference_wav)
     settings = make_worker_settings(
         backend=backend,
         storage=storage,
@@ -74,7 +76,7 @@ def engine_settings(
         max_in_flight=8,
         http=http,
     )
-    return settings, f"s3://{storage.bucket}/refs/voice.wav"
+    return settings, f"s3://{storage.bucket}/{key}"
 
 
 async def download(url: str) -> bytes:

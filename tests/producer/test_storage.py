@@ -15,7 +15,7 @@ from urllib.request import url2pathname
 import httpx
 import pytest
 from botocore.exceptions import ClientError
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -32,13 +32,17 @@ from producer.storage import (
     UriNotAllowed,
     make_storage,
     object_key,
+    reference_key,
     validate_key,
 )
+from producer.storage.local import SIDECAR_SUFFIX
 from producer.storage.s3 import storage_error_from
 from tests.fixtures.s3 import S3Server, free_port, running_s3_server
 
 AUDIO = os.urandom(150_000)  # bigger than one read chunk, so capped reads loop
 KEY = "tenant-a/req-1.wav"
+# What `read` serves: reference audio (from its own bucket, S3 reads only these).
+REFERENCE = reference_key(hashlib.sha256(AUDIO).hexdigest(), "wav")
 S3_PREFIX = "audio/v1"
 TRAVERSAL_KEYS = [
     "",
@@ -114,15 +118,41 @@ def sibling_uri(storage_uri: str, name: str) -> str:
     return storage_uri.rsplit("/", 1)[0] + "/" + name
 
 
-# --- object_key ------------------------------------------------------------------------------
+# --- object_key, reference_key ----------------------------------------------------------------
 
-
-def test_object_key_is_deterministic_and_prefixed() -> None:
-    assert object_key("tenant-a", "req-1", "wav") == "tenant-a/req-1.wav"
-    assert object_key("tenant-a", "req-1", ".wav", prefix="/audio/v1/") == (
-        "audio/v1/tenant-a/req-1.wav"
+SHA256 = st.from_regex(r"[0-9a-f]{64}", fullmatch=True)
+# Any id the key functions accept, the names of the namespaces and checksums included.
+SAFE_ID = (
+    st.sampled_from(["audio", "references", "Audio", "REFERENCES"])
+    | SHA256
+    | st.from_regex(r"[A-Za-z0-9._-]{1,128}", fullmatch=True).filter(
+        lambda value: value not in {".", ".."}
     )
+)
+EXTENSION = st.from_regex(r"[A-Za-z0-9]{1,16}", fullmatch=True)
+# Both kinds of key from any arguments the key functions accept, tagged with what they name.
+OUTPUT_ARGS = st.tuples(st.just("audio"), SAFE_ID, SAFE_ID, EXTENSION)
+REFERENCE_ARGS = st.tuples(st.just("reference"), SHA256, st.just(""), EXTENSION | st.just(""))
+NAMED = OUTPUT_ARGS | REFERENCE_ARGS
+
+
+def key_named(named: tuple[str, str, str, str]) -> str:
+    kind, first, second, extension = named
+    if kind == "audio":
+        return object_key(first, second, extension)
+    return reference_key(first, extension)
+
+
+def test_object_key_is_deterministic_and_under_audio() -> None:
+    assert object_key("tenant-a", "req-1", "wav") == "audio/tenant-a/req-1.wav"
+    assert object_key("tenant-a", "req-1", ".wav") == "audio/tenant-a/req-1.wav"
     assert object_key("t", "r", "mp3") == object_key("t", "r", "mp3")
+
+
+def test_reference_key_is_the_checksum_under_references() -> None:
+    sha = hashlib.sha256(b"voice").hexdigest()
+    assert reference_key(sha, ".wav") == f"references/{sha}.wav"
+    assert reference_key(sha, "") == f"references/{sha}"
 
 
 @pytest.mark.parametrize(
@@ -140,44 +170,61 @@ def test_object_key_accepts_the_longest_id() -> None:
     assert object_key("t" * 128, "r" * 128, "wav").endswith("r" * 128 + ".wav")
 
 
-@pytest.mark.parametrize("bad", [("wav/x", ""), ("", ""), ("w.av", ""), ("wav", "a/../b")])
-def test_object_key_rejects_bad_extension_or_prefix(bad: tuple[str, str]) -> None:
-    extension, prefix = bad
+@pytest.mark.parametrize("extension", ["wav/x", "", ".", "w.av", "x" * 17, "wav@meta"])
+def test_key_functions_reject_a_bad_extension(extension: str) -> None:
     with pytest.raises(InvalidKeyError):
-        object_key("tenant", "req", extension, prefix=prefix)
+        object_key("tenant", "req", extension)
+    if extension.removeprefix("."):
+        with pytest.raises(InvalidKeyError):
+            reference_key("0" * 64, extension)
+
+
+@pytest.mark.parametrize("sha", ["", "0" * 63, "0" * 65, "A" * 64, "g" * 64, "../" + "0" * 61])
+def test_reference_key_rejects_what_is_not_a_sha256(sha: str) -> None:
+    with pytest.raises(InvalidKeyError):
+        reference_key(sha, "wav")
 
 
 def test_invalid_key_error_is_a_value_error() -> None:
     assert issubclass(InvalidKeyError, ValueError)
 
 
-@given(
-    tenant=st.text(max_size=140),
-    request_id=st.text(max_size=140),
-    prefix=st.sampled_from(["", "audio", "/audio/v1/", "a/../b", "..", "x//y"]),
-)
-def test_object_key_never_escapes_its_prefix(tenant: str, request_id: str, prefix: str) -> None:
+@given(tenant=st.text(max_size=140), request_id=st.text(max_size=140))
+def test_object_key_never_leaves_its_tenants_folder(tenant: str, request_id: str) -> None:
     try:
-        key = object_key(tenant, request_id, "wav", prefix=prefix)
+        key = object_key(tenant, request_id, "wav")
     except InvalidKeyError:
         return
-    base = posixpath.join("/root", prefix.strip("/"))
     resolved = posixpath.normpath(posixpath.join("/root", key))
-    assert resolved.startswith(base.rstrip("/") + "/")
-    # Nothing is normalised away: below the prefix sit exactly the tenant and request ids.
-    assert posixpath.relpath(resolved, base) == f"{tenant}/{request_id}.wav"
+    # Nothing is normalised away: the key is exactly the namespace, tenant and request ids.
+    assert posixpath.relpath(resolved, "/root") == f"audio/{tenant}/{request_id}.wav"
+    assert validate_key(key) == key
 
 
-@given(
-    tenant=st.from_regex(r"[A-Za-z0-9._-]{1,128}", fullmatch=True),
-    request_id=st.from_regex(r"[A-Za-z0-9._-]{1,128}", fullmatch=True),
-)
+@given(tenant=SAFE_ID, request_id=SAFE_ID)
 def test_object_key_accepts_every_safe_id(tenant: str, request_id: str) -> None:
-    if "." in {tenant, request_id} or ".." in {tenant, request_id}:
-        with pytest.raises(InvalidKeyError):
-            object_key(tenant, request_id, "wav")
-    else:
-        assert object_key(tenant, request_id, "wav") == f"{tenant}/{request_id}.wav"
+    assert object_key(tenant, request_id, "wav") == f"audio/{tenant}/{request_id}.wav"
+
+
+@given(one=NAMED, other=NAMED)
+@example(one=("audio", "references", "0" * 64, "wav"), other=("reference", "0" * 64, "", "wav"))
+def test_distinct_objects_never_share_a_key_nor_nest(
+    one: tuple[str, str, str, str], other: tuple[str, str, str, str]
+) -> None:
+    """Whatever the ids: an output key is never a reference key, nor another tenant's or
+    request's key, nor the "folder" of any key (a file cannot block a directory)."""
+    key, other_key = key_named(one), key_named(other)
+    if key == other_key:
+        assert one == other
+    assert not other_key.startswith(key + "/")
+
+
+@given(named=NAMED)
+def test_a_key_is_never_a_local_sidecar_or_temp_file(named: tuple[str, str, str, str]) -> None:
+    key = key_named(named)
+    assert "@" not in key  # sidecars end in "@meta.json", temp files in "@tmp"
+    with pytest.raises(InvalidKeyError):
+        validate_key(key + SIDECAR_SUFFIX)
 
 
 @given(key=st.text(alphabet=st.sampled_from("ab./\\\x00-_é"), max_size=30))
@@ -248,7 +295,7 @@ async def test_reput_overwrites_the_one_object(
 
 
 async def test_read_by_storage_uri_up_to_the_cap(storage: Storage) -> None:
-    stored = await storage.put(KEY, AUDIO, "audio/wav", {})
+    stored = await storage.put(REFERENCE, AUDIO, "audio/wav", {})
 
     assert await storage.read(stored.storage_uri, max_bytes=len(AUDIO)) == AUDIO
     with pytest.raises(ObjectTooLarge) as excinfo:
@@ -258,14 +305,14 @@ async def test_read_by_storage_uri_up_to_the_cap(storage: Storage) -> None:
 
 
 async def test_read_of_an_empty_object(storage: Storage) -> None:
-    stored = await storage.put(KEY, b"", "audio/wav", {})
+    stored = await storage.put(REFERENCE, b"", "audio/wav", {})
 
     assert await storage.read(stored.storage_uri, max_bytes=0) == b""
     assert await download(stored.url) == b""
 
 
 async def test_read_of_a_missing_object_raises_not_found(storage: Storage) -> None:
-    stored = await storage.put(KEY, AUDIO, "audio/wav", {})
+    stored = await storage.put(REFERENCE, AUDIO, "audio/wav", {})
 
     with pytest.raises(ObjectNotFound) as excinfo:
         await storage.read(sibling_uri(stored.storage_uri, "missing.wav"), max_bytes=1000)
@@ -487,6 +534,26 @@ async def test_s3_reads_reference_audio_from_allowed_buckets_only(
                 await backend.read(malformed, max_bytes=100)
 
 
+async def test_s3_reads_from_its_own_bucket_only_references(
+    s3_server: S3Server, s3_bucket: str
+) -> None:
+    """The rest of the bucket is the tenants' audio: a request naming one as its voice would
+    clone another tenant's output. Keys outside the prefix are not this deployment's at all."""
+    others = ["audio/tenant-a/req-1.wav", KEY, "references", "referencesx/voice.wav"]
+    full_keys = [f"{S3_PREFIX}/{key}" for key in others] + [REFERENCE]
+    for full_key in full_keys:
+        s3_server.client().put_object(Bucket=s3_bucket, Key=full_key, Body=b"audio")
+    # Spelled so that a server normalising the path would land in references/ or out of it.
+    crafted = [f"{S3_PREFIX}/references/../{KEY}", f"{S3_PREFIX}/references//x.wav"]
+
+    async with s3_storage(s3_server, s3_bucket, allowed_read_buckets=[s3_bucket]) as backend:
+        for full_key in full_keys + crafted:
+            with pytest.raises(UriNotAllowed):
+                await backend.read(f"s3://{s3_bucket}/{full_key}", max_bytes=100)
+        stored = await backend.put(REFERENCE, AUDIO, "audio/wav", {})
+        assert await backend.read(stored.storage_uri, max_bytes=len(AUDIO)) == AUDIO
+
+
 async def test_s3_object_written_elsewhere_has_unknown_checksum(
     s3_server: S3Server, s3_bucket: str
 ) -> None:
@@ -502,8 +569,9 @@ async def test_s3_missing_bucket_is_a_permanent_error(s3_server: S3Server) -> No
     async with s3_storage(s3_server, "no-such-bucket-for-voiceclone") as backend:
         with pytest.raises(StorageError) as excinfo:
             await backend.put(KEY, AUDIO, "audio/wav", {})
+        uri = f"s3://no-such-bucket-for-voiceclone/{S3_PREFIX}/{REFERENCE}"
         with pytest.raises(StorageError) as read_excinfo:
-            await backend.read("s3://no-such-bucket-for-voiceclone/x.wav", max_bytes=10)
+            await backend.read(uri, max_bytes=10)
 
     assert excinfo.value.transient is False
     assert not isinstance(excinfo.value, ObjectNotFound)
@@ -530,7 +598,7 @@ async def test_s3_connection_refused_is_transient(s3_server: S3Server) -> None:
         operations = [
             lambda: backend.put(KEY, AUDIO, "audio/wav", {}),
             lambda: backend.head(KEY),
-            lambda: backend.read("s3://bucket/x.wav", max_bytes=10),
+            lambda: backend.read(f"s3://bucket/{S3_PREFIX}/{REFERENCE}", max_bytes=10),
         ]
         for operation in operations:
             with pytest.raises(StorageError) as excinfo:
@@ -544,7 +612,7 @@ async def test_s3_server_stopped_mid_session_is_transient(tmp_path: Path) -> Non
         bucket = server.create_bucket()
         backend = s3_storage(server, bucket, max_attempts=1, connect_timeout_seconds=2)
         await backend.start()
-        stored = await backend.put(KEY, AUDIO, "audio/wav", {})
+        stored = await backend.put(REFERENCE, AUDIO, "audio/wav", {})
     try:
         with pytest.raises(StorageError) as excinfo:
             await backend.read(stored.storage_uri, max_bytes=len(AUDIO))
