@@ -9,11 +9,12 @@ format only.
 import contextlib
 import logging
 import sys
-from enum import StrEnum
 from typing import Final, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from producer.settings import LogFormat, LogLevel
 
 # Event keys that could carry what a user asked to be spoken. Callers never pass them; dropping
 # them here keeps a slip from ever reaching a log collector.
@@ -30,18 +31,6 @@ _QUIET_LIBRARIES: Final = (
     "qwen_tts",
     "transformers",
 )
-
-
-class LogFormat(StrEnum):
-    JSON = "json"
-    CONSOLE = "console"
-
-
-class LogLevel(StrEnum):
-    DEBUG = "debug"
-    INFO = "info"
-    WARNING = "warning"
-    ERROR = "error"
 
 
 def drop_request_text(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
