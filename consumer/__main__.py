@@ -1,5 +1,5 @@
 """`python -m consumer ...`: the `voiceclone` command line without the installed script."""
 
-from consumer.cli import app
+from consumer.cli import main
 
-app(prog_name="voiceclone")
+main()

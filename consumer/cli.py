@@ -7,7 +7,10 @@ here are only what differs per invocation. Exit codes: 0 done; 1 the request fai
 
 import asyncio
 import json
+import logging
+import os
 import re
+import select
 import sys
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ from pydantic import ValidationError
 
 from consumer.app import serve
 from consumer.backends import BackendError
-from consumer.logs import LogFormat, LogLevel, configure_logging
+from consumer.logs import configure_logging
 from consumer.settings import WorkerSettings
 from producer.admin import create_topics
 from producer.client import (
@@ -32,9 +35,10 @@ from producer.client import (
     TopicsMissing,
     VoiceCloneClient,
     download_audio,
+    is_uri,
 )
 from producer.kafka_security import explain_connection_failure
-from producer.settings import ClientSettings
+from producer.settings import ClientSettings, LogFormat, LogLevel
 from producer.storage import StorageError
 from producer.transactions import TransactionsFailed
 from schemas.events import AudioFormat, AudioReady, CloneFailed, Language, ModelName
@@ -87,10 +91,14 @@ EXPECTED_ERRORS = (
     TransactionsFailed,
 )
 
+# The defaults, and the variables, are the settings' (VOICECLONE_LOG_FORMAT, _LOG_LEVEL): read
+# with the others, a bad value there is a bad setting (exit 3), a bad option bad usage (exit 2).
 LogFormatOption = Annotated[
-    LogFormat,
+    LogFormat | None,
     typer.Option(
-        "--log-format", envvar="VOICECLONE_LOG_FORMAT", help="json lines, or console for people."
+        case_sensitive=False,
+        show_default=False,
+        help="json lines, or console for people (default: VOICECLONE_LOG_FORMAT, else json).",
     ),
 ]
 DownloadOption = Annotated[
@@ -98,8 +106,12 @@ DownloadOption = Annotated[
     typer.Option(file_okay=False, help="Save each audio-ready's audio in this folder."),
 ]
 LogLevelOption = Annotated[
-    LogLevel,
-    typer.Option("--log-level", envvar="VOICECLONE_LOG_LEVEL", help="Lowest level logged."),
+    LogLevel | None,
+    typer.Option(
+        case_sensitive=False,
+        show_default=False,
+        help="Lowest level logged (default: VOICECLONE_LOG_LEVEL, else info).",
+    ),
 ]
 
 
@@ -115,17 +127,23 @@ def parse_since(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.astimezone()
 
 
+def check_reference(reference: str) -> str:
+    """A URI as given (the worker reads it), or the path of a local file that exists."""
+    if not is_uri(reference) and not Path(reference).is_file():
+        problem = "not a file" if Path(reference).exists() else "no such file"
+        raise typer.BadParameter(f"{problem}: {reference}")
+    return reference
+
+
 @app.command()
-def worker(
-    log_format: LogFormatOption = LogFormat.JSON, log_level: LogLevelOption = LogLevel.INFO
-) -> None:
+def worker(log_format: LogFormatOption = None, log_level: LogLevelOption = None) -> None:
     """Run a worker until SIGTERM/SIGINT: consume clone requests, publish their outcomes.
 
     Exits 0 after draining in-flight requests; 3 with a one-line reason when it cannot start
     (e.g. the backend's model or Kafka is unreachable).
     """
-    configure_logging(log_format, log_level)
     settings = load_settings(WorkerSettings)
+    configure_command_logging(settings, log_format, log_level, client=False)
     run_or_exit(serve(settings), settings)
 
 
@@ -134,8 +152,9 @@ def request(
     reference: Annotated[
         str,
         typer.Option(
+            callback=check_reference,
             help="Voice to clone: a local audio file (uploaded to storage first) or a URI the "
-            "worker may read (https://, s3://, file://)."
+            "worker may read (https://, s3://, file://).",
         ),
     ],
     text: Annotated[
@@ -150,7 +169,9 @@ def request(
         Path | None, typer.Option(exists=True, dir_okay=False, help="Read the text from a file.")
     ] = None,
     language: Annotated[Language, typer.Option(case_sensitive=False)] = Language.AUTO,
-    model: Annotated[ModelSize, typer.Option(help="Model size.")] = ModelSize.LARGE,
+    model: Annotated[
+        ModelSize, typer.Option(case_sensitive=False, help="Model size.")
+    ] = ModelSize.LARGE,
     output_format: Annotated[
         AudioFormat, typer.Option("--format", case_sensitive=False, help="Audio format.")
     ] = AudioFormat.WAV,
@@ -176,18 +197,19 @@ def request(
         float | None, typer.Option(min=0, help="With --wait: give up after this many seconds.")
     ] = None,
     download: DownloadOption = None,
-    log_format: LogFormatOption = LogFormat.JSON,
-    log_level: LogLevelOption = LogLevel.INFO,
+    log_format: LogFormatOption = None,
+    log_level: LogLevelOption = None,
 ) -> None:
     """Send a clone request; print its request_id (alone, on stdout).
 
     With --wait, then print its outcome as one JSON line and exit 0 (audio-ready), 1
     (clone-failed) or 4 (timed out).
     """
-    configure_logging(log_format, log_level)
+    text = read_text(text, text_file)
     settings = load_settings(ClientSettings)
+    configure_command_logging(settings, log_format, log_level)
     send = _Send(
-        text=read_text(text, text_file),
+        text=text,
         reference=reference,
         options={
             "reference_text": transcript,
@@ -232,12 +254,12 @@ def watch(
             help="Stop after this many seconds: exit 0, or 4 with --request-id and no outcome.",
         ),
     ] = None,
-    log_format: LogFormatOption = LogFormat.JSON,
-    log_level: LogLevelOption = LogLevel.INFO,
+    log_format: LogFormatOption = None,
+    log_level: LogLevelOption = None,
 ) -> None:
     """Follow audio-ready and clone-failed events: one JSON line per outcome on stdout."""
-    configure_logging(log_format, log_level)
     settings = load_settings(ClientSettings)
+    configure_command_logging(settings, log_format, log_level)
     if from_beginning:
         since = _EPOCH
     elif since is None:
@@ -252,12 +274,56 @@ def topics_create(
         int | None,
         typer.Option(min=1, help="Partitions per topic (default: the configured number)."),
     ] = None,
+    log_format: LogFormatOption = None,
+    log_level: LogLevelOption = None,
 ) -> None:
     """Create the request, outcome, cancel and dead-letter topics if they are missing."""
     settings = load_settings(ClientSettings)
+    configure_command_logging(settings, log_format, log_level)
     created = run_or_exit(create_topics(settings, partitions), settings)
     for name in settings.topics.all():
         typer.echo(f"{name}: {'created' if name in created else 'exists'}")
+
+
+def main() -> None:
+    """The `voiceclone` program: the commands, with bad usage (exit 2) reported in one line like
+    every other error, rather than in click's usage box."""
+    try:
+        code = app(prog_name="voiceclone", standalone_mode=False)
+    except typer.TyperException as exc:  # typer's click: usage errors, exit 2
+        # Named, not imported, as typer does: giving no command printed the help already.
+        if type(exc).__name__ != "NoArgsIsHelpError":
+            print_error(usage_message(exc))
+        code = exc.exit_code
+    sys.exit(code if isinstance(code, int) else Exit.OK)
+
+
+def usage_message(exc: typer.TyperException) -> str:
+    """click's message, but `--option: what is wrong` for a value refused."""
+    if not isinstance(exc, typer.BadParameter) or not exc.message:  # a missing one has none
+        return exc.format_message()
+    if exc.param_hint is not None:
+        return f"{exc.param_hint}: {exc.message}"
+    if exc.param is not None:
+        return f"{' / '.join(exc.param.opts)}: {exc.message}"
+    return exc.message
+
+
+def configure_command_logging(
+    settings: ClientSettings,
+    log_format: LogFormat | None,
+    log_level: LogLevel | None,
+    *,
+    client: bool = True,
+) -> None:
+    """Logging as the options say, else as the settings say."""
+    level = log_level or settings.log_level
+    configure_logging(log_format or settings.log_format, level)
+    if client and level is not LogLevel.DEBUG:
+        # A client command that cannot reach or use Kafka ends with one line saying why and what
+        # to set; aiokafka's own lines (one per failed connection attempt) would only bury it.
+        # The worker keeps them: its logs go to a collector, not to a person at a prompt.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
 def load_settings(cls: type[SettingsT]) -> SettingsT:
@@ -300,9 +366,13 @@ def describe(exc: BaseException) -> str:
 
 
 def fail(message: str, code: Exit = Exit.UNAVAILABLE) -> NoReturn:
+    print_error(message)
+    raise typer.Exit(code)
+
+
+def print_error(message: str) -> None:
     typer.echo(f"voiceclone: error: {message}", err=True)
     sys.stderr.flush()
-    raise typer.Exit(code)
 
 
 @dataclass(frozen=True)
@@ -369,9 +439,15 @@ async def _report(outcome: Outcome, download: Path | None) -> Exit:
 def read_text(text: str | None, text_file: Path | None) -> str:
     """The text from the argument, the file, or stdin, whichever was given (exactly one)."""
     inline = None if text == "-" else text
-    if inline is not None and text_file is not None:
-        raise typer.BadParameter("give the text as an argument or --text-file, not both")
-    if inline is None and text_file is None and sys.stdin.isatty():
+    sources = (("TEXT", inline), ("--text-file", text_file))
+    given = [name for name, value in sources if value is not None]
+    if given and stdin_has_data():
+        given.append("stdin")
+    if len(given) > 1:
+        raise typer.BadParameter(
+            f"give the text once, as TEXT, with --text-file or on stdin, not {' and '.join(given)}"
+        )
+    if not given and (sys.stdin is None or sys.stdin.isatty()):
         raise typer.BadParameter("give the text as an argument, with --text-file, or on stdin")
     if inline is None:
         # Surrounding whitespace is an artefact of files and pipes (`echo` adds a newline).
@@ -379,6 +455,19 @@ def read_text(text: str | None, text_file: Path | None) -> str:
     if not inline.strip():
         raise typer.BadParameter("the text is empty")
     return inline
+
+
+def stdin_has_data() -> bool:
+    """Whether stdin holds something to read right now: not a terminal, and at least one byte
+    already there. End of file (`< /dev/null`, a closed or empty pipe: cron, CI) and a pipe whose
+    writer has written nothing yet are no input; neither is waited for."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return False
+    fd = sys.stdin.fileno()
+    ready, _, _ = select.select([fd], [], [], 0)
+    # Read, not peeked (a pipe cannot be): it is only read when the text is given otherwise,
+    # and then a byte there is refused anyway.
+    return bool(ready) and os.read(fd, 1) != b""
 
 
 def parse_pair(value: str) -> tuple[str, str]:

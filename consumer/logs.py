@@ -14,11 +14,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Final, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from producer.settings import LogFormat, LogLevel
 
 # Event keys that could carry what a user asked to be spoken. Callers never pass them; dropping
 # them here keeps a slip from ever reaching a log collector.
@@ -41,18 +42,6 @@ _QUIET_LIBRARIES: Final = (
 # this many lines per interval; the rest are counted, and summed up in one line after it.
 REPEATS_PER_INTERVAL: Final = 3
 REPEAT_INTERVAL_SECONDS: Final = 10.0
-
-
-class LogFormat(StrEnum):
-    JSON = "json"
-    CONSOLE = "console"
-
-
-class LogLevel(StrEnum):
-    DEBUG = "debug"
-    INFO = "info"
-    WARNING = "warning"
-    ERROR = "error"
 
 
 def drop_request_text(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:

@@ -2,12 +2,14 @@
 
 import socket
 from enum import StrEnum
+from typing import Annotated
 
 from pydantic import BaseModel, Field
 
 from consumer.backends.base import BackendSettings
 from consumer.observability.settings import HttpServerSettings
 from consumer.reference import ReferenceSettings
+from producer.caseless import CaseInsensitive
 from producer.retry import RetryPolicy
 from producer.settings import ClientSettings
 
@@ -120,7 +122,7 @@ class WorkerSettings(ClientSettings):
     cancel_lookback_seconds: float = Field(
         3600, ge=0, description="How far back the cancel topic is read when the worker starts."
     )
-    processing_guarantee: ProcessingGuarantee = Field(
+    processing_guarantee: Annotated[ProcessingGuarantee, CaseInsensitive()] = Field(
         ProcessingGuarantee.AT_LEAST_ONCE,
         description="`at_least_once`: each outcome is published as soon as it is ready and may be "
         "published again after a crash. `exactly_once`: outcomes and the requests' offsets are "

@@ -20,8 +20,8 @@ async def create_topics(settings: ClientSettings, partitions: int | None = None)
         client_id=kafka.client_id,
         **kafka.client_options(),
     )
-    await admin.start()
     try:
+        await admin.start()  # inside: a start that fails leaves a client to close
         existing = set(await admin.list_topics())
         wanted = [name for name in settings.topics.all() if name not in existing]
         new = [

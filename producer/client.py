@@ -60,7 +60,11 @@ class VoiceCloneClient:
         )
 
     async def __aenter__(self) -> Self:
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:
+            await self.close()  # aiokafka leaves a producer whose start failed open
+            raise
         return self
 
     async def __aexit__(
@@ -69,6 +73,10 @@ class VoiceCloneClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop the producer and close the storage; what `async with` does on the way out."""
         await self._producer.stop()
         if self._storage is not None:
             await self._storage.close()
@@ -161,8 +169,8 @@ class VoiceCloneClient:
             enable_auto_commit=False,
             isolation_level="read_committed",
         )
-        await consumer.start()
         try:
+            await consumer.start()  # inside: a start that fails leaves a consumer to stop
             topics = [self._settings.topics.audio_ready, self._settings.topics.failed]
             if not await assign_since(consumer, topics, since or _an_hour_ago()):
                 raise TopicsMissing(
@@ -192,7 +200,7 @@ class VoiceCloneClient:
         )
 
     async def _reference_uri(self, reference: str | Path) -> tuple[str, str | None]:
-        if isinstance(reference, str) and "://" in reference:
+        if isinstance(reference, str) and is_uri(reference):
             return reference, None
         if self._storage is None:
             self._storage = make_storage(self._settings.storage)
@@ -209,6 +217,12 @@ async def upload_reference(storage: Storage, path: Path) -> tuple[str, str]:
     # Content-addressed: uploading the same recording twice stores it once.
     stored = await storage.put(reference_key(sha256, suffix), data, content_type, {})
     return stored.storage_uri, sha256
+
+
+def is_uri(reference: str) -> bool:
+    """Whether a reference is a URI for the worker to read (https://, s3://, file://), not the
+    path of a local file to upload."""
+    return "://" in reference
 
 
 class TopicsMissing(Exception):

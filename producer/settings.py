@@ -7,7 +7,7 @@ the environment.
 
 import logging
 from enum import StrEnum
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 from aiokafka.helpers import create_ssl_context
 from pydantic import (
@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producer.caseless import CaseInsensitive
 from producer.storage.settings import StorageSettings
 from schemas.codec import Codec, SchemalessForm, make_codec
 from schemas.store import SchemaStore
@@ -51,6 +52,18 @@ class SaslMechanism(StrEnum):
     SCRAM_SHA_512 = "SCRAM-SHA-512"
 
 
+class LogFormat(StrEnum):
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
 class KafkaSettings(BaseModel):
     """How to reach the Kafka cluster, and how to prove who we are to it."""
 
@@ -67,11 +80,11 @@ class KafkaSettings(BaseModel):
     topic_replication_factor: int = Field(
         1, ge=1, description="Replication factor for topics created by `voiceclone topics create`."
     )
-    security_protocol: SecurityProtocol = Field(
+    security_protocol: Annotated[SecurityProtocol, CaseInsensitive()] = Field(
         SecurityProtocol.PLAINTEXT,
         description="`PLAINTEXT`, `SSL` (TLS), `SASL_PLAINTEXT` or `SASL_SSL` (SASL over TLS).",
     )
-    sasl_mechanism: SaslMechanism | None = Field(
+    sasl_mechanism: Annotated[SaslMechanism, CaseInsensitive()] | None = Field(
         None,
         description="`PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`; required with the SASL "
         "protocols, like `sasl_username` and a password.",
@@ -236,6 +249,16 @@ class ClientSettings(BaseSettings):
         hide_input_in_errors=True,  # the input holds the secrets (Kafka, S3) in clear
     )
 
+    log_format: Annotated[LogFormat, CaseInsensitive()] = Field(
+        LogFormat.JSON,
+        description="Logs on stderr: `json` lines, or `console` for people; `--log-format` "
+        "overrides it.",
+    )
+    log_level: Annotated[LogLevel, CaseInsensitive()] = Field(
+        LogLevel.INFO,
+        description="Lowest level logged: `debug`, `info`, `warning` or `error`; `--log-level` "
+        "overrides it.",
+    )
     kafka: KafkaSettings = KafkaSettings()
     topics: Topics = Topics()
     schema_registry_url: str | None = Field(

@@ -5,11 +5,12 @@ variable, e.g. `VOICECLONE_BACKEND__MODAL__APP_0_6B=`. A size whose deployment i
 is not served: requests for it fail with INVALID_REQUEST and readiness does not check it.
 """
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
 from modal_app.profiles import PROFILES, SERVICE_CLASS_NAME
+from producer.caseless import CaseInsensitive
 
 
 def _size_table(one_seven: str | None, zero_six: str | None) -> dict[str, str]:
@@ -114,7 +115,7 @@ class LocalBackendSettings(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch. Unset: torch's default."
     )
-    generation: Literal["stock", "fast"] = Field(
+    generation: Annotated[Literal["stock", "fast"], CaseInsensitive()] = Field(
         "stock",
         description='Generation loop: "stock" (qwen-tts\'s) or "fast" (static caches, CUDA '
         "graphs, batched rows that stop independently; same inputs and outputs).",
@@ -128,7 +129,7 @@ class LocalBackendSettings(BaseModel):
 class BackendSettings(BaseModel):
     """Which backend runs the voice cloning, and its options."""
 
-    kind: Literal["modal", "http", "local"] = Field(
+    kind: Annotated[Literal["modal", "http", "local"], CaseInsensitive()] = Field(
         "modal",
         description="Backend: `modal` (deployed GPU service), `http` (a service speaking the "
         "seed's HTTP contract) or `local` (in-process engine).",

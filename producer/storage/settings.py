@@ -1,11 +1,12 @@
 """Storage settings (nested into the worker settings as ``storage``) and the backend factory."""
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
+from producer.caseless import CaseInsensitive
 from producer.storage.base import Storage
 from producer.storage.keys import normalize_prefix
 from producer.storage.local import LocalStorage
@@ -15,7 +16,7 @@ from producer.storage.s3 import MAX_PRESIGN_EXPIRY_SECONDS, AddressingStyle, S3S
 class StorageSettings(BaseModel):
     """Where generated audio is written and how subscribers download it."""
 
-    kind: Literal["local", "s3"] = Field(
+    kind: Annotated[Literal["local", "s3"], CaseInsensitive()] = Field(
         "local",
         description="Storage backend: `local` (files under `local_root`, no server needed) or "
         "`s3` (any S3-compatible object store).",
@@ -59,7 +60,7 @@ class StorageSettings(BaseModel):
         'audio from (JSON list in the environment, e.g. `["refs"]`). In `bucket` itself only '
         "keys under `<prefix>/references/` are readable: the rest is the tenants' audio.",
     )
-    addressing_style: AddressingStyle = Field(
+    addressing_style: Annotated[AddressingStyle, CaseInsensitive()] = Field(
         "auto",
         description="S3 URL style: `path` (bucket in the path; MinIO by hostname), `virtual` "
         "(bucket in the hostname) or `auto`.",

@@ -46,24 +46,39 @@ def cli_env(settings: ClientSettings, **overrides: str) -> dict[str, str]:
     return env | {f"VOICECLONE_{name}": value for name, value in fields.items()}
 
 
-async def start_cli(env: Mapping[str, str], *args: str) -> asyncio.subprocess.Process:
+async def start_cli(
+    env: Mapping[str, str], *args: str, stdin: int = asyncio.subprocess.PIPE
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "consumer",
         *args,
         env=dict(env),
-        stdin=asyncio.subprocess.PIPE,
+        stdin=stdin,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
 
 
-async def run_cli(env: Mapping[str, str], *args: str, stdin: str = "") -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of one `voiceclone` run."""
-    process = await start_cli(env, *args)
+async def run_cli(
+    env: Mapping[str, str], *args: str, stdin: str | None = ""
+) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of one `voiceclone` run. `stdin` is all in a pipe, closed,
+    before the command starts (as `echo TEXT | voiceclone ...` once echo is done); None:
+    /dev/null."""
+    if stdin is None:
+        process = await start_cli(env, *args, stdin=asyncio.subprocess.DEVNULL)
+    else:
+        read_end, write_end = os.pipe()
+        with os.fdopen(write_end, "wb") as pipe:
+            pipe.write(stdin.encode())
+        try:
+            process = await start_cli(env, *args, stdin=read_end)
+        finally:
+            os.close(read_end)
     async with asyncio.timeout(RUN_TIMEOUT_S):
-        out, err = await process.communicate(stdin.encode())
+        out, err = await process.communicate()
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
 
@@ -86,6 +101,13 @@ def error_line(stderr: str) -> str:
     errors = [line for line in stderr.splitlines() if line.startswith("voiceclone: error: ")]
     assert len(errors) == 1, stderr
     return errors[0]
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 async def read_requests(settings: ClientSettings) -> list[CloneRequest]:
@@ -161,8 +183,114 @@ async def test_request_rejects_text_given_twice(settings: ClientSettings, tmp_pa
         str(text_file), "inline text",
     )  # fmt: skip
 
+    assert (code, out, err) == (
+        2,
+        "",
+        "voiceclone: error: give the text once, as TEXT, with --text-file or on stdin, not TEXT "
+        "and --text-file\n",
+    )
+
+
+async def test_request_rejects_text_given_as_argument_and_on_stdin(
+    settings: ClientSettings,
+) -> None:
+    code, out, err = await run_cli(
+        cli_env(settings), "request", "--reference", "s3://b/v.wav", "inline text", stdin=TEXT
+    )
+
+    assert (code, out, err) == (
+        2,
+        "",
+        "voiceclone: error: give the text once, as TEXT, with --text-file or on stdin, not TEXT "
+        "and stdin\n",
+    )
+    assert await read_requests(settings) == []
+
+
+@pytest.mark.parametrize("stdin", [None, ""], ids=["dev-null", "empty-pipe"])
+async def test_request_takes_the_argument_when_stdin_is_empty(
+    settings: ClientSettings, stdin: str | None
+) -> None:
+    # As under cron or CI: stdin is no terminal, but there is nothing on it.
+    code, out, err = await run_cli(
+        cli_env(settings), "request", "--reference", "s3://b/v.wav", TEXT, stdin=stdin
+    )
+
+    assert code == 0, err
+    (sent,) = await read_requests(settings)
+    assert (sent.request_id, sent.text) == (out.strip(), TEXT)
+
+
+async def test_request_with_a_missing_reference_file_is_bad_usage(
+    settings: ClientSettings, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-voice.wav"
+
+    code, out, err = await run_cli(
+        cli_env(settings), "request", "--reference", str(missing), stdin=TEXT
+    )
+
+    assert (code, out, err) == (2, "", f"voiceclone: error: --reference: no such file: {missing}\n")
+
+
+async def test_log_settings_and_choices_are_read_in_any_case(settings: ClientSettings) -> None:
+    env = cli_env(
+        settings, LOG_LEVEL="WARNING", LOG_FORMAT="Console", KAFKA__SECURITY_PROTOCOL="plaintext"
+    )
+
+    code, out, err = await run_cli(
+        env, "request", "--reference", "s3://b/v.wav", "--model", "0.6b", "--format", "FLAC",
+        "--language", "English", stdin=TEXT,
+    )  # fmt: skip
+
+    assert (code, err) == (0, "")  # nothing at warning or above
+    (sent,) = await read_requests(settings)
+    assert sent.request_id == out.strip()
+    assert (sent.model, sent.output_format, sent.language) == (
+        ModelName.QWEN3_TTS_12HZ_0_6B_BASE,
+        AudioFormat.FLAC,
+        Language.ENGLISH,
+    )
+
+
+async def test_a_bad_log_level_setting_exits_3_and_a_bad_option_2(
+    settings: ClientSettings,
+) -> None:
+    code, out, err = await run_cli(cli_env(settings, LOG_LEVEL="loud"), "watch", "--timeout", "0")
+    assert (code, out, err) == (
+        3,
+        "",
+        "voiceclone: error: invalid settings: VOICECLONE_LOG_LEVEL: Input should be 'debug', "
+        "'info', 'warning' or 'error'\n",
+    )
+
+    code, out, err = await run_cli(cli_env(settings), "watch", "--log-level", "loud")
     assert (code, out) == (2, "")
-    assert "not both" in err
+    assert err.startswith("voiceclone: error: --log-level: ")
+    assert err.count("\n") == 1, err
+    assert "'loud' is not one of 'debug', 'info', 'warning', 'error'" in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["request", "--reference", "s3://b/v.wav", TEXT], ["watch"], ["topics", "create"]],
+    ids=["request", "watch", "topics-create"],
+)
+async def test_client_commands_without_kafka_print_only_one_line(
+    settings: ClientSettings, command: list[str]
+) -> None:
+    port = closed_port()
+    env = cli_env(settings, KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{port}")
+
+    code, out, err = await run_cli(env, *command)
+
+    # No aiokafka lines, no "Unclosed AIOKafkaProducer": the client whose start failed is closed.
+    assert (code, out, err) == (
+        3,
+        "",
+        f"voiceclone: error: cannot reach Kafka at 127.0.0.1:{port}: is the broker running "
+        "(`make broker-start`)? Set VOICECLONE_KAFKA__BOOTSTRAP_SERVERS to point elsewhere.\n",
+    )
 
 
 async def test_watch_for_a_request_prints_its_outcome_and_saves_its_audio(
@@ -247,9 +375,7 @@ async def test_worker_stops_cleanly_on_sigterm_logging_json_lines(
 async def test_worker_exits_3_with_one_line_when_kafka_is_unreachable(
     settings: ClientSettings,
 ) -> None:
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = closed_port()
     env = cli_env(settings, KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", BACKEND__KIND="http")
 
     code, _, err = await run_cli(env, "worker")

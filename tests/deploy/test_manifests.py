@@ -49,12 +49,12 @@ def rendered_env(helm: Helm) -> dict[str, str]:
     }
 
 
-def test_the_walk_finds_nested_settings_and_command_variables_and_nothing_else() -> None:
+def test_the_walk_finds_nested_settings_and_nothing_else() -> None:
     names = worker_env_names()
     assert "VOICECLONE_KAFKA__BOOTSTRAP_SERVERS" in names
     assert "VOICECLONE_BACKEND__MODAL__APP_1_7B" in names  # two groups deep
     assert "VOICECLONE_HTTP__PORT" in names
-    assert {"VOICECLONE_LOG_FORMAT", "VOICECLONE_LOG_LEVEL"} <= names  # `worker` options
+    assert {"VOICECLONE_LOG_FORMAT", "VOICECLONE_LOG_LEVEL"} <= names
     assert "VOICECLONE_KAFKA" not in names  # a group is not a leaf setting
     typos = [
         "VOICECLONE_KAFKA__BOOTSTRAP_SERVER",

@@ -2,19 +2,16 @@
 
 `voiceclone worker` reads its settings (every field of WorkerSettings, nested groups joined by
 `__`: `consumer.config_doc.env_names()` walks the model, the same walk that writes the README's
-table) and its command line's own variables (`--log-format` and `--log-level`). The Modal client
-in the worker reads its token from two variables of its own.
+table); its options read no variables. The Modal client in the worker reads its token from two
+variables of its own.
 """
 
 import os
 from collections.abc import Iterable, Mapping
 
 import pytest
-import typer
 
-from consumer.cli import app
 from consumer.config_doc import env_names
-from consumer.logs import LogFormat, LogLevel
 from consumer.settings import WorkerSettings
 
 PREFIX = "VOICECLONE_"
@@ -22,19 +19,9 @@ PREFIX = "VOICECLONE_"
 OUTSIDE_VARIABLES = frozenset({"MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET"})
 
 
-def command_env_names(command: str = "worker") -> frozenset[str]:
-    """The variables a `voiceclone` subcommand's options read (typer's `envvar=`)."""
-    commands = getattr(typer.main.get_command(app), "commands", {})  # a click-style group
-    names: set[str] = set()
-    for param in commands[command].params:
-        envvar = param.envvar
-        names.update([envvar] if isinstance(envvar, str) else envvar or [])
-    return frozenset(names)
-
-
 def worker_env_names() -> frozenset[str]:
     """Every VOICECLONE_* variable `voiceclone worker` reads."""
-    return frozenset(env_names()) | command_env_names("worker")
+    return frozenset(env_names())
 
 
 def unread_variables(names: Iterable[str]) -> list[str]:
@@ -53,10 +40,7 @@ def environment_names(environment: Mapping[str, object] | list[str] | None) -> s
 
 
 def parse_settings(env: Mapping[str, str], monkeypatch: pytest.MonkeyPatch) -> WorkerSettings:
-    """The WorkerSettings the worker would build from exactly `env` (validation errors raise),
-    after checking the command line's own variables hold values it accepts."""
-    LogFormat(env.get("VOICECLONE_LOG_FORMAT", LogFormat.JSON.value))
-    LogLevel(env.get("VOICECLONE_LOG_LEVEL", LogLevel.INFO.value))
+    """The WorkerSettings the worker would build from exactly `env` (validation errors raise)."""
     for name in [name for name in os.environ if name.startswith(PREFIX)]:
         monkeypatch.delenv(name)
     for name, value in env.items():

@@ -1,22 +1,25 @@
 """The client library against a real broker: sending, waiting, following, downloading."""
 
 import asyncio
+import gc
 import hashlib
 import http.server
+import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaConnectionError
 
 from producer.client import DownloadError, VoiceCloneClient, download_audio
 from producer.follow import assign_since
-from producer.settings import ClientSettings
+from producer.settings import ClientSettings, KafkaSettings
 from schemas.codec import make_codec
 from schemas.events import AudioReady, CloneRequest
 from schemas.topics import Topics
@@ -110,6 +113,49 @@ async def test_follow_from_now_skips_older_outcomes_and_misses_none_published_af
             first = await anext(outcomes)
 
     assert first.request_id == new
+
+
+def unreachable_settings() -> ClientSettings:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return ClientSettings(kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}"))
+
+
+async def unclosed_after(attempt: Callable[[], Awaitable[None]]) -> list[str]:
+    """What aiokafka reports as left open ("Unclosed AIOKafka...") once `attempt`, a connect
+    that must fail, has failed and its objects are collected."""
+    reported: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
+    try:
+        with pytest.raises(KafkaConnectionError):
+            await attempt()
+        gc.collect()  # the traceback, which holds the failed client, is gone by now
+    finally:
+        loop.set_exception_handler(None)
+    return reported
+
+
+async def test_a_client_that_cannot_connect_closes_its_producer() -> None:
+    async def enter() -> None:
+        async with VoiceCloneClient(unreachable_settings()):
+            pass
+
+    assert await unclosed_after(enter) == []
+
+
+async def test_a_follow_that_cannot_connect_stops_its_consumer() -> None:
+    client = VoiceCloneClient(unreachable_settings())
+
+    async def follow() -> None:
+        async with client.follow():
+            pass
+
+    try:
+        assert await unclosed_after(follow) == []
+    finally:
+        await client.close()
 
 
 async def test_download_audio_copies_a_file_url_and_names_it_after_the_request(

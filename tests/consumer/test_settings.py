@@ -1,0 +1,55 @@
+"""Settings read from the environment: names chosen from a list, in any case."""
+
+import os
+
+import pytest
+from pydantic import ValidationError
+
+from consumer.settings import ProcessingGuarantee, WorkerSettings
+from producer.settings import LogFormat, LogLevel, SaslMechanism, SecurityProtocol
+
+PREFIX = "VOICECLONE_"
+
+
+@pytest.fixture(autouse=True)
+def bare_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the variables a test sets."""
+    for name in [name for name in os.environ if name.startswith(PREFIX)]:
+        monkeypatch.delenv(name)
+
+
+def test_every_setting_with_a_list_of_choices_reads_them_in_any_case(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in {
+        "LOG_LEVEL": "WARNING",
+        "LOG_FORMAT": "Console",
+        "KAFKA__SECURITY_PROTOCOL": "sasl_plaintext",
+        "KAFKA__SASL_MECHANISM": "scram-sha-512",
+        "KAFKA__SASL_USERNAME": "user",
+        "KAFKA__SASL_PASSWORD": "secret",
+        "PROCESSING_GUARANTEE": "EXACTLY_ONCE",
+        "STORAGE__KIND": "LOCAL",
+        "STORAGE__ADDRESSING_STYLE": "Path",
+        "BACKEND__KIND": "HTTP",
+        "BACKEND__LOCAL__GENERATION": "Fast",
+    }.items():
+        monkeypatch.setenv(PREFIX + name, value)
+
+    settings = WorkerSettings()
+
+    assert (settings.log_level, settings.log_format) == (LogLevel.WARNING, LogFormat.CONSOLE)
+    assert settings.kafka.security_protocol is SecurityProtocol.SASL_PLAINTEXT
+    assert settings.kafka.sasl_mechanism is SaslMechanism.SCRAM_SHA_512
+    assert settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE
+    assert (settings.storage.kind, settings.storage.addressing_style) == ("local", "path")
+    assert (settings.backend.kind, settings.backend.local.generation) == ("http", "fast")
+
+
+def test_a_name_not_in_the_list_is_still_refused_naming_the_choices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(PREFIX + "BACKEND__KIND", "htp")
+
+    with pytest.raises(ValidationError, match="Input should be 'modal', 'http' or 'local'"):
+        WorkerSettings()
