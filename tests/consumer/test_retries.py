@@ -287,7 +287,8 @@ async def test_the_worker_reports_attempts_and_dead_letters_with_every_header(
     )
     seed_server.respond_with = (BUSY, {"detail": "overloaded"})
     request = clone_request((reference_root / "voice.wav").as_uri())
-    garbage, headers = os.urandom(64), [("origin", b"test")]
+    # Leading zero: never Avro's single-object marker (C3 01), so always a headerless bare body.
+    garbage, headers = b"\x00" + os.urandom(63), [("origin", b"test")]
     before_ms = int(time.time() * 1000)
 
     async with (
