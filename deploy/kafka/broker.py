@@ -510,9 +510,11 @@ def server_properties(
         "transaction.state.log.num.partitions": 1,
         "share.coordinator.state.topic.replication.factor": 1,
         "share.coordinator.state.topic.min.isr": 1,
-        # Dev/test conveniences: no 3 s wait before the first rebalance, topics on first use.
+        # Dev/test convenience: no 3 s wait before the first rebalance.
         "group.initial.rebalance.delay.ms": 0,
-        "auto.create.topics.enable": "true",
+        # As in the compose stack: a record sent to a misspelt topic fails, rather than
+        # creating it (`voiceclone topics create` makes the product's topics).
+        "auto.create.topics.enable": "false",
         "delete.topic.enable": "true",
         "num.partitions": 3,
         # After a crash the controller refuses the restarted broker until the old registration's

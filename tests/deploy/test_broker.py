@@ -22,6 +22,7 @@ from types import ModuleType
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import UnknownTopicOrPartitionError
 from aiokafka.structs import ConsumerRecord
 
 from tests.fixtures.kafka import BROKER_SCRIPT, TopicFactory, run_broker_cli
@@ -249,6 +250,20 @@ def test_tools_manage_topics_records_and_consumer_groups(home: Path):
     rewound = group_offsets(home, group, topic)
     assert all(offset == 0 for offset, _ in rewound.values())
     assert sum(lag for _, lag in rewound.values()) == 3
+
+
+async def test_a_record_for_a_missing_topic_creates_no_topic(home: Path):
+    bootstrap, _ = start(home)
+    missing = f"misspelt-{uuid.uuid4().hex[:8]}"
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    await producer.start()
+    try:
+        with pytest.raises(UnknownTopicOrPartitionError):  # no metadata for it ever comes
+            await producer.send_and_wait(missing, b"lost")
+    finally:
+        await producer.stop()
+
+    assert missing not in tool(home, "kafka-topics", "--list").split()
 
 
 def test_a_tool_needs_a_running_broker_or_an_address(
