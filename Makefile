@@ -35,7 +35,7 @@ bench: setup broker-start ## Benchmarks on the local broker (README "Benchmarks"
 bench-engine: setup ## Talker generation, stock vs fast loop (README "Fast generation"); BENCH_ARGS=--size 0.6B
 	$(UV) run --frozen python -m bench.engine $(BENCH_ARGS)
 
-run: setup broker-start topics ## The main job: broker, topics, a local worker (left running), one request
+run: setup broker-start ## The main job: broker, topics, a local worker (left running), one request
 	$(BOOTSTRAP_ENV) $(UV) run --frozen python deploy/demo.py run $(if $(MODEL),--model '$(MODEL)')
 
 run-offline: ## `make run` with the synthetic tiny model: no download, speaks noise
