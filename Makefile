@@ -14,7 +14,7 @@ BOOTSTRAP_ENV = VOICECLONE_KAFKA__BOOTSTRAP_SERVERS=$$($(BROKER) bootstrap)
 COMPOSE = docker compose -f deploy/compose/compose.yaml
 
 .PHONY: setup test lint run run-offline stop worker-stop topics broker-fetch broker-start \
-	broker-stop broker-status deploy-tools stack-up stack-down
+	broker-stop broker-status kafka-tool deploy-tools stack-up stack-down
 
 setup: ## Install uv if missing, then the locked environment with every extra
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
@@ -35,7 +35,7 @@ bench: setup broker-start ## Benchmarks on the local broker (README "Benchmarks"
 bench-engine: setup ## Talker generation, stock vs fast loop (README "Fast generation"); BENCH_ARGS=--size 0.6B
 	$(UV) run --frozen python -m bench.engine $(BENCH_ARGS)
 
-run: setup broker-start topics ## The main job: broker, topics, a local worker (left running), one request
+run: setup broker-start ## The main job: broker, topics, a local worker (left running), one request
 	$(BOOTSTRAP_ENV) $(UV) run --frozen python deploy/demo.py run $(if $(MODEL),--model '$(MODEL)')
 
 run-offline: ## `make run` with the synthetic tiny model: no download, speaks noise
@@ -60,6 +60,9 @@ broker-stop: ## Stop the local broker (SIGTERM, SIGKILL after 30 s)
 
 broker-status: ## running/stopped with bootstrap; exit 0 running, 1 not answering, 3 stopped
 	$(BROKER) status
+
+kafka-tool: ## One of Kafka's tools on the local broker: make kafka-tool ARGS='kafka-topics --list'
+	$(BROKER) tool $(ARGS)
 
 deploy-tools: ## Install the deploy validators (helm, compose, hadolint, schemas) into .cache/tools
 	@# Exit 3: a tool cannot be had on this machine; the tests that need it skip and say why.

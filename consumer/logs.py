@@ -2,19 +2,22 @@
 
 `json` (the default, for collectors) renders `{"timestamp": ..., "level": ..., "event": ...,
 ...}`; `console` renders aligned, coloured lines for people. Records of the standard library's
-`logging` (aiokafka, botocore, the engine) go through the same renderer, so a process writes one
-format only. A library repeating itself (aiokafka, each time it fails to reach a broker) is cut
-to a few lines per message and interval, and a count of those left out.
+`logging` (aiokafka, botocore, the engine) and Python's warnings go through the same renderer,
+so a process writes one format only; `output_logged` turns what libraries print (or their child
+processes write) into log lines too. A library repeating itself (aiokafka, each time it fails to
+reach a broker) is cut to a few lines per message and interval, and a count of those left out.
 """
 
 import contextlib
 import logging
+import os
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Final, TextIO
+from typing import IO, Final, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -25,6 +28,7 @@ from producer.settings import LogFormat, LogLevel
 # them here keeps a slip from ever reaching a log collector.
 REDACTED_KEYS: Final = frozenset({"text", "reference_text", "transcript"})
 _LEADING_KEYS: Final = ("timestamp", "level", "event")
+_STANDARD_FDS: Final = (1, 2)  # stdout, stderr
 # Chatty at INFO (group join steps, connections, model config defaults); warnings still show.
 _QUIET_LIBRARIES: Final = (
     "aiokafka",
@@ -91,6 +95,7 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # warnings.warn → the "py.warnings" logger, not plain stderr
     quiet = logging.DEBUG if level is LogLevel.DEBUG else logging.WARNING
     for name in _QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(quiet)
@@ -164,6 +169,78 @@ class RepeatFilter(logging.Filter):
                 "repeated": message,
             }
         )
+
+
+@contextlib.contextmanager
+def output_logged(event: str) -> Iterator[None]:
+    """Log what this process's stdout and stderr receive inside the block (a library's print
+    calls, its child processes' output) as one DEBUG line, `event` with the text as `output`,
+    rather than letting it out as plain lines among the log lines.
+
+    It redirects the file descriptors, so a child process's writes are caught too; meanwhile the
+    log handlers write to copies of the real ones, so log lines, other threads' included, still
+    go out as they come. Meant for imports: what other threads write past logging while the
+    block runs (nothing, in a worker) would end up in `output` too.
+    """
+    with tempfile.TemporaryFile() as sink:
+        with _handlers_on_copies(), _standard_fds_into(sink):
+            yield
+        sink.seek(0)
+        output = sink.read().decode(errors="replace").strip()
+    if output:
+        structlog.get_logger(__name__).debug(event, output=output)
+
+
+@contextlib.contextmanager
+def _handlers_on_copies() -> Iterator[None]:
+    """Point the root logger's handlers that write to stdout or stderr at copies of them."""
+    moved: list[tuple[logging.StreamHandler[TextIO], TextIO, TextIO]] = []
+    try:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler):
+                fd = _standard_fd(handler.stream)
+                if fd is not None:
+                    original = handler.stream
+                    copy = os.fdopen(os.dup(fd), "w", encoding=original.encoding)
+                    handler.setStream(copy)
+                    moved.append((handler, original, copy))
+        yield
+    finally:
+        for handler, original, copy in moved:
+            handler.setStream(original)
+            copy.close()
+
+
+def _standard_fd(stream: TextIO) -> int | None:
+    """1 or 2 when `stream` is this process's stdout or stderr."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor (StringIO)
+        return None
+    return fd if fd in _STANDARD_FDS else None
+
+
+@contextlib.contextmanager
+def _standard_fds_into(sink: IO[bytes]) -> Iterator[None]:
+    """Redirect file descriptors 1 and 2 into `sink`, flushing Python's buffers on both sides."""
+    _flush_standard_streams()
+    saved = {fd: os.dup(fd) for fd in _STANDARD_FDS}
+    try:
+        for fd in _STANDARD_FDS:
+            os.dup2(sink.fileno(), fd)
+        yield
+    finally:
+        _flush_standard_streams()  # what a print left buffered belongs to the sink
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def _flush_standard_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
 
 
 class _HandlerLogger:

@@ -3,9 +3,10 @@
     python deploy/demo.py run [--model synthetic|DIR|HUB_ID] [--reference WAV --transcript TEXT]
     python deploy/demo.py stop
 
-`run` (re)starts a worker in the background (backend `local`, storage in `var/audio`, log in
-`var/worker.log`), waits until it has started, then sends one request with `voiceclone request
---wait` and prints its outcome. The worker keeps running for more requests until `stop`.
+`run` creates the product's topics where missing, (re)starts a worker in the background
+(backend `local`, storage in `var/audio`, log in `var/worker.log`), waits until it has started,
+then sends one request with `voiceclone request --wait` and prints its outcome. The worker keeps
+running for more requests until `stop`.
 
 Standard library only, so `stop` works without the project's environment; `run` must be started
 with the environment's Python (`uv run python deploy/demo.py run`), which it hands to the worker.
@@ -91,6 +92,20 @@ def synthetic_model() -> Path:
         raise DemoError(f"building the synthetic model failed:\n{built.stderr[-3000:]}")
     partial.rename(SYNTHETIC_MODEL)
     return SYNTHETIC_MODEL
+
+
+def create_topics(env: dict[str, str]) -> None:
+    """`voiceclone topics create`: the broker makes no topic on first use."""
+    done = subprocess.run(
+        voiceclone("topics", "create"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise DemoError(f"creating the topics failed:\n{error_line(done.stderr)}")
 
 
 def start_worker(env: dict[str, str]) -> int:
@@ -220,6 +235,7 @@ def send_sample(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     env = worker_env(args.model)
+    create_topics(env)
     if running_worker() is not None:
         info("restarting the running demo worker")
         stop_worker()

@@ -16,6 +16,7 @@ extra still imports `consumer.backends`.
 """
 
 import asyncio
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from consumer.backends.errors import (
     invalid_input_from_message,
 )
 from consumer.backends.settings import BackendSettings, LocalBackendSettings
+from consumer.logs import output_logged
 from modal_app import errors as engine_errors
 from modal_app.contract import CloneInput, CloneOutput
 
@@ -198,7 +200,7 @@ def _prepare_torch(settings: LocalBackendSettings) -> None:
     try:
         import torch
 
-        import modal_app.engine  # noqa: F401  (fail here once, not per size)
+        _import_engine()  # fail here once, not per size
     except ImportError as exc:
         raise BackendUnavailable(
             "the local backend needs the engine extra (torch, qwen-tts): "
@@ -211,6 +213,28 @@ def _prepare_torch(settings: LocalBackendSettings) -> None:
             'device; set it to "auto" or "cpu"',
             transient=False,
         )
+
+
+def _import_engine() -> None:
+    """Import the engine, turning what its libraries print or log on the way into our log lines.
+
+    qwen-tts imports its 25 Hz speech tokenizer whatever the model, and with it a flash-attn
+    banner printed on stdout (about that tokenizer's Whisper encoder) and the `sox` package (for
+    its x-vector extractor's loudness normalisation), whose import runs `sox -h` in a shell that
+    says "sox: not found" on stderr, then logs a nine-line warning, where SoX is not installed.
+    The Qwen3-TTS models served here use the 12 Hz tokenizer, which needs neither flash-attn nor
+    SoX (the program is no requirement): the banner and the shell's line become one DEBUG line,
+    and the warning is dropped.
+    """
+    logging.getLogger("sox").disabled = True
+    with output_logged("engine_import_output"):
+        import modal_app.engine  # noqa: F401
+    # transformers writes its records with a plain-text stderr handler of its own: hand them to
+    # the root logger's instead, which renders them as ours.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
 
 
 async def _load_model(weights: _Weights, settings: LocalBackendSettings) -> _LoadedModel:

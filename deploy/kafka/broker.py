@@ -11,10 +11,14 @@ data, logs, pid and state files all live in one cache dir: $VOICECLONE_KAFKA_HOM
     broker.py bootstrap  # just HOST:PORT (exit 3 when stopped)
     broker.py client-env # VOICECLONE_KAFKA__* lines for a client of the SASL_SSL listener
     broker.py stop       # SIGTERM, then SIGKILL after --timeout
+    broker.py tool NAME [ARGS...]  # one of Kafka's CLI tools, e.g. kafka-topics --list
 
 `start --sasl-ssl` adds a SASL_SSL listener (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512; TLS client
 certificates required) next to the plain one, with a throwaway CA, certificates and a password
 made once under <home>/security with the openssl command.
+
+`tool` runs Kafka's own command-line tools (TOOLS below, named as Kafka's bin/ scripts) from the
+same jars, with `--bootstrap-server` set to the running broker unless given.
 
 Standard library only, so it runs with any python3 >= 3.9, inside or outside the project venv.
 """
@@ -25,6 +29,7 @@ import argparse
 import base64
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -53,6 +58,24 @@ DEFAULT_JVM_OPTS = "-Xms128m -Xmx512m -XX:TieredStopAtLevel=1"
 
 EXIT_OK, EXIT_FAIL, EXIT_STOPPED = 0, 1, 3
 
+# Kafka's command-line tools (the names of its bin/*.sh scripts) and their main classes, all in
+# org.apache.kafka:kafka-tools. Each takes --bootstrap-server.
+TOOLS = {
+    "kafka-topics": "org.apache.kafka.tools.TopicCommand",
+    "kafka-consumer-groups": "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
+    "kafka-console-consumer": "org.apache.kafka.tools.consumer.ConsoleConsumer",
+    "kafka-console-producer": "org.apache.kafka.tools.ConsoleProducer",
+    "kafka-configs": "org.apache.kafka.tools.ConfigCommand",
+    "kafka-get-offsets": "org.apache.kafka.tools.GetOffsetShell",
+    "kafka-delete-records": "org.apache.kafka.tools.DeleteRecordsCommand",
+    "kafka-transactions": "org.apache.kafka.tools.TransactionsCommand",
+    "kafka-log-dirs": "org.apache.kafka.tools.LogDirsCommand",
+    "kafka-metadata-quorum": "org.apache.kafka.tools.MetadataQuorumCommand",
+    "kafka-broker-api-versions": "org.apache.kafka.tools.BrokerApiVersionsCommand",
+}
+# Either names the cluster to talk to; without one, `tool` adds the running broker's address.
+BOOTSTRAP_FLAGS = ("--bootstrap-server", "--bootstrap-controller")
+
 # The one user of the SASL_SSL listener, known to every mechanism it offers.
 SASL_USER = "voiceclone"
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -74,6 +97,21 @@ LOG4J2_XML = """\
     <Root level="INFO"><AppenderRef ref="file"/></Root>
     <Logger name="kafka.request.logger" level="WARN"/>
     <Logger name="org.apache.kafka.clients.NetworkClient" level="WARN"/>
+  </Loggers>
+</Configuration>
+"""
+
+# The tools log to stderr, warnings only (as Kafka's tools-log4j2.yaml), never to server.log.
+TOOLS_LOG4J2_XML = """\
+<?xml version="1.0" encoding="UTF-8"?>
+<Configuration status="WARN">
+  <Appenders>
+    <Console name="stderr" target="SYSTEM_ERR">
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+    </Console>
+  </Appenders>
+  <Loggers>
+    <Root level="WARN"><AppenderRef ref="stderr"/></Root>
   </Loggers>
 </Configuration>
 """
@@ -105,6 +143,10 @@ class Layout:
     @property
     def log4j_config(self) -> Path:
         return self.home / "config" / "log4j2.xml"
+
+    @property
+    def tools_log4j_config(self) -> Path:
+        return self.home / "config" / "tools-log4j2.xml"
 
     @property
     def data(self) -> Path:
@@ -266,9 +308,17 @@ def locked(layout: Layout) -> Iterator[None]:
 # --- fetching jars -------------------------------------------------------------------------------
 
 
+def jar_set(version: str) -> str:
+    """What libs/ holds, as its marker records it: the Kafka version and the pom's digest, so a
+    cache fetched before the pom changed (before it named kafka-tools, say) is fetched again."""
+    return f"{version} pom-sha256:{hashlib.sha256(POM.read_bytes()).hexdigest()[:16]}"
+
+
 def fetch(layout: Layout, version: str) -> None:
-    """Copy kafka_2.13 and its runtime deps from Maven Central into libs/, unless already there."""
-    if layout.marker.is_file() and layout.marker.read_text().strip() == version:
+    """Copy the pom's jars (Kafka, its tools, their runtime deps) from Maven Central into libs/,
+    unless already there."""
+    wanted = jar_set(version)
+    if layout.marker.is_file() and layout.marker.read_text().strip() == wanted:
         return
     mvn = require_tool("mvn", "Maven fetches the Kafka jars from Maven Central")
     staging = layout.home / f"libs.partial-{os.getpid()}"
@@ -286,7 +336,7 @@ def fetch(layout: Layout, version: str) -> None:
         layout.libs.unlink()
     shutil.rmtree(layout.libs, ignore_errors=True)
     staging.rename(layout.libs)
-    layout.marker.write_text(f"{version}\n")
+    layout.marker.write_text(f"{wanted}\n")
     jars = list(layout.libs.glob("*.jar"))
     size_mb = sum(jar.stat().st_size for jar in jars) / 1e6
     info(f"fetched {len(jars)} jars ({size_mb:.0f} MB) in {time.monotonic() - started:.1f}s")
@@ -460,9 +510,11 @@ def server_properties(
         "transaction.state.log.num.partitions": 1,
         "share.coordinator.state.topic.replication.factor": 1,
         "share.coordinator.state.topic.min.isr": 1,
-        # Dev/test conveniences: no 3 s wait before the first rebalance, topics on first use.
+        # Dev/test convenience: no 3 s wait before the first rebalance.
         "group.initial.rebalance.delay.ms": 0,
-        "auto.create.topics.enable": "true",
+        # As in the compose stack: a record sent to a misspelt topic fails, rather than
+        # creating it (`voiceclone topics create` makes the product's topics).
+        "auto.create.topics.enable": "false",
         "delete.topic.enable": "true",
         "num.partitions": 3,
         # After a crash the controller refuses the restarted broker until the old registration's
@@ -480,7 +532,10 @@ def server_properties(
     return "".join(f"{key}={value}\n" for key, value in props.items())
 
 
-def java_command(layout: Layout, java: str, main: str, *args: str) -> list[str]:
+def java_command(
+    layout: Layout, java: str, main: str, *args: str, log4j_config: Path | None = None
+) -> list[str]:
+    """`main` on the jars in libs/; logging as the broker's unless `log4j_config` is given."""
     jvm_opts = os.environ.get("VOICECLONE_KAFKA_JVM_OPTS", DEFAULT_JVM_OPTS).split()
     return [
         java,
@@ -489,7 +544,7 @@ def java_command(layout: Layout, java: str, main: str, *args: str) -> list[str]:
         "-XX:MaxGCPauseMillis=20",
         "-XX:+ExitOnOutOfMemoryError",
         "-Djava.awt.headless=true",
-        f"-Dlog4j2.configurationFile={layout.log4j_config}",
+        f"-Dlog4j2.configurationFile={log4j_config or layout.log4j_config}",
         # Kafka logs until its last shutdown step; log4j's own shutdown hook would stop logging
         # before that and complain on stdout.
         "-Dlog4j2.shutdownHookEnabled=false",
@@ -806,6 +861,36 @@ def cmd_client_env(layout: Layout, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def tool_command(layout: Layout, name: str, args: list[str]) -> list[str]:
+    """The java command line of Kafka's tool `name`, given the running broker's address unless
+    `args` name a cluster."""
+    if name not in TOOLS:
+        raise BrokerError(f"no tool {name!r}; the tools: {', '.join(TOOLS)}")
+    if not any(arg.split("=", 1)[0] in BOOTSTRAP_FLAGS for arg in args):
+        state = read_state(layout)
+        if running_pid(layout) is None or state is None:
+            raise BrokerError(
+                f"no broker is running from {layout.home}; start one, or pass --bootstrap-server"
+            )
+        args = ["--bootstrap-server", state.bootstrap, *args]
+    with locked(layout):
+        fetch(layout, kafka_version())  # a cache from before kafka-tools was in the pom lacks it
+    layout.tools_log4j_config.parent.mkdir(parents=True, exist_ok=True)
+    layout.tools_log4j_config.write_text(TOOLS_LOG4J2_XML)
+    config = layout.tools_log4j_config
+    return java_command(layout, find_java(), TOOLS[name], *args, log4j_config=config)
+
+
+def cmd_tool(layout: Layout, args: argparse.Namespace) -> int:
+    """Become the tool: its stdin, output, signals and exit code are the caller's."""
+    if not args.tool_args:
+        raise BrokerError(f"`tool` needs a tool's name, one of: {', '.join(TOOLS)}")
+    name, *tool_args = args.tool_args
+    command = tool_command(layout, name, tool_args)
+    sys.stderr.flush()
+    os.execv(command[0], command)
+
+
 COMMANDS = {
     "fetch": cmd_fetch,
     "start": cmd_start,
@@ -813,11 +898,25 @@ COMMANDS = {
     "status": cmd_status,
     "bootstrap": cmd_bootstrap,
     "client-env": cmd_client_env,
+    "tool": cmd_tool,
 }
 
 
+def split_tool_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this script's arguments, the tool's): all after `tool` is the tool's, options included,
+    so that argparse never takes (or abbreviates) one of them for its own."""
+    if "tool" not in argv:
+        return argv, []
+    end = argv.index("tool") + 1
+    return argv[:end], argv[end:]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    own, tool_args = split_tool_args(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=f"tool NAME [ARGS...]: NAME is one of {', '.join(TOOLS)}",
+    )
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument(
         "--home",
@@ -863,7 +962,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quiet", "-q", action="store_true", help="start: print only HOST:PORT, no progress"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(own)
+    args.tool_args = tool_args
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

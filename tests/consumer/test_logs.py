@@ -3,8 +3,13 @@
 import io
 import json
 import logging
+import subprocess
+import sys
+import textwrap
 import uuid
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -32,6 +37,7 @@ def stream() -> Iterator[io.StringIO]:
         root.handlers[:] = handlers
         root.setLevel(level)
         logging.getLogger("aiokafka").setLevel(aiokafka_level)
+        logging.captureWarnings(False)
         structlog.configure(**config)
 
 
@@ -75,6 +81,49 @@ def test_stdlib_records_and_their_exceptions_go_through_the_same_renderer(
         "some.library",
     )
     assert "ValueError: invalid literal for int() with base 10: 'boom'" in str(entry["exception"])
+
+
+def test_python_warnings_go_through_the_same_renderer(stream: io.StringIO) -> None:
+    configure_logging(LogFormat.JSON, LogLevel.INFO, stream)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("this argument is deprecated", DeprecationWarning, stacklevel=1)
+
+    (entry,) = lines(stream)
+    assert (entry["level"], entry["logger"]) == ("warning", "py.warnings")
+    assert "DeprecationWarning: this argument is deprecated" in str(entry["event"])
+
+
+def test_output_logged_turns_prints_and_child_output_into_one_debug_line() -> None:
+    """In a process of its own: what is printed, or written by a child process, inside the
+    block comes out as one JSON line after it; log lines meanwhile go straight out."""
+    script = textwrap.dedent(
+        """
+        import subprocess, structlog
+        from consumer.logs import LogFormat, LogLevel, configure_logging, output_logged
+
+        configure_logging(LogFormat.JSON, LogLevel.DEBUG)
+        with output_logged("chatter"):
+            print("a banner")
+            structlog.get_logger("t").info("meanwhile")
+            subprocess.run("echo 'sh: 1: sox: not found' >&2", shell=True, check=True)
+        print("after the block")
+        """
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+
+    assert done.stdout == "after the block\n"  # the standard streams are back
+    entries = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(entry["level"], entry["event"]) for entry in entries] == [
+        ("info", "meanwhile"),
+        ("debug", "chatter"),
+    ]
+    assert entries[1]["output"] == "a banner\nsh: 1: sox: not found"
 
 
 def test_request_text_and_transcripts_are_never_written(stream: io.StringIO) -> None:

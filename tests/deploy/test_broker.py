@@ -22,6 +22,7 @@ from types import ModuleType
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import UnknownTopicOrPartitionError
 from aiokafka.structs import ConsumerRecord
 
 from tests.fixtures.kafka import BROKER_SCRIPT, TopicFactory, run_broker_cli
@@ -137,11 +138,28 @@ def new_home(tmp_path_factory: pytest.TempPathFactory, libs: Path) -> Path:
     return home
 
 
-def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(home: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     # Port 0: any free port, so this broker never takes 9092 from the session broker.
     env = {**os.environ, "VOICECLONE_KAFKA_HOME": str(home), "VOICECLONE_KAFKA_PORT": "0"}
     cmd = [sys.executable, str(BROKER_SCRIPT), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180, check=False)
+    return subprocess.run(
+        cmd, input=stdin, capture_output=True, text=True, env=env, timeout=180, check=False
+    )
+
+
+def tool(home: Path, *args: str, stdin: str | None = None) -> str:
+    """stdout of `broker.py tool ARGS` on `home`'s broker, which must succeed."""
+    result = cli(home, "tool", *args, stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def group_offsets(home: Path, group: str, topic: str) -> dict[int, tuple[int, int]]:
+    """partition -> (committed offset, lag), as `kafka-consumer-groups --describe` prints them."""
+    described = tool(home, "kafka-consumer-groups", "--describe", "--group", group)
+    # GROUP TOPIC PARTITION CURRENT-OFFSET LOG-END-OFFSET LAG CONSUMER-ID HOST CLIENT-ID
+    rows = [line.split() for line in described.splitlines() if line.split()[:2] == [group, topic]]
+    return {int(row[2]): (int(row[3]), int(row[5])) for row in rows}
 
 
 def start(home: Path) -> tuple[str, int]:
@@ -201,6 +219,79 @@ def test_restart_after_sigkill_keeps_data(home: Path):
     assert new_pid != pid
     assert broker.kafka_ready(int(bootstrap.rsplit(":", 1)[1]))
     assert broker.read_state(broker.Layout(home)).cluster_id == cluster_id  # data dir reused
+
+
+def test_tools_manage_topics_records_and_consumer_groups(home: Path):
+    """Kafka's own tools, run by `broker.py tool` against the running broker (its address filled
+    in): create and describe a topic, produce and consume with the console tools, then describe
+    the consumer group and reset its offsets."""
+    start(home)
+    topic, group = f"tools-{uuid.uuid4().hex[:8]}", f"tools-{uuid.uuid4().hex[:8]}"
+
+    tool(home, "kafka-topics", "--create", "--topic", topic, "--partitions", "2")
+    assert topic in tool(home, "kafka-topics", "--list").split()
+    assert "PartitionCount: 2" in tool(home, "kafka-topics", "--describe", "--topic", topic)
+
+    tool(home, "kafka-console-producer", "--topic", topic, stdin="one\ntwo\nthree\n")
+    consumed = tool(
+        home,
+        *("kafka-console-consumer", "--topic", topic, "--group", group, "--from-beginning"),
+        *("--max-messages", "3", "--timeout-ms", "30000"),
+    )
+    assert sorted(consumed.split()) == ["one", "three", "two"]
+
+    committed = group_offsets(home, group, topic)
+    assert sorted(committed) == [0, 1]
+    assert sum(offset for offset, _ in committed.values()) == 3
+    assert all(lag == 0 for _, lag in committed.values())
+
+    reset = ("--reset-offsets", "--group", group, "--topic", topic, "--to-earliest", "--execute")
+    tool(home, "kafka-consumer-groups", *reset)
+    rewound = group_offsets(home, group, topic)
+    assert all(offset == 0 for offset, _ in rewound.values())
+    assert sum(lag for _, lag in rewound.values()) == 3
+
+
+async def test_a_record_for_a_missing_topic_creates_no_topic(home: Path):
+    bootstrap, _ = start(home)
+    missing = f"misspelt-{uuid.uuid4().hex[:8]}"
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    await producer.start()
+    try:
+        with pytest.raises(UnknownTopicOrPartitionError):  # no metadata for it ever comes
+            await producer.send_and_wait(missing, b"lost")
+    finally:
+        await producer.stop()
+
+    assert missing not in tool(home, "kafka-topics", "--list").split()
+
+
+def test_a_tool_needs_a_running_broker_or_an_address(
+    tmp_path_factory: pytest.TempPathFactory, libs: Path
+):
+    home = new_home(tmp_path_factory, libs)
+
+    result = cli(home, "tool", "kafka-topics", "--list")
+
+    assert result.returncode == broker.EXIT_FAIL
+    assert "no broker is running" in result.stderr
+    assert "pass --bootstrap-server" in result.stderr
+
+
+def test_fetch_refreshes_jars_fetched_for_an_older_pom(tmp_path: Path):
+    """A cache fetched before the pom named kafka-tools (its marker: the bare version) gets
+    the tools' jars on the next fetch."""
+    libs = broker.Layout(tmp_path).libs
+    libs.mkdir()
+    broker.Layout(tmp_path).marker.write_text(f"{broker.kafka_version()}\n")
+
+    fetched = cli(tmp_path, "fetch")
+
+    assert fetched.returncode == 0, fetched.stderr
+    assert list(libs.glob("kafka-tools-*.jar"))
+    assert broker.Layout(tmp_path).marker.read_text().strip() == broker.jar_set(
+        broker.kafka_version()
+    )
 
 
 def test_stop_leaves_nothing_running(home: Path):

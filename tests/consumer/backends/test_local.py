@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import json
 import socket
 import subprocess
 import sys
@@ -83,6 +84,31 @@ def test_building_the_backend_imports_no_torch() -> None:
     )
     root = Path(__file__).resolve().parents[3]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=60)
+
+
+@pytest.mark.usefixtures("engine_extra")
+def test_importing_the_engine_writes_only_json_log_lines() -> None:
+    """qwen-tts prints a banner and its `sox` import a shell's complaint; transformers logs with
+    a handler of its own: in a worker's process all of it comes out as JSON lines."""
+    code = (
+        "import logging\n"
+        "from consumer.logs import LogFormat, LogLevel, configure_logging\n"
+        "from consumer.backends.local import _import_engine\n"
+        "configure_logging(LogFormat.JSON, LogLevel.DEBUG)\n"
+        "_import_engine()\n"
+        "logging.getLogger('transformers.generation').warning('from transformers')\n"
+    )
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=180
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    entries = [json.loads(line) for line in done.stderr.splitlines()]
+    assert {"event": "from transformers", "logger": "transformers.generation"}.items() <= (
+        entries[-1].items()
+    )
 
 
 @pytest.mark.parametrize("audio_format", ["WAV", "FLAC"])
