@@ -83,7 +83,7 @@ def test_both_targets_run_unprivileged_and_serve_the_worker() -> None:
     runtime = found["runtime"]
     assert runtime.args("ENTRYPOINT") == ['["voiceclone"]']
     assert runtime.args("CMD") == ['["worker"]']
-    assert PYPROJECT["project"]["scripts"]["voiceclone"] == "consumer.cli:app"
+    assert PYPROJECT["project"]["scripts"]["voiceclone"] == "consumer.cli:main"
     assert runtime.args("EXPOSE") == [str(WorkerSettings().http.port)]
 
 
