@@ -6,7 +6,8 @@ BROKER := $(PYTHON) deploy/kafka/broker.py
 UV := $(PYTHON) -m uv
 UV_VERSION := 0.13.9
 
-# `make run MODEL=synthetic`: the tiny offline model; MODEL=DIR: your weights (see README).
+# `make run`: the official weights (cached, or downloaded once if the hub answers), else the
+# synthetic model; MODEL=synthetic: the tiny offline model; MODEL=DIR: your weights.
 MODEL ?=
 DEMO = $(PYTHON) deploy/demo.py
 BOOTSTRAP_ENV = VOICECLONE_KAFKA__BOOTSTRAP_SERVERS=$$($(BROKER) bootstrap)
