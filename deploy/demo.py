@@ -146,9 +146,18 @@ def choose_model(requested: str | None) -> str | None:
 
 
 def short(exc: BaseException) -> str:
-    """An error in a few words: requests' messages run to hundreds of characters."""
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= 100 else f"{text[:99]}…"
+    """An error in a few words: its innermost cause (requests wraps the socket's error in two
+    layers of messages hundreds of characters long), without the connection's description."""
+    for _ in range(10):  # bounded: a chain could loop
+        inner = getattr(exc, "reason", None)
+        if not isinstance(inner, BaseException):
+            first = exc.args[0] if exc.args else None
+            inner = first if isinstance(first, BaseException) else exc.__cause__
+        if not isinstance(inner, BaseException) or inner is exc:
+            break
+        exc = inner
+    text = f"{type(exc).__name__}: {str(exc).rpartition('): ')[2]}"
+    return text if len(text) <= 120 else f"{text[:119]}…"
 
 
 def is_cached(repo: str) -> bool:

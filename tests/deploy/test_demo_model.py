@@ -97,10 +97,14 @@ def test_no_answering_hub_means_the_synthetic_model_with_a_banner(
     assert GET_WEIGHTS in banner
     # Within the probe's bound (5 s) plus the interpreter's start, never a network timeout.
     assert time.monotonic() - started < 15
+    assert max(map(len, done.stderr.splitlines())) <= 140  # the reason in a few words
     if hub == "offline":
         assert "HF_HUB_OFFLINE is set" in banner
     else:
         assert "did not answer within 5 s" in banner
+    if hub == "refusing":
+        assert "(ConnectionRefusedError: " in banner
+        assert "Connection refused)" in banner
 
 
 def test_a_model_named_in_the_environment_is_left_to_the_settings(tmp_path: Path) -> None:
