@@ -13,6 +13,10 @@ import pytest
 from modal_app.profiles import PROFILES
 from tests.fixtures.hub import COMMIT, FakeHub
 
+# huggingface_hub comes with the engine extra, which `make run` installs.
+pytestmark = pytest.mark.engine
+pytest.importorskip("huggingface_hub", reason="needs the engine extra")
+
 DEMO = Path(__file__).resolve().parents[2] / "deploy" / "demo.py"
 OFFICIAL = PROFILES["1.7B"].repo_id
 BANNER = "THE AUDIO OF THIS RUN IS NOISE: it comes from a randomly initialised model"
