@@ -6,14 +6,15 @@ BROKER := $(PYTHON) deploy/kafka/broker.py
 UV := $(PYTHON) -m uv
 UV_VERSION := 0.13.9
 
-# `make run MODEL=synthetic`: the tiny offline model; MODEL=DIR: your weights (see README).
+# `make run`: the official weights (cached, or downloaded once if the hub answers), else the
+# synthetic model; MODEL=synthetic: the tiny offline model; MODEL=DIR: your weights.
 MODEL ?=
 DEMO = $(PYTHON) deploy/demo.py
 BOOTSTRAP_ENV = VOICECLONE_KAFKA__BOOTSTRAP_SERVERS=$$($(BROKER) bootstrap)
 
 COMPOSE = docker compose -f deploy/compose/compose.yaml
 
-.PHONY: setup test lint run run-offline stop worker-stop topics broker-fetch broker-start \
+.PHONY: setup test lint docs run run-offline stop worker-stop topics broker-fetch broker-start \
 	broker-stop broker-status kafka-tool deploy-tools stack-up stack-down
 
 setup: ## Install uv if missing, then the locked environment with every extra
@@ -27,12 +28,15 @@ lint: setup ## ruff: lint and formatting
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
 
+docs: setup ## Build the docs site into site/, failing on broken links (docs/development.md)
+	NO_MKDOCS_2_WARNING=1 $(UV) run --frozen mkdocs build --strict
+
 .PHONY: bench
-bench: setup broker-start ## Benchmarks on the local broker (README "Benchmarks"); BENCH_ARGS=--quick
+bench: setup broker-start ## Benchmarks on the local broker (docs/benchmarks.md); BENCH_ARGS=--quick
 	$(UV) run --frozen python -m bench --bootstrap $$($(BROKER) bootstrap) $(BENCH_ARGS)
 
 .PHONY: bench-engine
-bench-engine: setup ## Talker generation, stock vs fast loop (README "Fast generation"); BENCH_ARGS=--size 0.6B
+bench-engine: setup ## Talker generation, stock vs fast loop (docs/gpu-service.md); BENCH_ARGS=--size 0.6B
 	$(UV) run --frozen python -m bench.engine $(BENCH_ARGS)
 
 run: setup broker-start ## The main job: broker, topics, a local worker (left running), one request

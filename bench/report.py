@@ -1,4 +1,4 @@
-"""The results as a Markdown table (what the README shows) and as JSON."""
+"""The results as a Markdown table (what docs/benchmarks.md shows) and as JSON."""
 
 import json
 from collections.abc import Callable

@@ -1,6 +1,6 @@
 """The `voiceclone` command line: the worker, and the commands users send and watch requests with.
 
-Every setting comes from `VOICECLONE_*` environment variables (see the README's table); options
+Every setting comes from `VOICECLONE_*` environment variables (see docs/configuration.md); options
 here are only what differs per invocation. Exit codes: 0 done; 1 the request failed
 (clone-failed); 2 usage error; 3 could not run (settings, Kafka, storage, backend); 4 timed out.
 """

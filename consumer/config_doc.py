@@ -1,4 +1,5 @@
-"""The README's configuration table, generated from the settings models so it cannot drift."""
+"""The configuration table of docs/configuration.md, generated from the settings models so it
+cannot drift."""
 
 import json
 

@@ -74,7 +74,7 @@ _M = TypeVar("_M", bound=MetricWrapperBase)
 
 @dataclass(frozen=True)
 class MetricDoc:
-    """One metric as the README's table shows it."""
+    """One metric as the docs' table shows it (docs/operations/metrics.md)."""
 
     metric: MetricWrapperBase
     labels: tuple[str, ...]
@@ -138,7 +138,7 @@ class Metrics:
         labels: Sequence[str] = (),
         **options: Any,
     ) -> _M:
-        """Register one metric `voiceclone_<name>` and describe it for the README's table."""
+        """Register one metric `voiceclone_<name>` and describe it for the docs' table."""
         metric = kind(f"{PREFIX}_{name}", documentation, labels, registry=self.registry, **options)
         self.described.append(MetricDoc(metric, tuple(labels)))
         return metric
@@ -380,7 +380,8 @@ def exported_names(registry: CollectorRegistry) -> set[str]:
 
 
 def render_table() -> str:
-    """The README's metric table (`python -m consumer.metrics`); a test keeps it in step."""
+    """The metric table of docs/operations/metrics.md (`python -m consumer.metrics`); a test keeps
+    it in step."""
     lines = [TABLE_BEGIN, "| metric | type | labels | meaning |", "|---|---|---|---|"]
     for doc in Metrics(CollectorRegistry()).described:
         labels = ", ".join(f"`{label}`" for label in doc.labels)

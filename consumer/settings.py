@@ -66,7 +66,7 @@ class RetrySettings(BaseModel):
 
 
 class ProcessingGuarantee(StrEnum):
-    """What a subscriber of the outcome topics may rely on (README: Processing guarantees)."""
+    """What a subscriber of the outcome topics may rely on (docs/reliability.md)."""
 
     AT_LEAST_ONCE = "at_least_once"
     EXACTLY_ONCE = "exactly_once"

@@ -1,6 +1,7 @@
 """Fixtures shared across the suite live in tests/fixtures/, one module per outside system."""
 
 pytest_plugins = [
+    "tests.fixtures.hub",
     "tests.fixtures.kafka",
     "tests.fixtures.model",
     "tests.fixtures.prometheus",

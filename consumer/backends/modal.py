@@ -218,7 +218,7 @@ def _start_hint(error: BackendError) -> str:
         )
     if isinstance(cause, modal.exception.NotFoundError):
         return (
-            'Deploy it (see the README, "The GPU service on Modal"), point '
+            "Deploy it (see docs/gpu-service.md), point "
             "VOICECLONE_BACKEND__MODAL__APP_1_7B / __APP_0_6B at the deployed apps, or choose "
             "another backend with VOICECLONE_BACKEND__KIND=http or local."
         )

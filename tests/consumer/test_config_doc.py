@@ -1,14 +1,14 @@
-"""The README's configuration table is exactly what the settings models generate."""
+"""The docs' configuration table is exactly what the settings models generate."""
 
 from pathlib import Path
 
 from consumer import config_doc
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
-def test_readme_table_matches_the_settings() -> None:
-    text = README.read_text()
+def test_docs_table_matches_the_settings() -> None:
+    text = PAGE.read_text()
     start, end = text.index(config_doc.BEGIN), text.index(config_doc.END) + len(config_doc.END)
     assert text[start:end] == config_doc.render(), "run: python -m consumer.config_doc"
 

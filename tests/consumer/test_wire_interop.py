@@ -1,7 +1,7 @@
-"""A client of another team, built from the README alone, talks to a real worker.
+"""A client of another team, built from the docs alone, talks to a real worker.
 
 The client side uses plain fastavro and the `.avsc` file, nothing of ours: it encodes exactly as
-README.md ("Event contracts") says, sends through the real broker, and a worker (http backend
+docs/contracts.md says, sends through the real broker, and a worker (http backend
 against the seed server) answers. A writer on a newer schema is refused as documented, and read
 once its schema is supplied.
 """
@@ -30,7 +30,7 @@ SCHEMA_FILE = Path(__file__).parents[2] / "schemas" / "avro" / "clone_request.av
 
 
 def readme_encode(schema_json: dict[str, Any], record: dict[str, Any]) -> bytes:
-    """Avro single-object encoding, as the README describes it, with fastavro's own functions."""
+    """Avro single-object encoding as docs/contracts.md describes it, with fastavro alone."""
     schema = fastavro.parse_schema(schema_json)
     canonical = fastavro.schema.to_parsing_canonical_form(schema)
     # fastavro's CRC-64-AVRO hex string is the 8 bytes in little-endian order.

@@ -1,5 +1,5 @@
 """deploy/prometheus and deploy/grafana: valid for the real tools, in step with the metrics the
-worker exports, and every alert documented in the README.
+worker exports, and every alert with its runbook page in the docs.
 
 promtool checks the rules, the scrape config and every dashboard query; promtool's unit tests
 (alerts_test.yml) show each alert firing on the series it is meant for; a real Prometheus loads
@@ -34,7 +34,10 @@ ALERT_TESTS = PROMETHEUS_DIR / "alerts_test.yml"
 SCRAPE_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 GRAFANA_DIR = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA_DIR / "dashboards" / "voiceclone-worker.json"
-README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+METRICS_PAGE = DOCS / "operations" / "metrics.md"
+ALERTS_PAGE = DOCS / "operations" / "alerts.md"
+MKDOCS_CONFIG = ROOT / "mkdocs.yml"
 METRIC_NAME = re.compile(r"\bvoiceclone_[a-z0-9_]+\b")
 # Grafana's template variables, replaced by values that make each query concrete PromQL.
 TEMPLATE_VALUES = {"$__rate_interval": "1m", "$model": ".*"}
@@ -79,19 +82,6 @@ def load_builder() -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
-
-
-def github_anchor(heading: str) -> str:
-    """The fragment GitHub gives a Markdown heading."""
-    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
-    return text.replace(" ", "-")
-
-
-def readme_section(title: str) -> str:
-    text = README.read_text()
-    start = text.index(f"\n## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end != -1 else len(text)]
 
 
 def check(tools: PrometheusTools, *args: str) -> None:
@@ -220,23 +210,25 @@ def test_every_alert_says_what_happened_and_how_bad() -> None:
         assert f'job="{JOB}"' in rule["expr"] or "voiceclone_" in rule["expr"]
 
 
-def test_every_alert_links_its_runbook_section_in_the_readme() -> None:
-    runbooks = {
-        rule["alert"]: rule["annotations"]["runbook_url"].removeprefix("README.md#")
-        for rule in alert_rules()
-    }
-    section = readme_section("Metrics and alerts")
-    headings = re.findall(r"^#{3,4} (.+)$", section, flags=re.MULTILINE)
-    anchors = {github_anchor(heading) for heading in headings}
+def test_every_alert_links_its_runbook_page_in_the_docs() -> None:
+    runbooks = {rule["alert"]: rule["annotations"]["runbook_url"] for rule in alert_rules()}
+    nav = MKDOCS_CONFIG.read_text()
+    alerts_page = ALERTS_PAGE.read_text()
 
     assert set(runbooks) == set(alert_names())
-    assert all(anchor in anchors for anchor in runbooks.values()), (runbooks, anchors)
-    assert all(github_anchor(name) == anchor for name, anchor in runbooks.items())
+    for alert, url in runbooks.items():
+        assert url == f"docs/operations/runbooks/{alert}.md"
+        page = ROOT / url
+        assert page.read_text().startswith(f"# {alert}\n"), url
+        assert f"- {page.relative_to(DOCS).as_posix()}\n" in nav, f"{url} not in mkdocs.yml"
+        assert f"[`{alert}`](runbooks/{alert}.md)" in alerts_page
+    runbook_pages = {path.stem for path in (DOCS / "operations" / "runbooks").glob("*.md")}
+    assert runbook_pages == set(alert_names())
 
 
-def test_readme_metric_table_is_current() -> None:
-    assert render_table() in readme_section("Metrics and alerts"), (
-        "paste `python -m consumer.metrics` into the README"
+def test_docs_metric_table_is_current() -> None:
+    assert render_table() in METRICS_PAGE.read_text(), (
+        "paste `python -m consumer.metrics` into docs/operations/metrics.md"
     )
 
 

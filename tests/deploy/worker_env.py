@@ -1,7 +1,7 @@
 """Which environment variables the worker reads, to hold deploy files to them.
 
 `voiceclone worker` reads its settings (every field of WorkerSettings, nested groups joined by
-`__`: `consumer.config_doc.env_names()` walks the model, the same walk that writes the README's
+`__`: `consumer.config_doc.env_names()` walks the model, the same walk that writes the docs'
 table); its options read no variables. The Modal client in the worker reads its token from two
 variables of its own.
 """
@@ -15,7 +15,7 @@ from consumer.config_doc import env_names
 from consumer.settings import WorkerSettings
 
 PREFIX = "VOICECLONE_"
-# Read by the Modal client, not by our settings (README: "How the worker finds it").
+# Read by the Modal client, not by our settings (docs/gpu-service.md: "How the worker finds it").
 OUTSIDE_VARIABLES = frozenset({"MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET"})
 
 
