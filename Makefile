@@ -2,6 +2,9 @@
 # Java 17+, Maven for the one-time jar fetch). Cache dir: $VOICECLONE_KAFKA_HOME or .cache/kafka.
 PYTHON ?= python3
 BROKER := $(PYTHON) deploy/kafka/broker.py
+# The local Schema Registry (Apicurio, Confluent-compatible API): deploy/registry/registry.py,
+# same requirements. Cache dir: $VOICECLONE_REGISTRY_HOME or .cache/registry.
+REGISTRY_SCRIPT := $(PYTHON) deploy/registry/registry.py
 # uv as a module of the machine's python: works whether or not a `uv` binary is on PATH.
 UV := $(PYTHON) -m uv
 UV_VERSION := 0.13.9
@@ -14,7 +17,8 @@ BOOTSTRAP_ENV = VOICECLONE_KAFKA__BOOTSTRAP_SERVERS=$$($(BROKER) bootstrap)
 COMPOSE = docker compose -f deploy/compose/compose.yaml
 
 .PHONY: setup test lint run run-offline stop worker-stop topics broker-fetch broker-start \
-	broker-stop broker-status kafka-tool deploy-tools stack-up stack-down
+	broker-stop broker-status kafka-tool deploy-tools stack-up stack-down registry-fetch \
+	registry-start registry-stop registry-status
 
 setup: ## Install uv if missing, then the locked environment with every extra
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
@@ -63,6 +67,18 @@ broker-status: ## running/stopped with bootstrap; exit 0 running, 1 not answerin
 
 kafka-tool: ## One of Kafka's tools on the local broker: make kafka-tool ARGS='kafka-topics --list'
 	$(BROKER) tool $(ARGS)
+
+registry-fetch: ## Download the Schema Registry (Apicurio) from Maven Central (once; cached)
+	$(REGISTRY_SCRIPT) fetch
+
+registry-start: ## Start the local Schema Registry, or reuse a running one; prints url=URL
+	$(REGISTRY_SCRIPT) start
+
+registry-stop: ## Stop the local Schema Registry (in-memory: its schemas go with it)
+	$(REGISTRY_SCRIPT) stop
+
+registry-status: ## running/stopped with url; exit 0 running, 1 not answering, 3 stopped
+	$(REGISTRY_SCRIPT) status
 
 deploy-tools: ## Install the deploy validators (helm, compose, hadolint, schemas) into .cache/tools
 	@# Exit 3: a tool cannot be had on this machine; the tests that need it skip and say why.
