@@ -11,6 +11,9 @@ UV_VERSION := 0.13.9
 
 # `make run MODEL=synthetic`: the tiny offline model; MODEL=DIR: your weights (see README).
 MODEL ?=
+# `make run REGISTRY=1`: registry mode, on the local Schema Registry (docs/schema-registry.md).
+REGISTRY ?=
+REGISTRY_ENV = $(if $(REGISTRY),VOICECLONE_SCHEMA_REGISTRY_URL=$$($(REGISTRY_SCRIPT) url))
 DEMO = $(PYTHON) deploy/demo.py
 BOOTSTRAP_ENV = VOICECLONE_KAFKA__BOOTSTRAP_SERVERS=$$($(BROKER) bootstrap)
 
@@ -39,8 +42,8 @@ bench: setup broker-start ## Benchmarks on the local broker (README "Benchmarks"
 bench-engine: setup ## Talker generation, stock vs fast loop (README "Fast generation"); BENCH_ARGS=--size 0.6B
 	$(UV) run --frozen python -m bench.engine $(BENCH_ARGS)
 
-run: setup broker-start ## The main job: broker, topics, a local worker (left running), one request
-	$(BOOTSTRAP_ENV) $(UV) run --frozen python deploy/demo.py run $(if $(MODEL),--model '$(MODEL)')
+run: setup broker-start $(if $(REGISTRY),registry-start) ## The main job: broker, topics, a local worker (left running), one request; REGISTRY=1: registry mode
+	$(BOOTSTRAP_ENV) $(REGISTRY_ENV) $(UV) run --frozen python deploy/demo.py run $(if $(MODEL),--model '$(MODEL)')
 
 run-offline: ## `make run` with the synthetic tiny model: no download, speaks noise
 	$(MAKE) run MODEL=synthetic
@@ -48,7 +51,7 @@ run-offline: ## `make run` with the synthetic tiny model: no download, speaks no
 worker-stop: ## Stop the worker `make run` started (SIGTERM: it drains first)
 	$(DEMO) stop
 
-stop: worker-stop broker-stop ## Stop the worker and the local broker
+stop: worker-stop broker-stop registry-stop ## Stop the worker, the local broker and the local Schema Registry
 
 topics: ## Create the product's topics on the local broker (idempotent)
 	$(BOOTSTRAP_ENV) $(UV) run --frozen voiceclone topics create

@@ -3,8 +3,10 @@
     python deploy/demo.py run [--model synthetic|DIR|HUB_ID] [--reference WAV --transcript TEXT]
     python deploy/demo.py stop
 
-`run` creates the product's topics where missing, (re)starts a worker in the background
-(backend `local`, storage in `var/audio`, log in `var/worker.log`), waits until it has started,
+`run` creates the product's topics where missing, registers the event schemas when
+VOICECLONE_SCHEMA_REGISTRY_URL is set (registry mode: `make run REGISTRY=1`), (re)starts a
+worker in the background (backend `local`, storage in `var/audio`, log in `var/worker.log`),
+waits until it has started,
 then sends one request with `voiceclone request --wait` and prints its outcome. The worker keeps
 running for more requests until `stop`.
 
@@ -94,18 +96,25 @@ def synthetic_model() -> Path:
     return SYNTHETIC_MODEL
 
 
-def create_topics(env: dict[str, str]) -> None:
-    """`voiceclone topics create`: the broker makes no topic on first use."""
+def prepare(env: dict[str, str], *args: str, what: str) -> None:
+    """One `voiceclone` command that must succeed before the worker starts."""
     done = subprocess.run(
-        voiceclone("topics", "create"),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+        voiceclone(*args), cwd=ROOT, env=env, capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
-        raise DemoError(f"creating the topics failed:\n{error_line(done.stderr)}")
+        raise DemoError(f"{what} failed:\n{error_line(done.stderr)}")
+
+
+def create_topics(env: dict[str, str]) -> None:
+    """`voiceclone topics create`: the broker makes no topic on first use."""
+    prepare(env, "topics", "create", what="creating the topics")
+
+
+def register_schemas(env: dict[str, str]) -> None:
+    """In registry mode, `voiceclone schemas register`: the worker only looks schemas up."""
+    if env.get("VOICECLONE_SCHEMA_REGISTRY_URL"):
+        prepare(env, "schemas", "register", what="registering the schemas")
+        info(f"registry mode: schemas registered at {env['VOICECLONE_SCHEMA_REGISTRY_URL']}")
 
 
 def start_worker(env: dict[str, str]) -> int:
@@ -236,6 +245,7 @@ def send_sample(args: argparse.Namespace, env: dict[str, str]) -> int:
 def run(args: argparse.Namespace) -> int:
     env = worker_env(args.model)
     create_topics(env)
+    register_schemas(env)
     if running_worker() is not None:
         info("restarting the running demo worker")
         stop_worker()
