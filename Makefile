@@ -21,7 +21,7 @@ COMPOSE = docker compose -f deploy/compose/compose.yaml
 
 .PHONY: setup test lint run run-offline stop worker-stop topics broker-fetch broker-start \
 	broker-stop broker-status kafka-tool deploy-tools stack-up stack-down registry-fetch \
-	registry-start registry-stop registry-status
+	registry-start registry-stop registry-status schemas-check
 
 setup: ## Install uv if missing, then the locked environment with every extra
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
@@ -70,6 +70,9 @@ broker-status: ## running/stopped with bootstrap; exit 0 running, 1 not answerin
 
 kafka-tool: ## One of Kafka's tools on the local broker: make kafka-tool ARGS='kafka-topics --list'
 	$(BROKER) tool $(ARGS)
+
+schemas-check: setup ## The event schemas against every released version (and the registry, if VOICECLONE_SCHEMA_REGISTRY_URL is set)
+	$(UV) run --frozen voiceclone schemas check
 
 registry-fetch: ## Download the Schema Registry (Apicurio) from Maven Central (once; cached)
 	$(REGISTRY_SCRIPT) fetch

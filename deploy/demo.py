@@ -6,9 +6,8 @@
 `run` creates the product's topics where missing, registers the event schemas when
 VOICECLONE_SCHEMA_REGISTRY_URL is set (registry mode: `make run REGISTRY=1`), (re)starts a
 worker in the background (backend `local`, storage in `var/audio`, log in `var/worker.log`),
-waits until it has started,
-then sends one request with `voiceclone request --wait` and prints its outcome. The worker keeps
-running for more requests until `stop`.
+waits until it has started, then sends one request with `voiceclone request --wait` and prints
+its outcome. The worker keeps running for more requests until `stop`.
 
 Standard library only, so `stop` works without the project's environment; `run` must be started
 with the environment's Python (`uv run python deploy/demo.py run`), which it hands to the worker.

@@ -251,6 +251,8 @@ def terminate(pid: int, layout: Layout, timeout: float) -> None:
 
 def port_is_free(port: int) -> bool:
     with socket.socket() as sock:
+        # As the JVM binds: a port whose old connections linger in TIME_WAIT is free to take.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:
