@@ -20,6 +20,7 @@ import httpx
 import pytest
 from schema_registry.client import AsyncSchemaRegistryClient
 
+from producer.settings import ClientSettings
 from schemas import contracts
 from schemas.codec import make_codec
 from schemas.compatibility import Compatibility
@@ -87,6 +88,25 @@ async def test_lookup_only_writer_needs_registered_schemas(
         )
         == full_request()
     )
+
+
+async def test_the_settings_register_nothing_unless_told_to(
+    schema_registry_url: str, topics: Topics
+) -> None:
+    """Production registries are usually write-protected: the worker's and the client's codec
+    only look schemas up, unless VOICECLONE_SCHEMA_REGISTRY_AUTO_REGISTER says otherwise."""
+    subject = subject_for(topics.requests)
+    looking = ClientSettings(schema_registry_url=schema_registry_url, topics=topics).make_codec()
+    with pytest.raises(EventEncodeError) as caught:
+        await looking.encode(topics.requests, full_request())
+    assert caught.value.reason == EncodeReason.UNKNOWN_SCHEMA
+    assert versions(schema_registry_url, subject) == []
+
+    registering = ClientSettings(
+        schema_registry_url=schema_registry_url, topics=topics, schema_registry_auto_register=True
+    ).make_codec()
+    await registering.encode(topics.requests, full_request())
+    assert versions(schema_registry_url, subject) == [1]
 
 
 def store_with(request_schema: Json) -> SchemaStore:
