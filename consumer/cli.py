@@ -2,23 +2,26 @@
 
 Every setting comes from `VOICECLONE_*` environment variables (see docs/configuration.md); options
 here are only what differs per invocation. Exit codes: 0 done; 1 the request failed
-(clone-failed); 2 usage error; 3 could not run (settings, Kafka, storage, backend); 4 timed out.
+(clone-failed), or the schemas are incompatible (`schemas check`, `schemas register`); 2 usage
+error; 3 could not run (settings, Kafka, schema registry, storage, backend); 4 timed out.
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
 import select
 import sys
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import IntEnum, StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Final, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, NoReturn, TypeVar
 
+import httpx
 import structlog
 import typer
 from aiokafka.errors import KafkaConnectionError, KafkaError
@@ -41,7 +44,11 @@ from producer.kafka_security import explain_connection_failure
 from producer.settings import ClientSettings, LogFormat, LogLevel
 from producer.storage import StorageError
 from producer.transactions import TransactionsFailed
+from schemas.compatibility import Compatibility
 from schemas.events import AudioFormat, AudioReady, CloneFailed, Language, ModelName
+
+if TYPE_CHECKING:  # loaded by the commands that use it: the worker never needs it
+    from schemas import contracts
 
 # Markdown: docstring paragraphs are re-wrapped to the terminal rather than kept line by line.
 app = typer.Typer(
@@ -51,6 +58,11 @@ app = typer.Typer(
 )
 topics_app = typer.Typer(help="Manage the product's Kafka topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
+schemas_app = typer.Typer(
+    help="Register the event schemas in a Schema Registry, and check their compatibility.",
+    no_args_is_help=True,
+)
+app.add_typer(schemas_app, name="schemas")
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -73,6 +85,7 @@ _AGE_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 class Exit(IntEnum):
     OK = 0
     CLONE_FAILED = 1
+    INCOMPATIBLE = 1  # the schemas: the same "the answer is no" as a failed request
     UNAVAILABLE = 3
     TIMEOUT = 4
 
@@ -285,6 +298,115 @@ def topics_create(
         typer.echo(f"{name}: {'created' if name in created else 'exists'}")
 
 
+@schemas_app.command("register")
+def schemas_register(
+    compatibility: Annotated[
+        Compatibility | None,
+        typer.Option(
+            case_sensitive=False,
+            show_default=False,
+            help="Level set on each subject (default: VOICECLONE_SCHEMA_REGISTRY_COMPATIBILITY, "
+            "else BACKWARD).",
+        ),
+    ] = None,
+    log_format: LogFormatOption = None,
+    log_level: LogLevelOption = None,
+) -> None:
+    """Register the event schemas under their topics' subjects (`<topic>-value`) in the registry
+    at VOICECLONE_SCHEMA_REGISTRY_URL and set each subject's compatibility level. Registering
+    again, or after editing only `doc` strings, adds no version."""
+    settings = load_settings(ClientSettings)
+    configure_command_logging(settings, log_format, log_level)
+    url = registry_url(settings)
+    level = compatibility or settings.schema_registry_compatibility
+    done = run_or_exit(_register_schemas(url, settings, level), settings)
+    for registered in done:
+        how = "registered" if registered.new else "already registered"
+        typer.echo(f"{registered.subject}: id {registered.schema_id} ({how}), {level}")
+
+
+@schemas_app.command("check")
+def schemas_check(
+    schemas_dir: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            file_okay=False,
+            show_default=False,
+            help="Folder of the .avsc files to check, its released versions in history/ "
+            "(default: the installed schemas/avro).",
+        ),
+    ] = None,
+    log_format: LogFormatOption = None,
+    log_level: LogLevelOption = None,
+) -> None:
+    """Check the working tree's schemas: against every released version in
+    `schemas/avro/history/` (both ways), and, when VOICECLONE_SCHEMA_REGISTRY_URL is set,
+    against each subject's latest registered version at the subject's level. Exit 1 when
+    incompatible, naming each problem."""
+    from schemas import contracts
+
+    settings = load_settings(ClientSettings)
+    configure_command_logging(settings, log_format, log_level)
+    avro_dir = schemas_dir or contracts.AVRO_DIR
+    problems = contracts.check_history(avro_dir, avro_dir / "history")
+    checked = "released versions"
+    if settings.schema_registry_url:
+        url = settings.schema_registry_url
+        problems += run_or_exit(_check_registry(url, settings, avro_dir), settings)
+        checked += f" and the registry at {url}"
+    for problem in problems:
+        print_error(problem)
+    if problems:
+        raise typer.Exit(Exit.INCOMPATIBLE)
+    typer.echo(f"compatible with the {checked}")
+
+
+def registry_url(settings: ClientSettings) -> str:
+    if not settings.schema_registry_url:
+        fail("no schema registry: set VOICECLONE_SCHEMA_REGISTRY_URL")
+    return settings.schema_registry_url
+
+
+@contextlib.asynccontextmanager
+async def registry_errors(url: str) -> AsyncIterator[None]:
+    """A registry that cannot be reached, or refuses, as one line (exit 3; 1 for a refusal
+    of an incompatible schema)."""
+    from schema_registry.client.errors import ClientError as RegistryClientError
+
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the schema registry at {url}: {describe(exc)}")
+    except RegistryClientError as exc:
+        code = Exit.INCOMPATIBLE if exc.http_code == 409 else Exit.UNAVAILABLE
+        fail(f"schema registry at {url}: {exc.message}: {exc.server_traceback}", code)
+
+
+async def _register_schemas(
+    url: str, settings: ClientSettings, level: Compatibility
+) -> "list[contracts.Registered]":
+    from schema_registry.client import AsyncSchemaRegistryClient
+
+    from schemas import contracts
+
+    async with registry_errors(url):
+        client = AsyncSchemaRegistryClient(url)
+        return await contracts.register(client, contracts.contracts(settings.topics), level)
+
+
+async def _check_registry(url: str, settings: ClientSettings, avro_dir: Path) -> list[str]:
+    from schema_registry.client import AsyncSchemaRegistryClient
+
+    from schemas import contracts
+
+    async with registry_errors(url):
+        client = AsyncSchemaRegistryClient(url)
+        return await contracts.check_registry(
+            client, contracts.contracts(settings.topics, avro_dir)
+        )
+
+
 def main() -> None:
     """The `voiceclone` program: the commands, with bad usage (exit 2) reported in one line like
     every other error, rather than in click's usage box."""
@@ -324,6 +446,8 @@ def configure_command_logging(
         # to set; aiokafka's own lines (one per failed connection attempt) would only bury it.
         # The worker keeps them: its logs go to a collector, not to a person at a prompt.
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+        # The registry client logs each subject it does not find (new ones, to `schemas`).
+        logging.getLogger("schema_registry").setLevel(logging.WARNING)
 
 
 def load_settings(cls: type[SettingsT]) -> SettingsT:

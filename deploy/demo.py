@@ -6,11 +6,12 @@
 
 `run` chooses the model (without `--model`: the official 1.7B weights from the Hugging Face
 cache; else downloaded once when the hub answers; else the synthetic model, with a banner saying
-its audio is noise), creates the product's topics where missing, (re)starts a worker in the
-background (backend `local`, storage in `var/audio`, log in `var/worker.log`), waits until it has
-started, then sends one request with `voiceclone request --wait` and prints its outcome and the
-audio file's path. The worker keeps running for more requests until `stop`. Only this step ever
-downloads weights: the worker itself never does.
+its audio is noise), creates the product's topics where missing, registers the event schemas when
+VOICECLONE_SCHEMA_REGISTRY_URL is set (registry mode: `make run REGISTRY=1`), (re)starts a worker
+in the background (backend `local`, storage in `var/audio`, log in `var/worker.log`), waits until
+it has started, then sends one request with `voiceclone request --wait` and prints its outcome
+and the audio file's path. The worker keeps running for more requests until `stop`. Only this
+step ever downloads weights: the worker itself never does.
 
 Standard library only, so `stop` works without the project's environment; `run` must be started
 with the environment's Python (`uv run python deploy/demo.py run`), which it hands to the worker.
@@ -231,18 +232,25 @@ def fall_back(why: str) -> str:
     return "synthetic"
 
 
-def create_topics(env: dict[str, str]) -> None:
-    """`voiceclone topics create`: the broker makes no topic on first use."""
+def prepare(env: dict[str, str], *args: str, what: str) -> None:
+    """One `voiceclone` command that must succeed before the worker starts."""
     done = subprocess.run(
-        voiceclone("topics", "create"),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+        voiceclone(*args), cwd=ROOT, env=env, capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
-        raise DemoError(f"creating the topics failed:\n{error_line(done.stderr)}")
+        raise DemoError(f"{what} failed:\n{error_line(done.stderr)}")
+
+
+def create_topics(env: dict[str, str]) -> None:
+    """`voiceclone topics create`: the broker makes no topic on first use."""
+    prepare(env, "topics", "create", what="creating the topics")
+
+
+def register_schemas(env: dict[str, str]) -> None:
+    """In registry mode, `voiceclone schemas register`: the worker only looks schemas up."""
+    if env.get("VOICECLONE_SCHEMA_REGISTRY_URL"):
+        prepare(env, "schemas", "register", what="registering the schemas")
+        info(f"registry mode: schemas registered at {env['VOICECLONE_SCHEMA_REGISTRY_URL']}")
 
 
 def start_worker(env: dict[str, str]) -> int:
@@ -404,6 +412,7 @@ def run(args: argparse.Namespace) -> int:
     model = choose_model(args.model)
     env = worker_env(model)
     create_topics(env)
+    register_schemas(env)
     if running_worker() is not None:
         info("restarting the running demo worker")
         stop_worker()

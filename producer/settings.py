@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from producer.caseless import CaseInsensitive
 from producer.storage.settings import StorageSettings
 from schemas.codec import Codec, SchemalessForm, make_codec
+from schemas.compatibility import Compatibility
 from schemas.store import SchemaStore
 from schemas.topics import Topics
 
@@ -266,6 +267,18 @@ class ClientSettings(BaseSettings):
         description="Confluent-compatible Schema Registry URL. Unset: schemaless Avro, each "
         "record naming its writer schema by fingerprint.",
     )
+    schema_registry_auto_register: bool = Field(
+        False,
+        description="Registry mode: register an event schema the registry lacks when first "
+        "writing it. Off: only look it up (`unknown_schema` when absent), as production "
+        "registries are usually write-protected; register with `voiceclone schemas register`.",
+    )
+    schema_registry_compatibility: Annotated[Compatibility, CaseInsensitive()] = Field(
+        Compatibility.BACKWARD,
+        description="The compatibility level `voiceclone schemas register` sets on each "
+        "subject: `BACKWARD`, `BACKWARD_TRANSITIVE`, `FORWARD`, `FORWARD_TRANSITIVE`, `FULL`, "
+        "`FULL_TRANSITIVE` or `NONE`.",
+    )
     schemaless_form: SchemalessForm = Field(
         SchemalessForm.SINGLE_OBJECT,
         description="Schemaless mode: how events are written (both are read). `single_object`: "
@@ -285,4 +298,5 @@ class ClientSettings(BaseSettings):
             self.schema_registry_url,
             form=self.schemaless_form,
             store=SchemaStore.shipped(self.extra_schemas_dir),
+            auto_register=self.schema_registry_auto_register,
         )

@@ -3,11 +3,17 @@
 Wire format: magic byte 0, the schema id as a 4-byte big-endian int, then the Avro binary.
 Subjects follow TopicNameStrategy (`<topic>-value`). Schema ids are cached both ways, so the
 registry is only asked once per subject (encode) and once per id (decode) per process.
+
+Schemas are looked up and registered with `normalize=true`: a registry then compares them in
+canonical form, so a schema whose `doc` strings were edited since it was registered is still
+found under its registered version (without it, Apicurio and Confluent compare the text and a
+lookup-only writer would fail with unknown_schema after a doc-only edit).
 """
 
 import asyncio
+import json
 import struct
-from typing import Final
+from typing import Any, Final
 
 from schema_registry.client import AsyncSchemaRegistryClient
 from schema_registry.client.errors import ClientError
@@ -15,7 +21,7 @@ from schema_registry.client.errors import ClientError
 from schemas.codec import DEFAULT_MAX_VALUE_BYTES, AvroCodec, Encoded, InHeaders
 from schemas.errors import DecodeReason, EncodeReason, EventDecodeError, EventEncodeError
 from schemas.events import Event
-from schemas.store import SchemaStore, WriterSchema
+from schemas.store import RawSchema, SchemaStore, WriterSchema
 from schemas.topics import Topics
 
 MAGIC_BYTE: Final = 0
@@ -40,6 +46,54 @@ def _encode_failure(exc: Exception, topic: str) -> EventEncodeError:
     return EventEncodeError(
         EncodeReason.REGISTRY_UNAVAILABLE, f"schema registry unavailable: {exc!r}", topic=topic
     )
+
+
+def _schema_body(schema: RawSchema) -> dict[str, Any]:
+    return {"schema": json.dumps(schema), "schemaType": AVRO_SCHEMA_TYPE}
+
+
+async def _post_normalized(
+    client: AsyncSchemaRegistryClient, action: str, subject: str, schema: RawSchema
+) -> dict[str, Any] | None:
+    """POST a schema to the subject's `action` endpoint with normalize=true; the JSON answer,
+    or None when the registry says 404 (no such subject, or no such schema under it)."""
+    url, method = client.url_manager.url_for(action, subject=subject)
+    response = await client.request(
+        url, method=method, body=_schema_body(schema), params={"normalize": "true"}
+    )
+    if response.status_code == 404:
+        return None
+    if not response.is_success:
+        raise ClientError(
+            f"{action} {subject}: HTTP {response.status_code}",
+            http_code=response.status_code,
+            server_traceback=response.text,
+        )
+    return response.json()
+
+
+async def lookup_schema(
+    client: AsyncSchemaRegistryClient, subject: str, schema: RawSchema
+) -> int | None:
+    """The id of `schema` (in canonical form) under `subject`, or None if not registered.
+    Raises ClientError or httpx errors when the registry fails."""
+    found = await _post_normalized(client, "check_version", subject, schema)
+    return None if found is None else int(found["id"])
+
+
+async def register_schema(
+    client: AsyncSchemaRegistryClient, subject: str, schema: RawSchema
+) -> tuple[int, bool]:
+    """(id, registered now): `schema` under `subject`, looked up first so that registering
+    again, or after a doc-only edit, adds no version. 409: the subject's compatibility level
+    refuses it."""
+    schema_id = await lookup_schema(client, subject, schema)
+    if schema_id is not None:
+        return schema_id, False
+    registered = await _post_normalized(client, "register", subject, schema)
+    if registered is None:
+        raise ClientError(f"register {subject}: HTTP 404", http_code=404)
+    return int(registered["id"]), True
 
 
 class RegistryCodec(AvroCodec):
@@ -91,21 +145,21 @@ class RegistryCodec(AvroCodec):
 
     async def _schema_id_for(self, topic: str, writer: WriterSchema) -> int:
         subject = subject_for(topic)
-        schema = dict(writer.raw)
         try:
             if self._auto_register:
-                # The client looks the schema up first and only registers when it is new.
-                return await self._client.register(subject, schema)
-            found = await self._client.check_version(subject, schema)
+                schema_id, _ = await register_schema(self._client, subject, writer.raw)
+                return schema_id
+            found = await lookup_schema(self._client, subject, writer.raw)
         except Exception as exc:  # httpx transport errors, ClientError, bad responses
             raise _encode_failure(exc, topic) from exc
         if found is None:
             raise EventEncodeError(
                 EncodeReason.UNKNOWN_SCHEMA,
-                f"schema of {writer.fullname} is not registered under {subject}",
+                f"schema of {writer.fullname} is not registered under {subject} (register it "
+                "with `voiceclone schemas register`)",
                 topic=topic,
             )
-        return found.schema_id
+        return found
 
     async def _fetch_writer(self, topic: str, schema_id: int) -> WriterSchema:
         try:

@@ -5,6 +5,7 @@ pytest_plugins = [
     "tests.fixtures.kafka",
     "tests.fixtures.model",
     "tests.fixtures.prometheus",
+    "tests.fixtures.registry",
     "tests.fixtures.s3",
     "tests.fixtures.seed",
     "tests.fixtures.worker",

@@ -1,10 +1,14 @@
 """How the record handler reads requests in the Schema Registry wire format, through a running
-worker: an unknown language symbol resolves to the schema's default, and a registry outage is
-waited out rather than dead-lettered (the bytes are fine; only the schema lookup failed)."""
+worker on a real registry (Apicurio): twenty requests answered through registered schemas, an
+unknown language symbol resolved to the schema's default, and a registry outage (its process
+stopped) waited out rather than dead-lettered (the bytes are fine; only the schema lookup
+failed), whether it hits reading the request or publishing the outcome.
 
-import asyncio
+The worker registers nothing (VOICECLONE_SCHEMA_REGISTRY_AUTO_REGISTER is off): each test
+registers the product's schemas for its topics first, as `voiceclone schemas register` does.
+The test's producer (`Requests`) registers its own, as an upstream service would."""
+
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +17,12 @@ from schema_registry.client import AsyncSchemaRegistryClient
 
 from consumer.backends import BackendSettings
 from consumer.settings import WorkerSettings
+from schemas import contracts
 from schemas.codec import make_codec
+from schemas.compatibility import Compatibility
 from schemas.events import AudioReady, CloneFailed, ErrorCode, Language
 from schemas.registry import subject_for
+from tests.fixtures.registry import OwnRegistry
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
@@ -24,39 +31,68 @@ from tests.fixtures.worker import (
     clone_request,
     running_worker,
 )
-from tests.schemas.fake_registry import FakeSchemaRegistry
 from tests.schemas.variants import registry_record, shipped, with_symbol
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
+# Long enough for a worker to have tried the stopped registry several times (its decode retry
+# waits 1 s), short enough for the suite.
+OUTAGE_S = 3.0
 
 
-@pytest.fixture
-def schema_registry() -> Iterator[FakeSchemaRegistry]:
-    registry = FakeSchemaRegistry()
-    registry.start()
-    yield registry
-    registry.stop()
-
-
-@pytest.fixture
-def registry_settings(
-    make_worker_settings: WorkerSettingsFactory,
-    seed_server: SeedServer,
-    schema_registry: FakeSchemaRegistry,
+async def registry_settings(
+    make_worker_settings: WorkerSettingsFactory, seed_server: SeedServer, url: str
 ) -> WorkerSettings:
-    return make_worker_settings(
+    """A worker in registry mode at `url`, its topics' schemas registered."""
+    settings = make_worker_settings(
         backend=BackendSettings(kind="http", http={"base_url": seed_server.url}),
-        schema_registry_url=schema_registry.url,
+        schema_registry_url=url,
     )
+    assert not settings.schema_registry_auto_register
+    client = AsyncSchemaRegistryClient(url)
+    await contracts.register(client, contracts.contracts(settings.topics), Compatibility.BACKWARD)
+    return settings
+
+
+@pytest.fixture
+async def shared_settings(
+    make_worker_settings: WorkerSettingsFactory, seed_server: SeedServer, schema_registry_url: str
+) -> WorkerSettings:
+    return await registry_settings(make_worker_settings, seed_server, schema_registry_url)
+
+
+@pytest.fixture
+async def own_settings(
+    make_worker_settings: WorkerSettingsFactory, seed_server: SeedServer, own_registry: OwnRegistry
+) -> WorkerSettings:
+    return await registry_settings(make_worker_settings, seed_server, own_registry.url)
+
+
+async def test_twenty_requests_twenty_audio_ready_through_the_registry(
+    shared_settings: WorkerSettings, voice_uri: str
+) -> None:
+    settings = shared_settings
+    sent = [clone_request(voice_uri) for _ in range(20)]
+    async with (
+        Requests(settings) as requests,
+        Outcomes(settings) as outcomes,  # registry-aware: it decodes by schema id
+        running_worker(settings),
+    ):
+        await requests.send(*sent)
+        await outcomes.wait_for([request.request_id for request in sent], within_s=90)
+
+    assert all(isinstance(outcomes.first(r.request_id), AudioReady) for r in sent)
+    assert outcomes.dead_letters == []
+    assert outcomes.duplicates() == {}
 
 
 async def test_a_language_added_after_this_worker_was_built_is_served_as_auto(
-    registry_settings: WorkerSettings, schema_registry: FakeSchemaRegistry, voice_uri: str
+    shared_settings: WorkerSettings, voice_uri: str
 ) -> None:
-    settings = registry_settings
+    settings = shared_settings
     request = clone_request(voice_uri)
     newer = with_symbol(shipped("clone_request"), "Language", "KLINGON")
-    client = AsyncSchemaRegistryClient(schema_registry.url)
+    assert settings.schema_registry_url is not None
+    client = AsyncSchemaRegistryClient(settings.schema_registry_url)
     schema_id = await client.register(subject_for(settings.topics.requests), copy.deepcopy(newer))
     record: dict[str, Any] = request.to_avro() | {"language": "KLINGON"}
     written = registry_record(schema_id, newer, record)
@@ -76,21 +112,25 @@ async def test_a_language_added_after_this_worker_was_built_is_served_as_auto(
 
 
 async def test_a_registry_outage_is_waited_out_not_dead_lettered(
-    registry_settings: WorkerSettings, schema_registry: FakeSchemaRegistry, voice_uri: str
+    own_settings: WorkerSettings, own_registry: OwnRegistry, voice_uri: str
 ) -> None:
-    settings = registry_settings
+    settings = own_settings
     request = clone_request(voice_uri)
-    written = await make_codec(schema_registry.url).encode(settings.topics.requests, request)
-    schema_registry.fail_with = 503
+    written = await make_codec(own_registry.url).encode(settings.topics.requests, request)
 
     async with (
         Requests(settings) as requests,
         Outcomes(settings) as outcomes,
         running_worker(settings),
     ):
-        await requests.send_raw(written.value, written.headers, key=b"outage")
-        await until(lambda: schema_registry.count("GET", "/schemas/ids/") >= 2)  # retrying
-        schema_registry.fail_with = None
+        own_registry.stop()
+        try:
+            await requests.send_raw(written.value, written.headers, key=b"outage")
+            await outcomes.read_for(OUTAGE_S)  # the worker cannot learn the schema: it waits
+            assert outcomes.by_id == {}
+            assert outcomes.dead_letters == []
+        finally:
+            own_registry.start()
         await outcomes.wait_for([request.request_id])
 
     assert isinstance(outcomes.first(request.request_id), AudioReady)
@@ -98,16 +138,15 @@ async def test_a_registry_outage_is_waited_out_not_dead_lettered(
 
 
 async def test_a_registry_outage_while_publishing_the_outcome_is_waited_out(
-    registry_settings: WorkerSettings,
-    schema_registry: FakeSchemaRegistry,
+    own_settings: WorkerSettings,
+    own_registry: OwnRegistry,
     voice_uri: str,
     reference_root: Path,
 ) -> None:
-    settings = registry_settings
+    settings = own_settings
     first = clone_request(voice_uri)
     # Fails, so its outcome goes to the clone-failed topic, whose schema is not looked up yet.
     failing = clone_request((reference_root / "missing.wav").as_uri())
-    failed_subject = f"/subjects/{subject_for(settings.topics.failed)}"
 
     async with (
         Requests(settings) as requests,
@@ -116,22 +155,17 @@ async def test_a_registry_outage_while_publishing_the_outcome_is_waited_out(
     ):
         await requests.send(first)  # the request schema is now known to the worker
         await outcomes.wait_for([first.request_id])
-        schema_registry.fail_with = 503
-        await requests.send(failing)
-        await until(lambda: schema_registry.count("POST", failed_subject) >= 2)  # retrying
-        schema_registry.fail_with = None
+        own_registry.stop()
+        try:
+            await requests.send(failing)
+            await outcomes.read_for(OUTAGE_S)  # its outcome cannot be encoded: it waits
+            assert failing.request_id not in outcomes.by_id
+            assert outcomes.dead_letters == []
+        finally:
+            own_registry.start()
         await outcomes.wait_for([failing.request_id])
 
     failed = outcomes.first(failing.request_id)
     assert isinstance(failed, CloneFailed)
     assert failed.error_code == ErrorCode.REFERENCE_AUDIO_UNAVAILABLE
     assert outcomes.dead_letters == []
-
-
-async def until(condition: Any, within_s: float = 30.0, step_s: float = 0.05) -> None:
-    """Poll a condition of a server running in another thread (no event to wait on)."""
-    for _ in range(round(within_s / step_s)):
-        if condition():
-            return
-        await asyncio.sleep(step_s)
-    raise AssertionError(f"not true after {within_s} s")

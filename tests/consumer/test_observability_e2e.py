@@ -3,19 +3,23 @@ from the real broker through the http backend; PromQL over Prometheus' API sees 
 counted and timed, the alert rules fire on the dead letter, `/readyz` answers 200, and the
 requests' W3C trace context comes back on their outcome events."""
 
+import asyncio
 import os
 from typing import Any
 
 import httpx
 import pytest
+from schema_registry.client import AsyncSchemaRegistryClient
 
 from consumer.backends import BackendSettings
 from consumer.observability.settings import HttpServerSettings
 from consumer.settings import WorkerSettings
+from schemas import contracts
 from schemas.codec import make_codec
+from schemas.compatibility import Compatibility
 from schemas.events import AudioReady, CloneFailed, ErrorCode
-from tests.consumer.test_handler import schema_registry, until  # noqa: F401 (fixture)
 from tests.fixtures.prometheus import REPO_ROOT, PrometheusServer, StartPrometheus
+from tests.fixtures.registry import OwnRegistry
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
@@ -25,7 +29,6 @@ from tests.fixtures.worker import (
     running_worker,
     scrape_worker,
 )
-from tests.schemas.fake_registry import FakeSchemaRegistry
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -181,15 +184,14 @@ async def assert_request_metrics(
 
 
 async def test_a_registry_outage_is_counted_as_retries_and_readiness_holds(
-    observed_settings: WorkerSettings,
-    schema_registry: FakeSchemaRegistry,  # noqa: F811
-    voice_uri: str,
+    observed_settings: WorkerSettings, own_registry: OwnRegistry, voice_uri: str
 ) -> None:
-    settings = observed_settings.model_copy(update={"schema_registry_url": schema_registry.url})
+    settings = observed_settings.model_copy(update={"schema_registry_url": own_registry.url})
+    client = AsyncSchemaRegistryClient(own_registry.url)
+    await contracts.register(client, contracts.contracts(settings.topics), Compatibility.BACKWARD)
     request = clone_request(voice_uri)
-    written = await make_codec(schema_registry.url).encode(settings.topics.requests, request)
+    written = await make_codec(own_registry.url).encode(settings.topics.requests, request)
     retried = {"name": "voiceclone_retries_total", "reason": "schema_registry"}
-    schema_registry.fail_with = 503
 
     async with (
         Requests(settings) as requests,
@@ -197,11 +199,18 @@ async def test_a_registry_outage_is_counted_as_retries_and_readiness_holds(
         running_worker(settings),
         httpx.AsyncClient() as http,
     ):
-        await requests.send_raw(written.value, written.headers, key=b"outage")
-        await until(lambda: schema_registry.count("GET", "/schemas/ids/") >= 3)
-        during = await scrape_worker(settings)
-        ready_during = await http.get(worker_url(settings, "/readyz"))
-        schema_registry.fail_with = None
+        own_registry.stop()
+        try:
+            await requests.send_raw(written.value, written.headers, key=b"outage")
+            during = await scrape_worker(settings)
+            for _ in range(300):  # the worker retries once a second: 2 retries within 30 s
+                if during.value(**retried) >= 2:
+                    break
+                await asyncio.sleep(0.1)
+                during = await scrape_worker(settings)
+            ready_during = await http.get(worker_url(settings, "/readyz"))
+        finally:
+            own_registry.start()
         await outcomes.wait_for([request.request_id])
         after = await scrape_worker(settings)
 

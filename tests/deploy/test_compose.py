@@ -47,9 +47,11 @@ def seconds(duration: str) -> float:
 def test_the_stack_has_every_part(compose_config: dict[str, Any]) -> None:
     assert set(compose_config["services"]) == {
         "kafka",
+        "schema-registry",
         "minio",
         "minio-init",
         "topics",
+        "schemas",
         "worker",
         "prometheus",
         "grafana",
@@ -69,8 +71,21 @@ def test_topics_are_created_before_the_worker_starts(compose_config: dict[str, A
     }
     assert worker_needs == {
         "topics": "service_completed_successfully",
+        "schemas": "service_completed_successfully",
         "minio-init": "service_completed_successfully",
     }
+
+
+def test_the_worker_runs_in_registry_mode_on_registered_schemas(
+    compose_config: dict[str, Any],
+) -> None:
+    services = compose_config["services"]
+    assert services["schemas"]["command"] == ["schemas", "register"]
+    assert services["schemas"]["depends_on"]["schema-registry"]["condition"] == "service_healthy"
+    url = "http://schema-registry:8080/apis/ccompat/v7"
+    for name in ("schemas", "worker"):
+        assert services[name]["environment"]["VOICECLONE_SCHEMA_REGISTRY_URL"] == url
+    assert services["schema-registry"]["image"].endswith(":2.6.13.Final")
 
 
 def test_every_bind_mount_exists_in_the_repository(compose_config: dict[str, Any]) -> None:

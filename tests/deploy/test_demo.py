@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 from types import ModuleType
 
+import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -44,3 +45,17 @@ async def test_the_demo_creates_the_topics_of_its_worker(kafka_bootstrap: str) -
         await admin.delete_topics(list(names.values()))
     finally:
         await admin.close()
+
+
+def test_the_demo_in_registry_mode_registers_the_schemas(schema_registry_url: str) -> None:
+    """`make run REGISTRY=1`: the worker only looks schemas up, so the demo registers them."""
+    demo = load_demo_module()
+    run = uuid.uuid4().hex[:8]
+    topic = f"demo-{run}-ready"
+    env = demo.worker_env(None) | {
+        "VOICECLONE_SCHEMA_REGISTRY_URL": schema_registry_url,
+        "VOICECLONE_TOPICS__AUDIO_READY": topic,
+    }
+    demo.register_schemas(env)
+
+    assert httpx.get(f"{schema_registry_url}/subjects/{topic}-value/versions").json() == [1]

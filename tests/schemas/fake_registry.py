@@ -1,10 +1,13 @@
-"""A small in-process Confluent Schema Registry for tests.
+"""A small in-process Confluent Schema Registry, kept only for what a real one cannot be made to do.
 
-No real registry runs here (Confluent's image and Karapace are out of reach), so this serves
-the subset of the REST API that AsyncSchemaRegistryClient uses, over real HTTP on 127.0.0.1:
-the client's code path stays real. Like Confluent, identical schemas get one global id, and
-re-registering a schema under a subject returns its existing id. It runs in its own thread,
-so it works from any event loop and from synchronous code.
+The registry tests run against a real Apicurio Registry (tests/fixtures/registry.py). This fake
+stays for two things Apicurio cannot produce on demand: answering any HTTP status asked of it
+(`fail_with`: a 503 from a registry that is up, a 409 for any schema), and counting the
+requests a codec makes (`count`: one round trip per subject and per id). It serves the subset of
+the REST API that AsyncSchemaRegistryClient uses, over real HTTP on 127.0.0.1, so the client's
+code path stays real. Like Confluent, identical schemas get one global id, and re-registering a
+schema under a subject returns its existing id. It runs in its own thread, so it works from any
+event loop and from synchronous code.
 """
 
 import json

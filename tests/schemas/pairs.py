@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from schemas.codec import Codec, make_codec
 from schemas.store import SchemaStore
 from schemas.topics import Topics
-from tests.schemas.fake_registry import FakeSchemaRegistry
 
 MODES = ["schemaless", "registry"]
 
@@ -17,9 +16,8 @@ class CodecPair:
     mode: str
     writer: Codec
     reader: Codec
-    registry: FakeSchemaRegistry | None  # set in registry mode
+    registry_url: str | None  # set in registry mode
 
     def make(self, store: SchemaStore | None = None, **options: int) -> Codec:
         """Another codec of this pair's mode (e.g. with an extended store)."""
-        url = self.registry.url if self.registry is not None else None
-        return make_codec(url, topics=Topics(), store=store, **options)
+        return make_codec(self.registry_url, topics=Topics(), store=store, **options)

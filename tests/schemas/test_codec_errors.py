@@ -2,6 +2,7 @@
 
 import io
 import os
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -250,11 +251,11 @@ async def test_fingerprint_of_another_event_type() -> None:
     assert error.reason == DecodeReason.WRONG_TYPE
 
 
-# -- registry framing -------------------------------------------------------------------------
+# -- registry framing (on the real registry; the fake only where a fault must be injected) ----
 
 
-async def test_wrong_magic_byte(registry: FakeSchemaRegistry) -> None:
-    codec = make_codec(registry.url, topics=TOPICS)
+async def test_wrong_magic_byte(schema_registry_url: str) -> None:
+    codec = make_codec(schema_registry_url, topics=TOPICS)
     encoded = await codec.encode(REQUESTS, full_request())
     for magic in (1, 0x7F, 0xFF):
         error = await _decode_error(codec, bytes([magic]) + encoded.value[1:], encoded.headers)
@@ -262,32 +263,33 @@ async def test_wrong_magic_byte(registry: FakeSchemaRegistry) -> None:
 
 
 @pytest.mark.parametrize("value", [b"\x00", b"\x00\x00\x00\x00\x01"])
-async def test_too_short_for_wire_format(registry: FakeSchemaRegistry, value: bytes) -> None:
-    error = await _decode_error(make_codec(registry.url, topics=TOPICS), value, [])
+async def test_too_short_for_wire_format(schema_registry_url: str, value: bytes) -> None:
+    error = await _decode_error(make_codec(schema_registry_url, topics=TOPICS), value, [])
     assert error.reason == DecodeReason.CORRUPT
 
 
-async def test_unknown_schema_id(registry: FakeSchemaRegistry) -> None:
-    codec = make_codec(registry.url, topics=TOPICS)
+async def test_unknown_schema_id(schema_registry_url: str) -> None:
+    codec = make_codec(schema_registry_url, topics=TOPICS)
     encoded = await codec.encode(REQUESTS, full_request())
-    value = b"\x00" + (999).to_bytes(4, "big") + encoded.value[5:]
+    value = b"\x00" + (2**31 - 5).to_bytes(4, "big") + encoded.value[5:]
     error = await _decode_error(codec, value, encoded.headers)
     assert error.reason == DecodeReason.UNKNOWN_SCHEMA
     assert not error.retryable
 
 
-async def test_schema_id_of_a_non_event_schema(registry: FakeSchemaRegistry) -> None:
+async def test_schema_id_of_a_non_event_schema(schema_registry_url: str) -> None:
     from schema_registry.client import AsyncSchemaRegistryClient
 
-    client = AsyncSchemaRegistryClient(registry.url)
+    client = AsyncSchemaRegistryClient(schema_registry_url)
     other = {"type": "record", "name": "Other", "fields": [{"name": "x", "type": "long"}]}
-    schema_id = await client.register("elsewhere-value", other)
+    schema_id = await client.register(f"elsewhere-{uuid.uuid4().hex}-value", other)
     value = b"\x00" + schema_id.to_bytes(4, "big") + b"\x02"
-    error = await _decode_error(make_codec(registry.url, topics=TOPICS), value, [])
+    error = await _decode_error(make_codec(schema_registry_url, topics=TOPICS), value, [])
     assert error.reason == DecodeReason.WRONG_TYPE
 
 
 async def test_registry_outage_is_retryable(registry: FakeSchemaRegistry) -> None:
+    """A 503 from a registry that is up: only the fake can answer that on demand."""
     encoded = await make_codec(registry.url, topics=TOPICS).encode(REQUESTS, full_request())
     registry.fail_with = 503
     decode_error = await _decode_error(make_codec(registry.url, topics=TOPICS), encoded.value, [])
@@ -309,19 +311,13 @@ async def test_registry_down_is_retryable() -> None:
 
 
 async def test_registry_rejecting_the_schema_is_not_retryable(registry: FakeSchemaRegistry) -> None:
+    """Any schema refused: the fake's injected 409 (the real refusal is in
+    test_registry_apicurio.py::test_evolution_through_registered_versions_both_ways)."""
     registry.fail_with = 409  # what a registry says to an incompatible schema
     with pytest.raises(EventEncodeError) as caught:
         await make_codec(registry.url, topics=TOPICS).encode(REQUESTS, full_request())
     assert caught.value.reason == EncodeReason.SCHEMA_REJECTED
     assert not caught.value.retryable
-
-
-async def test_lookup_only_mode_with_unregistered_schema(registry: FakeSchemaRegistry) -> None:
-    codec = make_codec(registry.url, topics=TOPICS, auto_register=False)
-    with pytest.raises(EventEncodeError) as caught:
-        await codec.encode(REQUESTS, full_request())
-    assert caught.value.reason == EncodeReason.UNKNOWN_SCHEMA
-    assert registry.schemas == {}
 
 
 # -- encoding ---------------------------------------------------------------------------------

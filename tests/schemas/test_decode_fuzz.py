@@ -19,7 +19,6 @@ from schemas.events import EVENT_TYPES, Event, event_types_by_topic
 from schemas.registry import subject_for
 from schemas.store import SchemaStore
 from schemas.topics import Topics
-from tests.schemas.fake_registry import FakeSchemaRegistry
 from tests.schemas.samples import SAMPLES
 from tests.schemas.variants import schemaless_record, shipped, single_object_record
 
@@ -119,14 +118,15 @@ def schemaless() -> Codec:
 
 
 @pytest.fixture
-async def registered(registry: FakeSchemaRegistry) -> tuple[Codec, dict[str, int]]:
-    """A registry codec, and the schema id of each topic's schema (registered up front)."""
-    client = AsyncSchemaRegistryClient(registry.url)
+async def registered(schema_registry_url: str) -> tuple[Codec, dict[str, int]]:
+    """A registry codec on the real registry, and the schema id of each topic's schema
+    (registered up front)."""
+    client = AsyncSchemaRegistryClient(schema_registry_url)
     ids = {}
     for field, stem in STEMS.items():
         topic = getattr(TOPICS, field)
         ids[topic] = await client.register(subject_for(topic), shipped(stem))
-    return make_codec(registry.url, topics=TOPICS), ids
+    return make_codec(schema_registry_url, topics=TOPICS), ids
 
 
 async def decode_or_typed_error(

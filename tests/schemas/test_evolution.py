@@ -125,9 +125,9 @@ OLDER_EXPECTED = minimal_request().model_copy(update={"language": Language.JAPAN
 
 async def _write(codecs: CodecPair, topic: str, schema: Json, record: dict[str, Any]) -> Encoded:
     """Bytes a producer on another schema version would have sent, in the pair's format."""
-    if codecs.registry is None:
+    if codecs.registry_url is None:
         return schemaless_record(schema, record)
-    client = AsyncSchemaRegistryClient(codecs.registry.url)
+    client = AsyncSchemaRegistryClient(codecs.registry_url)
     schema_id = await client.register(subject_for(topic), copy.deepcopy(schema))
     return registry_record(schema_id, schema, record)
 
@@ -135,7 +135,7 @@ async def _write(codecs: CodecPair, topic: str, schema: Json, record: dict[str, 
 def _reader_knowing(codecs: CodecPair, *schemas: Json) -> Codec:
     """A reader codec that can know `schemas`: from the registry, or (schemaless) because
     they were shipped to it, i.e. are in its store."""
-    if codecs.registry is not None:
+    if codecs.registry_url is not None:
         return codecs.reader
     store = SchemaStore.shipped()
     for schema in schemas:
