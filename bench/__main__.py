@@ -1,6 +1,6 @@
 """`python -m bench`: run the benchmarks against a broker, print the table, write the JSON.
 
-uv run --frozen python -m bench                      # all five, about 5 minutes
+uv run --frozen python -m bench                      # all five, about 7 minutes
 uv run --frozen python -m bench --quick              # small sizes, about 30 s
 uv run --frozen python -m bench --only latency,memory
 uv run --frozen python -m bench --table bench/results/latest.json   # table of a past run
@@ -51,7 +51,7 @@ SCENARIOS: dict[str, tuple[Scenario, Any, Any]] = {
     "soak": (
         scenarios.soak,
         scenarios.SoakParams(),
-        scenarios.SoakParams(requests=600, checkpoints=(200, 600), window=200),
+        scenarios.SoakParams(requests=600, checkpoints=(200, 600), window=200, rate_per_s=200),
     ),
 }
 
