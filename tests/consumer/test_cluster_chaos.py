@@ -39,7 +39,7 @@ from tests.fixtures.worker import Outcomes, Requests, clone_request
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-REQUESTS = 400
+REQUESTS = 600
 SEND_INTERVAL_S = 0.05  # the stream lasts through the faults
 NODE_DOWN_S = 3.0  # under load with a node down, before it is brought back
 PARTITIONS = 6
