@@ -9,19 +9,30 @@ reader under `exactly_once`, identical repeats at most under `at_least_once`, ev
 downloadable with its sha256, group lag 0), and every outcome sits on a topic with three
 replicas and min.insync.replicas=2, written by the worker's acks=all producer: with one node down
 at a time, no outcome is acknowledged before two replicas hold it. The test prints its counts.
+
+That the publisher never has an outcome written with fewer replicas in sync than required is
+checked on its own: on a partition with two replicas, one killed, a publish writes nothing and
+waits until the replica is back.
 """
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import NewTopic
 
 from consumer.settings import ProcessingGuarantee, WorkerSettings
 from producer.admin import create_topics
+from producer.publisher import OutcomePublisher
 from producer.settings import KafkaSettings
-from schemas.events import CloneRequest
+from schemas.codec import make_codec
+from schemas.events import CloneFailed, CloneRequest, ErrorCode
+from schemas.topics import Topics
 from tests.fixtures.chaos import (
     Counts,
     Slot,
@@ -153,3 +164,58 @@ async def test_cluster_chaos(
     assert counts.lost == 0
     await check_outcomes(settings, outcomes, ids, tmp_path)
     await check_replication(own_cluster, settings)
+
+
+async def end_offset(bootstrap: str, topic: str) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        return (await consumer.end_offsets([tp]))[tp]
+    finally:
+        await consumer.stop()
+
+
+async def test_an_outcome_waits_while_too_few_replicas_are_in_sync(own_cluster: OwnCluster) -> None:
+    """The worker's publisher (acks=all) on a partition with two replicas, one of them killed:
+    with one in sync where two are required, nothing is written and the publish waits; once
+    the replica is back, the outcome is written, once."""
+    run = uuid.uuid4().hex[:8]
+    names = {kind: f"isr-{kind}-{run}" for kind in ("requests", "ready", "failed", "cancel", "dlq")}
+    topics = Topics(
+        requests=names["requests"],
+        audio_ready=names["ready"],
+        failed=names["failed"],
+        cancel=names["cancel"],
+        dlq=names["dlq"],
+    )
+    replicas, lost = [1, 2], 2
+    async with own_cluster.admin() as admin:
+        await admin.create_topics([NewTopic(topics.failed, -1, -1, {0: replicas})])
+    await own_cluster.wait_in_sync()
+    bootstrap = own_cluster.bootstrap
+    publisher = OutcomePublisher(
+        KafkaSettings(bootstrap_servers=bootstrap), topics, make_codec(None), ack_timeout_seconds=2
+    )
+    outcome = CloneFailed(
+        request_id=run,
+        tenant_id="tenant-a",
+        error_code=ErrorCode.INFERENCE_FAILED,
+        message="a test outcome",
+        retryable=False,
+        attempts=1,
+        failed_at=datetime.now(UTC),
+    )
+    await publisher.start()
+    try:
+        await asyncio.to_thread(own_cluster.kill, lost)
+        await own_cluster.wait_for_isr(topics.failed, set(replicas) - {lost})
+        publishing = asyncio.create_task(publisher.publish(outcome))
+        await asyncio.sleep(NODE_DOWN_S * 2)
+        assert not publishing.done()
+        assert await end_offset(bootstrap, topics.failed) == 0
+        await asyncio.to_thread(own_cluster.start)
+        await asyncio.wait_for(publishing, 60)
+    finally:
+        await publisher.stop()
+    assert await end_offset(bootstrap, topics.failed) == 1
