@@ -1,6 +1,6 @@
 """`python -m bench`: run the benchmarks against a broker, print the table, write the JSON.
 
-uv run --frozen python -m bench                      # all four, about 3 minutes
+uv run --frozen python -m bench                      # all five, about 7 minutes
 uv run --frozen python -m bench --quick              # small sizes, about 30 s
 uv run --frozen python -m bench --only latency,memory
 uv run --frozen python -m bench --table bench/results/latest.json   # table of a past run
@@ -48,6 +48,11 @@ SCENARIOS: dict[str, tuple[Scenario, Any, Any]] = {
         scenarios.LatencyParams(requests=200, warmup_requests=20),
     ),
     "memory": (scenarios.memory, scenarios.MemoryParams(), scenarios.MemoryParams(in_flight=4)),
+    "soak": (
+        scenarios.soak,
+        scenarios.SoakParams(),
+        scenarios.SoakParams(requests=600, checkpoints=(200, 600), window=200, rate_per_s=200),
+    ),
 }
 
 

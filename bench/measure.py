@@ -35,6 +35,11 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def open_fds() -> int:
+    """File descriptors this process holds open now (Linux: /proc/self/fd)."""
+    return len(list(Path("/proc/self/fd").iterdir())) - 1  # less the one listing the folder
+
+
 def load_average() -> list[float]:
     """1, 5 and 15 minute load averages: how busy the shared machine was."""
     return [round(load, 2) for load in os.getloadavg()]

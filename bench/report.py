@@ -129,9 +129,29 @@ def _memory(r: dict[str, Any]) -> Row:
     )
 
 
+def _soak(r: dict[str, Any]) -> Row:
+    first, last = r["points"][0], r["points"][-1]
+
+    def at(point: dict[str, Any]) -> str:
+        return (
+            f"{point['requests']:,}: {point['rss_mb']:.0f} MB RSS, {point['open_fds']} fds, "
+            f"{point['tasks']} tasks, p50 {point['p50_ms']:.1f} / p99 {point['p99_ms']:.1f} ms"
+        )
+
+    p = r["params"]
+    return (
+        f"5. Soak: {p['requests']:,} requests at {p['rate_per_s']:.0f}/s through one worker",
+        f"**{r['rss_growth']:+.1%}** RSS from {first['requests']:,} to {last['requests']:,} "
+        f"requests ({at(first)}; {at(last)})",
+        f"growth < {p['target_rss_growth']:.0%}",
+        _met(r["met"]),
+    )
+
+
 _ROWS: dict[str, Callable[[dict[str, Any]], Row]] = {
     "relay_overhead": _overhead,
     "concurrency": _concurrency,
     "latency": _latency,
     "memory": _memory,
+    "soak": _soak,
 }

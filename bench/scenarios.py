@@ -1,4 +1,4 @@
-"""The four benchmarks. Each takes its parameters and returns a JSON-ready dict of results.
+"""The five benchmarks. Each takes its parameters and returns a JSON-ready dict of results.
 
 Every run gets fresh topics and a fresh consumer group, and the worker is `serve()` itself
 (bench/harness.py) with a fixture backend (bench/backends.py).
@@ -29,7 +29,7 @@ from bench.kafka import (
     request_producer,
     while_running,
 )
-from bench.measure import median, percentile, rss_bytes
+from bench.measure import median, open_fds, percentile, rss_bytes
 from bench.relay import running_relay
 from bench.workload import (
     Reference,
@@ -442,3 +442,76 @@ def _short(filename: str) -> str:
         if filename.startswith(root):
             return filename.removeprefix(root)
     return filename
+
+
+# -- 5. soak --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SoakParams:
+    requests: int = 20_000
+    checkpoints: tuple[int, ...] = (1_000, 5_000, 10_000, 20_000)
+    window: int = 1_000  # each checkpoint's latencies: of the requests just before it
+    # Well below the worker's throughput on a busy 2-core machine: latency then shows the
+    # worker, not a backlog.
+    rate_per_s: float = 100.0
+    latency_seconds: float = 0.001
+    max_in_flight: int = 16
+    partitions: int = 8
+    target_rss_growth: float = 0.10
+
+
+async def soak(env: Env, params: SoakParams) -> dict[str, Any]:
+    """One worker, many requests at a steady rate through a fast backend double; at each
+    checkpoint (all requests so far answered) the process's resident memory, open file
+    descriptors, asyncio tasks and the latency (send to outcome) of the last `window` requests.
+
+    The worker runs in this process, so the figures include the harness (its producer and
+    reader, the encoded requests made up front); what it notes per request (send and arrival
+    times, the double's call times) is dropped at each checkpoint, so growth is the worker's."""
+    reference = env.small_reference()
+    backend = FixedLatencyBackend(params.latency_seconds)
+    async with fresh_topics(env.bootstrap, params.partitions) as topics:
+        messages = await request_messages(env.codec, topics.requests, [reference], params.requests)
+        producer = request_producer(env.bootstrap)
+        await producer.start()
+        clock = ArrivalClock(env.bootstrap, [topics.audio_ready, topics.failed])
+        points = []
+        try:
+            async with clock, _runner(env, WORKER, topics, params.max_in_flight, backend) as runner:
+                done = 0
+                for checkpoint in params.checkpoints:
+                    batch = messages[done:checkpoint]
+                    sent = await _send_and_wait(
+                        producer, topics.requests, batch, clock, runner, params.rate_per_s
+                    )
+                    done = checkpoint
+                    points.append(_soak_point(checkpoint, sent, clock, params.window))
+                    clock.arrived.clear()
+                    backend.call_starts.clear()
+        finally:
+            await producer.stop()
+        outcomes = await _outcomes(env, topics, set(), timings=False)
+    growth = points[-1]["rss_mb"] / points[0]["rss_mb"] - 1
+    return {
+        "params": asdict(params),
+        "points": points,
+        "rss_growth": growth,
+        "failed": outcomes["failed"],
+        "met": growth < params.target_rss_growth,
+    }
+
+
+def _soak_point(
+    requests: int, sent: dict[bytes, float], clock: ArrivalClock, window: int
+) -> dict[str, Any]:
+    recent = list(sent.items())[-window:]
+    latencies = [(clock.arrived[key] - at) * 1000 for key, at in recent]
+    gc.collect()
+    return {
+        "requests": requests,
+        "rss_mb": rss_bytes() / _MB,
+        "open_fds": open_fds(),
+        "tasks": len(asyncio.all_tasks()),
+        **_summary(latencies),
+    }

@@ -10,12 +10,20 @@ data, logs, pid and state files all live in one cache dir: $VOICECLONE_KAFKA_HOM
     broker.py status     # exit 0 running, 1 running but not answering, 3 stopped
     broker.py bootstrap  # just HOST:PORT (exit 3 when stopped)
     broker.py client-env # VOICECLONE_KAFKA__* lines for a client of the SASL_SSL listener
-    broker.py stop       # SIGTERM, then SIGKILL after --timeout
+    broker.py stop       # SIGTERM, then SIGKILL after --timeout (--kill: SIGKILL at once)
     broker.py tool NAME [ARGS...]  # one of Kafka's CLI tools, e.g. kafka-topics --list
 
 `start --sasl-ssl` adds a SASL_SSL listener (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512; TLS client
 certificates required) next to the plain one, with a throwaway CA, certificates and a password
 made once under <home>/security with the openssl command.
+
+`start --nodes 3` starts a local cluster instead: three combined broker+controller nodes, a
+static KRaft quorum of all three, each node in its own folder <home>/node-N (config, data, logs,
+pid, state; the jars shared from <home>/libs) on ports of its own; replication factor 3 and
+min.insync.replicas=2 for every topic, Kafka's internal ones included. The home remembers its
+node count (cluster.json), so the other commands act on every node: `start` again brings back
+any node that is down, `stop --node N` stops one (`--kill`: SIGKILL at once, as a crash), and
+`bootstrap` prints every node's address, comma-separated.
 
 `tool` runs Kafka's own command-line tools (TOOLS below, named as Kafka's bin/ scripts) from the
 same jars, with `--bootstrap-server` set to the running broker unless given.
@@ -28,6 +36,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -177,6 +186,15 @@ class Layout:
         return self.home / ".lock"
 
     @property
+    def cluster_file(self) -> Path:
+        """Present in a cluster's home: its node count."""
+        return self.home / "cluster.json"
+
+    def node(self, node_id: int) -> Layout:
+        """The home of one node of a cluster; its libs/ is a link to the cluster's."""
+        return Layout(self.home / f"node-{node_id}")
+
+    @property
     def security(self) -> Path:
         """The SASL_SSL listener's throwaway CA, certificates, keys and password."""
         return self.home / "security"
@@ -190,6 +208,22 @@ class Layout:
     @property
     def sasl_password(self) -> Path:
         return self.security / "sasl-password"
+
+
+@dataclass(frozen=True)
+class Quorum:
+    """Where a node stands among the controllers: one standalone node (no voters), or one of a
+    static quorum of every node of a cluster."""
+
+    node_id: int = NODE_ID
+    voters: tuple[tuple[int, int], ...] = ()  # (node id, controller port) of each node
+
+    @property
+    def size(self) -> int:
+        return max(len(self.voters), 1)
+
+
+STANDALONE = Quorum()
 
 
 @dataclass(frozen=True)
@@ -387,11 +421,17 @@ def terminate(pid: int, layout: Layout, timeout: float) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     if not wait_for_exit(pid, layout, timeout):
-        info(f"pid {pid} ignored SIGTERM for {timeout:.0f}s; sending SIGKILL")
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        if not wait_for_exit(pid, layout, 10):
-            raise BrokerError(f"pid {pid} survived SIGKILL")
+        info(f"pid {pid} did not stop within {timeout:.0f}s of SIGTERM; sending SIGKILL")
+        kill(pid, layout)
+    layout.pid_file.unlink(missing_ok=True)
+
+
+def kill(pid: int, layout: Layout) -> None:
+    """SIGKILL: the broker dies as in a crash, with no chance to hand anything over."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if not wait_for_exit(pid, layout, 10):
+        raise BrokerError(f"pid {pid} survived SIGKILL")
     layout.pid_file.unlink(missing_ok=True)
 
 
@@ -481,8 +521,38 @@ def choose_port(explicit: int | None, preferred: int | None, name: str) -> int:
     return free_port()
 
 
+def replication(nodes: int) -> dict[str, object]:
+    """Replication of every topic, the internal ones included: on every node, and a write
+    (acks=all) needs all but one of them in sync. One node makes do with one replica, or the
+    group, transaction and share coordinators never load; a cluster spreads the coordinators'
+    partitions over its nodes."""
+    min_isr = max(nodes - 1, 1)
+    return {
+        "default.replication.factor": nodes,
+        "min.insync.replicas": min_isr,
+        "offsets.topic.replication.factor": nodes,
+        "offsets.topic.num.partitions": nodes,
+        "transaction.state.log.replication.factor": nodes,
+        "transaction.state.log.min.isr": min_isr,
+        "transaction.state.log.num.partitions": nodes,
+        "share.coordinator.state.topic.replication.factor": nodes,
+        "share.coordinator.state.topic.min.isr": min_isr,
+    }
+
+
+def quorum_properties(quorum: Quorum, controller_port: int) -> dict[str, object]:
+    if not quorum.voters:
+        return {"controller.quorum.bootstrap.servers": f"{HOST}:{controller_port}"}
+    voters = ",".join(f"{node_id}@{HOST}:{port}" for node_id, port in quorum.voters)
+    return {"controller.quorum.voters": voters}
+
+
 def server_properties(
-    layout: Layout, port: int, controller_port: int, sasl_ssl_port: int | None = None
+    layout: Layout,
+    port: int,
+    controller_port: int,
+    sasl_ssl_port: int | None = None,
+    quorum: Quorum = STANDALONE,
 ) -> str:
     listeners = f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}"
     protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
@@ -491,25 +561,15 @@ def server_properties(
         protocols += ",SASL_SSL:SASL_SSL"
     props: dict[str, object] = {
         "process.roles": "broker,controller",
-        "node.id": NODE_ID,
-        "controller.quorum.bootstrap.servers": f"{HOST}:{controller_port}",
+        "node.id": quorum.node_id,
+        **quorum_properties(quorum, controller_port),
         "listeners": listeners,
         "advertised.listeners": listeners,
         "inter.broker.listener.name": "PLAINTEXT",
         "controller.listener.names": "CONTROLLER",
         "listener.security.protocol.map": protocols,
         "log.dirs": layout.data,
-        # One node: every internal topic must make do with a single replica, or the group,
-        # transaction (idempotent/transactional producers) and share coordinators never load.
-        "default.replication.factor": 1,
-        "min.insync.replicas": 1,
-        "offsets.topic.replication.factor": 1,
-        "offsets.topic.num.partitions": 1,
-        "transaction.state.log.replication.factor": 1,
-        "transaction.state.log.min.isr": 1,
-        "transaction.state.log.num.partitions": 1,
-        "share.coordinator.state.topic.replication.factor": 1,
-        "share.coordinator.state.topic.min.isr": 1,
+        **replication(quorum.size),
         # Dev/test convenience: no 3 s wait before the first rebalance.
         "group.initial.rebalance.delay.ms": 0,
         # As in the compose stack: a record sent to a misspelt topic fails, rather than
@@ -518,7 +578,8 @@ def server_properties(
         "delete.topic.enable": "true",
         "num.partitions": 3,
         # After a crash the controller refuses the restarted broker until the old registration's
-        # session expires: 4 s here instead of the default 9 s.
+        # session expires, and a cluster moves a dead node's leaderships only then: 4 s here
+        # instead of the default 9 s.
         "broker.session.timeout.ms": 4000,
         "broker.heartbeat.interval.ms": 1000,
         # A small machine: fewer threads than the server defaults.
@@ -579,19 +640,37 @@ def prepare_storage(
     SCRAM credentials are wanted that it lacks (KRaft takes them at format time).
     Returns the cluster id and whether the storage holds the SCRAM credentials.
     """
-    formatted = (layout.data / "meta.properties").is_file()
-    reusable = formatted and not fresh and previous is not None and previous.version == version
+    reusable = not fresh and storage_reusable(layout, previous, version)
     if reusable and previous is not None and (scram_password is None or previous.scram):
         return previous.cluster_id, previous.scram
-    shutil.rmtree(layout.data, ignore_errors=True)
     cluster_id = new_cluster_id()
+    format_storage(layout, java, cluster_id, STANDALONE, scram_password)
+    return cluster_id, scram_password is not None
+
+
+def storage_reusable(layout: Layout, previous: State | None, version: str) -> bool:
+    """Formatted by this Kafka version (formats are not forward-compatible)."""
+    formatted = (layout.data / "meta.properties").is_file()
+    return formatted and previous is not None and previous.version == version
+
+
+def format_storage(
+    layout: Layout,
+    java: str,
+    cluster_id: str,
+    quorum: Quorum,
+    scram_password: str | None = None,
+) -> None:
+    """Wipe the data dir and format it for `cluster_id`: a standalone node makes itself the only
+    voter; a cluster's nodes take theirs from controller.quorum.voters."""
+    shutil.rmtree(layout.data, ignore_errors=True)
     started = time.monotonic()
     cmd = java_command(
         layout,
         java,
         "kafka.tools.StorageTool",
         "format",
-        "--standalone",
+        *(() if quorum.voters else ("--standalone",)),
         "--config",
         str(layout.server_properties),
         "--cluster-id",
@@ -605,7 +684,6 @@ def prepare_storage(
     info(
         f"formatted fresh KRaft storage (cluster {cluster_id}) in {time.monotonic() - started:.1f}s"
     )
-    return cluster_id, scram_password is not None
 
 
 # --- the SASL_SSL listener: throwaway TLS material and credentials --------------------------------
@@ -725,16 +803,23 @@ def launch(layout: Layout, args: argparse.Namespace, version: str) -> State:
         args.controller_port, previous.controller_port if previous else None, "controller"
     )
     sasl_ssl_port, new_password = sasl_ssl_listener(layout, args, previous)
-    for directory in (layout.logs, layout.server_properties.parent):
-        directory.mkdir(parents=True, exist_ok=True)
-    layout.log4j_config.write_text(LOG4J2_XML)
-    properties = server_properties(layout, port, controller_port, sasl_ssl_port)
-    write_private(layout.server_properties, properties)  # may hold the listener's key
+    configure(layout, server_properties(layout, port, controller_port, sasl_ssl_port))
     scram_password = sasl_password(layout) if sasl_ssl_port is not None else None
     fresh = args.fresh or new_password
     cluster_id, scram = prepare_storage(layout, java, previous, version, fresh, scram_password)
+    state = State(0, port, controller_port, version, cluster_id, sasl_ssl_port, scram)
+    return await_ready(layout, *spawn(layout, java, state), args.timeout)
 
-    started = time.monotonic()
+
+def configure(layout: Layout, properties: str) -> None:
+    for directory in (layout.logs, layout.server_properties.parent):
+        directory.mkdir(parents=True, exist_ok=True)
+    layout.log4j_config.write_text(LOG4J2_XML)
+    write_private(layout.server_properties, properties)  # may hold the listener's key
+
+
+def spawn(layout: Layout, java: str, state: State) -> tuple[subprocess.Popen[bytes], State, int]:
+    """Daemonise the configured broker: (its process, its state, where its log began)."""
     log_offset = file_size(layout.server_log)
     with open(layout.stdout_log, "wb") as out:
         # A new session: no controlling terminal, no SIGINT/SIGHUP from the starter's shell,
@@ -747,17 +832,30 @@ def launch(layout: Layout, args: argparse.Namespace, version: str) -> State:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    state = State(proc.pid, port, controller_port, version, cluster_id, sasl_ssl_port, scram)
+    state = dataclasses.replace(state, pid=proc.pid)
     write_state(layout, state)  # Before waiting, so `stop` can find a broker that hangs.
+    return proc, state, log_offset
+
+
+def await_ready(
+    layout: Layout,
+    proc: subprocess.Popen[bytes],
+    state: State,
+    log_offset: int,
+    timeout: float,
+    started: float | None = None,
+) -> State:
+    """Wait until the spawned broker serves clients; stop it and say why if it does not."""
+    started = time.monotonic() if started is None else started
     try:
-        wait_ready(proc, port, args.timeout)
+        wait_ready(proc, state.port, timeout - (time.monotonic() - started))
     except BrokerError as exc:
         terminate(proc.pid, layout, 10)
         hint = "if its data dir is broken, `start --fresh` wipes it"
         raise BrokerError(f"{exc} ({hint})\n{log_tail(layout, log_offset)}") from exc
     info(
         f"broker ready in {time.monotonic() - started:.1f}s (pid {proc.pid}, "
-        f"Kafka {version}, logs {layout.server_log})"
+        f"Kafka {state.version}, logs {layout.server_log})"
     )
     return state
 
@@ -780,6 +878,108 @@ def reuse_running(layout: Layout, timeout: float) -> State | None:
     return None
 
 
+# --- a cluster: several nodes under one home ----------------------------------------------------
+
+
+def cluster_size(layout: Layout) -> int:
+    """How many nodes the home was started with: 1 unless it holds a cluster."""
+    try:
+        return int(json.loads(layout.cluster_file.read_text())["nodes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
+
+
+def node_homes(layout: Layout, nodes: int | None = None) -> list[Layout]:
+    return [layout.node(n) for n in range(1, (nodes or cluster_size(layout)) + 1)]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: each socket stays bound until all are picked."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def kept_ports(node: Layout, previous: State, running: bool) -> tuple[int, int]:
+    """A node keeps its ports for good: the other nodes know its controller port as a voter,
+    clients its broker port."""
+    for port, name in ((previous.port, "broker"), (previous.controller_port, "controller")):
+        if not running and not port_is_free(port):
+            hint = "`stop`, then `start --fresh` takes new ports"
+            raise BrokerError(f"{node.home.name}: {name} port {port} is in use ({hint})")
+    return previous.port, previous.controller_port
+
+
+def link_libs(layout: Layout, node: Layout) -> None:
+    node.home.mkdir(parents=True, exist_ok=True)
+    if not node.libs.is_symlink():
+        node.libs.symlink_to(Path("..") / layout.libs.name, target_is_directory=True)
+
+
+def start_cluster(layout: Layout, args: argparse.Namespace, nodes: int) -> list[State]:
+    """Start every node of the cluster that is not running (all of them, the first time), with
+    one cluster id and a static quorum of all nodes; wait until each serves clients."""
+    if args.sasl_ssl:
+        raise BrokerError("a cluster has no SASL_SSL listener; use a single node for it")
+    homes = node_homes(layout, nodes)
+    running = [running_pid(node) is not None for node in homes]
+    version = kafka_version()
+    fetch(layout, version)
+    previous = [read_state(node) for node in homes]
+    reusable = all(storage_reusable(n, p, version) for n, p in zip(homes, previous, strict=True))
+    fresh = args.fresh or not reusable
+    if fresh and any(running):
+        raise BrokerError("the cluster's data must be formatted again; run `stop` first")
+    if fresh:
+        picked = free_ports(2 * nodes)
+        ports = [(picked[2 * i], picked[2 * i + 1]) for i in range(nodes)]
+        cluster_id = new_cluster_id()
+    else:
+        kept = zip(homes, previous, running, strict=True)
+        ports = [kept_ports(node, state, up) for node, state, up in kept if state is not None]
+        cluster_id = next(state.cluster_id for state in previous if state is not None)
+    voters = tuple((n, controller) for n, (_, controller) in enumerate(ports, 1))
+    layout.cluster_file.write_text(json.dumps({"nodes": nodes}) + "\n")
+    java = find_java()
+    started = time.monotonic()
+    spawned = []
+    nodes_ports = zip(homes, running, ports, strict=True)
+    for node_id, (node, up, (port, controller)) in enumerate(nodes_ports, 1):
+        if up:
+            continue
+        quorum = Quorum(node_id, voters)
+        link_libs(layout, node)
+        configure(node, server_properties(node, port, controller, quorum=quorum))
+        if fresh:
+            format_storage(node, java, cluster_id, quorum)
+        state = State(0, port, controller, version, cluster_id)
+        spawned.append((node, *spawn(node, java, state)))
+    for node, proc, state, log_offset in spawned:
+        await_ready(node, proc, state, log_offset, args.timeout, started)
+    return [read_state(node) for node in homes]  # type: ignore[misc]
+
+
+def cluster_bootstrap(layout: Layout) -> str | None:
+    """Every node's address, comma-separated, while any node runs; None when all are down."""
+    homes = node_homes(layout)
+    if not any(running_pid(node) is not None for node in homes):
+        return None
+    states = [read_state(node) for node in homes]
+    return ",".join(state.bootstrap for state in states if state is not None)
+
+
+def running_bootstrap(layout: Layout) -> str | None:
+    """Where clients reach the broker (or cluster) of this home; None when it is stopped."""
+    if cluster_size(layout) > 1:
+        return cluster_bootstrap(layout)
+    state = read_state(layout)
+    if running_pid(layout) is None or state is None:
+        return None
+    return state.bootstrap
+
+
 def cmd_fetch(layout: Layout, args: argparse.Namespace) -> int:
     with locked(layout):
         fetch(layout, kafka_version())
@@ -788,6 +988,16 @@ def cmd_fetch(layout: Layout, args: argparse.Namespace) -> int:
 
 
 def cmd_start(layout: Layout, args: argparse.Namespace) -> int:
+    nodes = args.nodes or cluster_size(layout)
+    if nodes != cluster_size(layout) and layout.cluster_file.is_file():
+        hint = f"stop it and `start --fresh --nodes {nodes}`, or use another --home"
+        raise BrokerError(f"{layout.home} holds a {cluster_size(layout)}-node cluster ({hint})")
+    if nodes > 1:
+        with locked(layout):
+            start_cluster(layout, args, nodes)
+        bootstrap = cluster_bootstrap(layout)
+        print(bootstrap if args.quiet else f"bootstrap={bootstrap}")
+        return EXIT_OK
     with locked(layout):
         state = reuse_running(layout, args.timeout)
         if state is not None and args.fresh:
@@ -804,38 +1014,78 @@ def cmd_start(layout: Layout, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def stopped_homes(layout: Layout, node: int | None) -> list[Layout]:
+    """What `stop` stops: the single broker, every node of a cluster, or the one asked for."""
+    if cluster_size(layout) == 1:
+        if node is not None:
+            raise BrokerError(f"--node: {layout.home} holds a single broker, not a cluster")
+        return [layout]
+    if node is None:
+        return node_homes(layout)
+    if not 1 <= node <= cluster_size(layout):
+        raise BrokerError(f"--node {node}: the cluster's nodes are 1 to {cluster_size(layout)}")
+    return [layout.node(node)]
+
+
+# How long the last node of a cluster gets to stop: its clean shutdown waits for a controller
+# quorum to acknowledge it, and with the other nodes gone there is none.
+LAST_NODE_GRACE_S = 3.0
+
+
 def cmd_stop(layout: Layout, args: argparse.Namespace) -> int:
     with locked(layout):
-        pid = running_pid(layout)
-        if pid is None:
+        homes = stopped_homes(layout, args.node)
+        running = [(home, pid) for home in homes if (pid := running_pid(home)) is not None]
+        if not running:
             info("not running")
-            return EXIT_OK
-        started = time.monotonic()
-        terminate(pid, layout, args.timeout)
-    info(f"stopped pid {pid} in {time.monotonic() - started:.1f}s")
+        alone = len(running) == cluster_size(layout) > 1
+        for n, (home, pid) in enumerate(running, 1):
+            started = time.monotonic()
+            if args.kill:
+                kill(pid, home)
+            else:
+                last = alone and n == len(running)
+                terminate(pid, home, min(args.timeout, LAST_NODE_GRACE_S) if last else args.timeout)
+            how = "killed" if args.kill else "stopped"
+            info(f"{how} pid {pid} in {time.monotonic() - started:.1f}s")
     return EXIT_OK
 
 
-def cmd_status(layout: Layout, args: argparse.Namespace) -> int:
+def node_status(layout: Layout) -> tuple[int, str]:
+    """(exit code, one line) for one broker or node."""
     pid = running_pid(layout)
     state = read_state(layout)
     if pid is None or state is None:
-        print("stopped")
-        return EXIT_STOPPED
+        return EXIT_STOPPED, "stopped"
     if not kafka_ready(state.port):
-        print(f"running pid={pid} but not answering on {state.bootstrap}")
-        return EXIT_FAIL
+        return EXIT_FAIL, f"running pid={pid} but not answering on {state.bootstrap}"
     sasl_ssl = f" sasl_ssl_bootstrap={state.sasl_ssl_bootstrap}" if state.sasl_ssl_port else ""
-    print(f"running pid={pid} bootstrap={state.bootstrap} version={state.version}{sasl_ssl}")
-    return EXIT_OK
+    return (
+        EXIT_OK,
+        f"running pid={pid} bootstrap={state.bootstrap} version={state.version}{sasl_ssl}",
+    )
+
+
+def cmd_status(layout: Layout, args: argparse.Namespace) -> int:
+    """A cluster: one line a node; exit 0 when all answer, 3 when all are stopped, else 1."""
+    if cluster_size(layout) == 1:
+        code, line = node_status(layout)
+        print(line)
+        return code
+    codes = []
+    for node_id, node in enumerate(node_homes(layout), 1):
+        code, line = node_status(node)
+        print(f"node {node_id}: {line}")
+        codes.append(code)
+    return codes[0] if len(set(codes)) == 1 else EXIT_FAIL
 
 
 def cmd_bootstrap(layout: Layout, args: argparse.Namespace) -> int:
-    state = read_state(layout)
-    if running_pid(layout) is None or state is None:
+    bootstrap = running_bootstrap(layout)
+    if bootstrap is None:
         info("not running")
         return EXIT_STOPPED
-    print(state.bootstrap)
+    print(bootstrap)
     return EXIT_OK
 
 
@@ -867,12 +1117,12 @@ def tool_command(layout: Layout, name: str, args: list[str]) -> list[str]:
     if name not in TOOLS:
         raise BrokerError(f"no tool {name!r}; the tools: {', '.join(TOOLS)}")
     if not any(arg.split("=", 1)[0] in BOOTSTRAP_FLAGS for arg in args):
-        state = read_state(layout)
-        if running_pid(layout) is None or state is None:
+        bootstrap = running_bootstrap(layout)
+        if bootstrap is None:
             raise BrokerError(
                 f"no broker is running from {layout.home}; start one, or pass --bootstrap-server"
             )
-        args = ["--bootstrap-server", state.bootstrap, *args]
+        args = ["--bootstrap-server", bootstrap, *args]
     with locked(layout):
         fetch(layout, kafka_version())  # a cache from before kafka-tools was in the pom lacks it
     layout.tools_log4j_config.parent.mkdir(parents=True, exist_ok=True)
@@ -957,6 +1207,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=env_int("VOICECLONE_KAFKA_SASL_SSL_PORT"),
         help="SASL_SSL listener port (env VOICECLONE_KAFKA_SASL_SSL_PORT; default: the last one "
         "if free, else any free port)",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        help="start: this many nodes, a local cluster (default: as the home was started, else 1)",
+    )
+    parser.add_argument(
+        "--node", type=int, default=None, help="stop: only this node (1, 2, ...) of a cluster"
+    )
+    parser.add_argument(
+        "--kill", action="store_true", help="stop: SIGKILL at once, as a crash (no clean stop)"
     )
     parser.add_argument("--fresh", action="store_true", help="start: wipe the data dir first")
     parser.add_argument(

@@ -27,6 +27,9 @@ TINY: dict[str, Any] = {
         requests=10, warmup_requests=2, rate_per_s=50, max_in_flight=4, partitions=2
     ),
     "memory": scenarios.MemoryParams(in_flight=2, reference_bytes=400_000, partitions=2),
+    "soak": scenarios.SoakParams(
+        requests=30, checkpoints=(10, 30), window=10, rate_per_s=100, partitions=2
+    ),
 }
 
 
@@ -54,12 +57,13 @@ async def test_every_benchmark_runs_and_reports(env: scenarios.Env, tmp_path: Pa
     _check_concurrency(results["scenarios"]["concurrency"], TINY["concurrency"])
     _check_latency(results["scenarios"]["latency"], TINY["latency"])
     _check_memory(results["scenarios"]["memory"], TINY["memory"])
+    _check_soak(results["scenarios"]["soak"], TINY["soak"])
 
     out = tmp_path / "results.json"
     write_json(results, out)
     assert read_json(out) == json.loads(json.dumps(results))
     rows = [line for line in table(results).splitlines() if line.startswith("| ")]
-    assert [row.split(" | ")[0][2:4] for row in rows[1:]] == ["1.", "2.", "3.", "4."]
+    assert [row.split(" | ")[0][2:4] for row in rows[1:]] == ["1.", "2.", "3.", "4.", "5."]
 
 
 def _check_overhead(result: dict[str, Any], params: scenarios.OverheadParams) -> None:
@@ -126,3 +130,15 @@ def _machine() -> dict[str, Any]:
         "packages": {"aiokafka": "0"},
         "broker": "test broker",
     }
+
+
+def _check_soak(result: dict[str, Any], params: scenarios.SoakParams) -> None:
+    assert result["failed"] == 0
+    assert [point["requests"] for point in result["points"]] == list(params.checkpoints)
+    for point in result["points"]:
+        assert point["count"] == params.window
+        assert 0 < point["p50_ms"] <= point["p99_ms"]
+        assert point["rss_mb"] > 0
+        assert point["open_fds"] > 0
+        assert point["tasks"] > 0
+    assert result["met"] == (result["rss_growth"] < params.target_rss_growth)

@@ -22,10 +22,11 @@ from types import ModuleType
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import NewTopic
 from aiokafka.errors import UnknownTopicOrPartitionError
 from aiokafka.structs import ConsumerRecord
 
-from tests.fixtures.kafka import BROKER_SCRIPT, TopicFactory, run_broker_cli
+from tests.fixtures.kafka import BROKER_SCRIPT, OwnCluster, TopicFactory, run_broker_cli
 
 pytestmark = pytest.mark.kafka
 
@@ -329,3 +330,43 @@ def test_start_fails_clearly_when_the_port_is_taken(
 
     assert result.returncode == broker.EXIT_FAIL
     assert f"broker port {port} on 127.0.0.1 is already in use" in result.stderr
+
+
+# --- a three-node cluster ------------------------------------------------------------------------
+
+
+async def test_a_cluster_replicates_every_topic_and_outlives_a_leader(own_cluster: OwnCluster):
+    """Every topic (the internal ones too) on all three nodes, two needed in sync for a write;
+    a record written before its partition's leader is SIGKILLed is read after, and the node
+    comes back on its ports and catches up."""
+    status = run_broker_cli("--home", str(own_cluster.home), "status")
+    assert status.returncode == 0, status.stdout
+    assert [line.split()[:3] for line in status.stdout.splitlines()] == [
+        ["node", f"{n}:", "running"] for n in (1, 2, 3)
+    ]
+    topic = f"cluster-{uuid.uuid4().hex[:8]}"
+    async with own_cluster.admin() as admin:
+        await admin.create_topics([NewTopic(topic, 1, replication_factor=3)])
+    bootstrap = own_cluster.bootstrap
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=topic)
+    await producer.start()
+    try:
+        async with producer.transaction():
+            await producer.send_and_wait(topic, b"before")
+        await consume(bootstrap, topic, 1, group_id=topic)  # commits: __consumer_offsets exists
+        own_cluster.kill(leader := await own_cluster.leader(topic))
+        async with producer.transaction():
+            await producer.send_and_wait(topic, b"after")
+    finally:
+        await producer.stop()
+    assert await own_cluster.leader(topic) != leader
+    records = await consume(bootstrap, topic, 2, isolation_level="read_committed")
+    assert [r.value for r in records] == [b"before", b"after"]
+
+    own_cluster.start()
+    await own_cluster.wait_in_sync()
+    partitions = await own_cluster.partitions()
+    topics = {p["topic"] for p in partitions}
+    assert {topic, "__consumer_offsets", "__transaction_state"} <= topics
+    assert all(len(p["replicas"]) == 3 for p in partitions), partitions
+    assert await own_cluster.min_insync_replicas(topic) == 2

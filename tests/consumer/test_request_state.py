@@ -1,0 +1,103 @@
+"""No state of a request outlives it: after many requests through a running worker (several
+tenants, references and cancels), nothing made for one of them is still alive but what a
+cache keeps within its settings, and the worker runs as many tasks as before them."""
+
+import asyncio
+import gc
+from pathlib import Path
+
+from consumer.backends import BackendSettings
+from consumer.backends.base import CloneJob, CloneResult
+from consumer.cancels import CancelRegistry
+from consumer.concurrency import KeyedSemaphores
+from consumer.offsets import OffsetTracker
+from consumer.pipeline import StageClock
+from consumer.reference import ReferenceAudio, ReferenceSettings
+from schemas.events import CloneRequest
+from tests.fixtures.model import synthetic_voice, wav_bytes
+from tests.fixtures.seed import SeedServer
+from tests.fixtures.worker import (
+    Outcomes,
+    Requests,
+    WorkerSettingsFactory,
+    clone_request,
+    running_worker,
+)
+
+REQUESTS = 60
+TENANTS = 6
+REFERENCES = 5
+CACHED = 2  # references the worker may keep
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def alive(kind: type) -> list[object]:
+    gc.collect()
+    return [o for o in gc.get_objects() if type(o) is kind]
+
+
+def worker_tasks() -> list[str]:
+    """The running tasks of the worker's own code (libraries' come and go with connections and
+    fetches), by coroutine name."""
+    roots = tuple(str(ROOT / package) for package in ("consumer", "producer"))
+    coroutines = [task.get_coro() for task in asyncio.all_tasks()]
+    return sorted(c.__qualname__ for c in coroutines if c.cr_code.co_filename.startswith(roots))
+
+
+def references(root: Path) -> list[str]:
+    """Distinct reference files, so each is fetched and cached anew."""
+    uris = []
+    for n in range(REFERENCES):
+        path = root / f"voice-{n}.wav"
+        path.write_bytes(wav_bytes(synthetic_voice(seed=n)))
+        uris.append(path.as_uri())
+    return uris
+
+
+async def test_no_request_state_outlives_its_request(
+    make_worker_settings: WorkerSettingsFactory,
+    seed_server: SeedServer,
+    reference_root: Path,
+) -> None:
+    settings = make_worker_settings(
+        backend=BackendSettings(kind="http", http={"base_url": seed_server.url}),
+        reference=ReferenceSettings(
+            allowed_schemes=["file"], file_root=reference_root, cache_entries=CACHED
+        ),
+        max_in_flight=4,
+    )
+    uris = references(reference_root)
+    warmup = clone_request(uris[0])
+    ids = []
+
+    async with (
+        Requests(settings) as requests,
+        Outcomes(settings) as outcomes,
+        running_worker(settings),
+    ):
+        await requests.send(warmup)
+        await outcomes.wait_for([warmup.request_id])
+        del warmup
+        tasks_before = worker_tasks()
+        for n in range(REQUESTS):
+            request = clone_request(uris[n % REFERENCES], tenant_id=f"tenant-{n % TENANTS}")
+            await requests.send(request)
+            if n % 10 == 0:
+                await requests.cancel(request)
+            ids.append(request.request_id)
+        del request
+        await outcomes.wait_for(ids, within_s=60)
+        tasks_after = worker_tasks()
+
+        assert alive(CloneRequest) == []
+        assert alive(CloneJob) == []
+        assert alive(CloneResult) == []
+        assert alive(StageClock) == []
+        assert len(alive(ReferenceAudio)) <= CACHED
+        assert all(len(semaphores) == 0 for semaphores in alive(KeyedSemaphores))
+        (registry,) = alive(CancelRegistry)
+        assert registry._running == {}  # cancels are remembered, watchers are not
+        for tracker in alive(OffsetTracker):
+            assert all(not p.pending for p in tracker._partitions.values())
+        assert tasks_before  # the worker's loops
+        assert tasks_after == tasks_before
