@@ -67,7 +67,7 @@ def test_the_walk_finds_nested_settings_and_nothing_else() -> None:
 
 def test_compose_sets_only_variables_the_worker_reads() -> None:
     services = worker_services(yaml.safe_load(COMPOSE_FILE.read_text()))
-    assert set(services) == {"topics", "worker"}
+    assert set(services) == {"schemas", "topics", "worker"}
     for name, service in services.items():
         assert unread_variables(environment_names(service.get("environment"))) == [], name
 
