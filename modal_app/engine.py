@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import soxr
@@ -82,6 +83,7 @@ class Engine:
         load_seconds: float,
     ) -> None:
         self._tts = tts
+        tts.processor = _SerializedProcessor(tts.processor)
         self.model_name = model_name
         self.attn_implementation = attn_implementation
         self.options = options
@@ -373,10 +375,30 @@ class Engine:
     def frame_cap(self, text: str) -> int:
         """The most frames a chunk may run (fast loop): a multiple of what its text takes to
         say, so a row that never says its end token stops instead of holding its batch."""
-        tokens = len(self._tts.processor.tokenizer(text)["input_ids"])
+        tokens = self._tts.processor.count_tokens(text)
         return max(
             self.options.min_frame_cap, math.ceil(tokens * self.options.frames_per_text_token)
         )
+
+
+class _SerializedProcessor:
+    """qwen-tts's text processor, one call at a time: a Hugging Face fast tokenizer used from
+    two threads at once fails ("Already borrowed")."""
+
+    def __init__(self, processor: Any) -> None:
+        self._processor = processor
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self._processor(*args, **kwargs)
+
+    def count_tokens(self, text: str) -> int:
+        with self._lock:
+            return len(self._processor.tokenizer(text)["input_ids"])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._processor, name)
 
 
 def pick_device(requested: str | None) -> str:

@@ -392,7 +392,7 @@ class _Workspace:
             tensor = getattr(self, name)
             tensor[: len(index)] = tensor[index]
 
-    def load_row(self, slot: int, row: "_Row", pad: torch.Tensor) -> None:
+    def load_row(self, slot: int, row: "_Row") -> None:
         """Reset slot `slot` for `row`: its own cache zeroed (nothing of an earlier row, not
         even a NaN, can reach it through masked attention), its settings, text and seed."""
         sampling = row.sampling
@@ -401,7 +401,7 @@ class _Workspace:
         length = row.embeds.shape[0]
         self.valid[slot] = False
         self.valid[slot, :length] = True
-        self.text[slot] = pad
+        self.text[slot] = row.pad
         self.text[slot, : row.text.shape[0]] = row.text
         self.finished[slot] = False
         self.bad[slot] = False
@@ -462,6 +462,7 @@ class _Row:
     call: _Call
     embeds: torch.Tensor  # (prompt length, hidden): the prompt without padding
     text: torch.Tensor  # (trailing text length, hidden)
+    pad: torch.Tensor  # (hidden,): read once the text is
     sampling: TalkerSampling
     seed: int
     limit: int  # frames this row may run
@@ -496,6 +497,7 @@ class LoopStats:
     rows_capped: int = 0  # rows cut at their frame cap (runaway rows)
     rows_non_finite: int = 0  # rows ended by non-finite logits
     rows_stopped: int = 0  # rows dropped because their caller stopped
+    largest_batch: int = 0  # the most rows that ran a window together
 
 
 class FastTalker:
@@ -624,10 +626,9 @@ class FastTalker:
         if sampling.eos_token_id != self._eos:
             raise TypeError("fast generation ends rows at the model's own end token only")
         call = self._call(
-            inputs_embeds, attention_mask, trailing_text_hidden, sampling,
-            options or _ROW_OPTIONS.get() or RowOptions(),
+            inputs_embeds, attention_mask, trailing_text_hidden, tts_pad_embed.reshape(-1),
+            sampling, options or _ROW_OPTIONS.get() or RowOptions(),
         )  # fmt: skip
-        self._pad = tts_pad_embed.reshape(-1)  # the same model constant for every call
         if not call.done.is_set():
             self._submit(call)
             call.done.wait()
@@ -640,6 +641,7 @@ class FastTalker:
         embeds: torch.Tensor,
         mask: torch.Tensor,
         text: torch.Tensor,
+        pad: torch.Tensor,
         sampling: TalkerSampling,
         options: RowOptions,
     ) -> _Call:
@@ -668,6 +670,7 @@ class FastTalker:
                     call=call,
                     embeds=prompt,
                     text=text[index],
+                    pad=pad,
                     sampling=sampling,
                     seed=secrets.randbits(63) if seed is None else seed,
                     limit=min(limit, cap) if capped else limit,
@@ -748,7 +751,7 @@ class FastTalker:
         """Run the row's prompt through the talker into its slot's cache and choose its first
         token. Alone, unpadded: the row's numbers do not depend on who else is admitted."""
         ws = self._workspace
-        ws.load_row(slot, row, self._pad)
+        ws.load_row(slot, row)
         length = row.embeds.shape[0]
         device = ws.token.device
         mask = torch.ones(1, length, dtype=torch.long, device=device)
@@ -772,6 +775,7 @@ class FastTalker:
         copied to the host once."""
         ws, slots = self._workspace, self._slots
         bucket = batch_bucket(len(slots))
+        self.stats.largest_batch = max(self.stats.largest_batch, len(slots))
         frames = min(self.check_every, max(row.limit - row.count for row in slots))
         furthest = max(row.embeds.shape[0] + row.count for row in slots) + frames
         length = min(_round_up(furthest + 1, self.kv_step), ws.positions)
