@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import soxr
@@ -206,13 +206,14 @@ class Engine:
         *,
         cancel: threading.Event | None = None,
         deadline: float | None = None,
+        on_first_frames: Callable[[], None] | None = None,
     ) -> CloneOutput:
         """Speak `request.text` in the reference voice. `cancel` (set: give up) and `deadline`
         (a `time.monotonic()` time) end the call with `RequestStopped`; with the fast loop,
-        its rows leave the batch within a few frames."""
-        result = self._run(
-            request, [request.text], [request.language], ["text"], _stopper(cancel, deadline)
-        )
+        its rows leave the batch within a few frames, and `on_first_frames` is called when the
+        loop has produced frames of the call (time to first frame)."""
+        calls = _Callbacks(_stopper(cancel, deadline), on_first_frames)
+        result = self._run(request, [request.text], [request.language], ["text"], calls)
         return result.items[0]
 
     def clone_batch(
@@ -232,7 +233,8 @@ class Engine:
             )
         languages = _languages_per_text(request.languages, len(texts))
         labels = [f"texts[{index}]" for index in range(len(texts))]
-        return self._run(request, texts, languages, labels, _stopper(cancel, deadline))
+        calls = _Callbacks(_stopper(cancel, deadline), None)
+        return self._run(request, texts, languages, labels, calls)
 
     def _run(
         self,
@@ -240,7 +242,7 @@ class Engine:
         texts: list[str],
         languages: list[str],
         labels: list[str],
-        stop: Callable[[], str | None] | None,
+        calls: "_Callbacks",
     ) -> BatchCloneOutput:
         texts = [self._checked_text(text, label) for text, label in zip(texts, labels, strict=True)]
         languages = [normalize_language(name, self.languages) for name in languages]
@@ -248,7 +250,7 @@ class Engine:
         transcript = (request.reference_text or "").strip() or None
         started = time.perf_counter()
         prompt, cache_hit = self._prompt(request.reference_audio, transcript)
-        parts = self._synthesize(texts, languages, prompt, request.params, stop)
+        parts = self._synthesize(texts, languages, prompt, request.params, calls)
         inference_seconds = time.perf_counter() - started
         fade = self.options.crossfade_seconds
         items = [
@@ -315,7 +317,7 @@ class Engine:
         languages: list[str],
         prompt: VoiceClonePromptItem,
         params: GenerationParams,
-        stop: Callable[[], str | None] | None = None,
+        calls: "_Callbacks | None" = None,
     ) -> list[list[np.ndarray]]:
         """Each text's chunk waveforms. All chunks of all texts share batches, as few as the
         per-batch limit allows, so a long text costs about as much time as its longest chunk.
@@ -333,7 +335,7 @@ class Engine:
                 chunks = [chunk for _, chunk, _ in group]
                 languages = [language for *_, language in group]
                 seeds = [_chunk_seed(params.seed, start + i) for i in range(len(group))]
-                waves = self._generate(chunks, languages, prompt, params, seeds, stop)
+                waves = self._generate(chunks, languages, prompt, params, seeds, calls)
                 for (index, _, _), wave in zip(group, waves, strict=True):
                     parts[index].append(wave)
         return parts
@@ -356,10 +358,11 @@ class Engine:
         prompt: VoiceClonePromptItem,
         params: GenerationParams,
         seeds: list[int | None] | None = None,
-        stop: Callable[[], str | None] | None = None,
+        calls: "_Callbacks | None" = None,
     ) -> list[np.ndarray]:
         caps = [self.frame_cap(chunk) for chunk in chunks]
-        with _generation_errors(), row_options(RowOptions(seeds, caps, stop)):
+        stop, first_frames = calls or _Callbacks(None, None)
+        with _generation_errors(), row_options(RowOptions(seeds, caps, stop, first_frames)):
             waves, sample_rate = self._tts.generate_voice_clone(
                 text=chunks,
                 language=languages,
@@ -383,7 +386,10 @@ class Engine:
 
 class _SerializedProcessor:
     """qwen-tts's text processor, one call at a time: a Hugging Face fast tokenizer used from
-    two threads at once fails ("Already borrowed")."""
+    two threads at once fails ("Already borrowed").
+
+    (Decodes are not merged across calls: a decode batched beside other calls' codes differs
+    from one alone in the last bits of its floats, and a seeded request must repeat exactly.)"""
 
     def __init__(self, processor: Any) -> None:
         self._processor = processor
@@ -443,6 +449,13 @@ def _generation_errors() -> Iterator[None]:
         raise RequestStopped(f"Generation stopped: {exc}") from exc
     except Exception as exc:
         raise GenerationFailed(f"Generation failed: {exc}") from exc
+
+
+class _Callbacks(NamedTuple):
+    """What a call asks of the generation loop: when to stop, whom to tell of first frames."""
+
+    stop: Callable[[], str | None] | None
+    first_frames: Callable[[], None] | None
 
 
 def _stopper(

@@ -159,12 +159,14 @@ def _wide(do_sample: bool, top_k: int) -> bool:
 @dataclass(frozen=True)
 class RowOptions:
     """What a caller adds to the stock arguments, per row of its call: a seed (None: a random
-    one), a frame cap (None: only `max_new_tokens` limits the row), and `stop`, polled between
-    frames, which returns why the caller no longer wants its rows (or None to go on)."""
+    one), a frame cap (None: only `max_new_tokens` limits the row); and for the call, `stop`,
+    polled between frames, which returns why the caller no longer wants its rows (or None to
+    go on), and `first_frames`, called (on the loop's thread) when its first frames are done."""
 
     seeds: Sequence[int | None] | None = None
     frame_caps: Sequence[int | None] | None = None
     stop: Callable[[], str | None] | None = None
+    first_frames: Callable[[], None] | None = None
 
 
 _ROW_OPTIONS: ContextVar[RowOptions | None] = ContextVar("fastgen_row_options", default=None)
@@ -439,6 +441,7 @@ class _Call:
     """One `generate` call: its rows, how it may be stopped, and when it is done."""
 
     stop: Callable[[], str | None] | None
+    first_frames: Callable[[], None] | None = None
     rows: list["_Row"] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -652,7 +655,7 @@ class FastTalker:
             raise ValueError(f"options give {len(seeds)} seeds and {len(caps)} caps for {rows}")
         if text.shape[1] >= _MAX_TEXT:
             raise ValueError(f"a row's text has {text.shape[1]} tokens; the limit is {_MAX_TEXT}")
-        call = _Call(stop=options.stop)
+        call = _Call(stop=options.stop, first_frames=options.first_frames)
         for index in range(rows):
             prompt = embeds[index][mask[index].bool()]
             room = self.max_positions - prompt.shape[0] - 1
@@ -801,6 +804,9 @@ class FastTalker:
                 row.call.fail(RuntimeError("the model's logits turned non-finite (NaN)"))
                 self._workspace.cache.zero_row(slot)  # its NaNs must not outlive it
                 continue
+            if row.call.first_frames is not None:
+                row.call.first_frames()
+                row.call.first_frames = None
             row.take(codes[slot], self._eos)
             if row.ended:
                 if row.capped and row.length == row.limit:
