@@ -35,6 +35,10 @@ bench: setup broker-start ## Benchmarks on the local broker (README "Benchmarks"
 bench-engine: setup ## Talker generation, stock vs fast loop (README "Fast generation"); BENCH_ARGS=--size 0.6B
 	$(UV) run --frozen python -m bench.engine $(BENCH_ARGS)
 
+.PHONY: bench-serving
+bench-serving: setup ## Concurrent requests through the engine, batched vs one at a time (README "Fast generation")
+	$(UV) run --frozen python -m bench.serving $(BENCH_ARGS)
+
 run: setup broker-start topics ## The main job: broker, topics, a local worker (left running), one request
 	$(BOOTSTRAP_ENV) $(UV) run --frozen python deploy/demo.py run $(if $(MODEL),--model '$(MODEL)')
 
