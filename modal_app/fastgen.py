@@ -27,6 +27,7 @@ prompt building, trimming at the end token and the speech-tokenizer decode stay 
 on the caller's thread, beside the loop).
 """
 
+import logging
 import math
 import secrets
 import threading
@@ -46,12 +47,15 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 __all__ = [
     "FastTalker",
     "GenerationStopped",
+    "LoopStats",
     "RowOptions",
     "TalkerSampling",
     "batch_bucket",
     "row_options",
     "stock_talker_kwargs",
 ]
+
+logger = logging.getLogger(__name__)
 
 _BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _KV_STEP = 256  # attention-length bucket: graphs attend over a multiple of this many positions
@@ -811,6 +815,7 @@ class FastTalker:
             if row.ended:
                 if row.capped and row.length == row.limit:
                     self.stats.rows_capped += 1
+                    logger.warning("A row never ended; cut at its cap of %d frames", row.limit)
                 row.call.row_ended()
         self._compact()
 
