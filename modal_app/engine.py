@@ -7,7 +7,9 @@ again is not re-encoded, sentence chunking, per-chunk seeds and frame caps, and 
 An engine is shared by threads. With the fast generation loop, concurrent calls validate, build
 their prompts and decode their audio on their own threads, and every call's chunks are
 generated together in one continuously batched loop (`modal_app.fastgen`); a seeded call gives
-the same audio whatever runs beside it. The stock loop serves one call at a time.
+the same audio whatever runs beside it. (So decodes are not merged across calls: a decode
+batched beside other calls' codes differs from one alone in the last bits of its floats.) The
+stock loop serves one call at a time.
 """
 
 import hashlib
@@ -386,10 +388,7 @@ class Engine:
 
 class _SerializedProcessor:
     """qwen-tts's text processor, one call at a time: a Hugging Face fast tokenizer used from
-    two threads at once fails ("Already borrowed").
-
-    (Decodes are not merged across calls: a decode batched beside other calls' codes differs
-    from one alone in the last bits of its floats, and a seeded request must repeat exactly.)"""
+    two threads at once fails ("Already borrowed")."""
 
     def __init__(self, processor: Any) -> None:
         self._processor = processor
