@@ -12,7 +12,8 @@ first), `VOICECLONE_MODAL_GPU_SNAPSHOT` (`0` for CPU-only memory snapshots),
 `VOICECLONE_MODAL_MIN_CONTAINERS`, `VOICECLONE_MODAL_SCALEDOWN_SECONDS`,
 `VOICECLONE_MODAL_GENERATION` (`stock` or `fast`: the engine's generation loop),
 `VOICECLONE_MODAL_MAX_INPUTS` and `VOICECLONE_MODAL_TARGET_INPUTS` (inputs a container serves at
-once with the fast loop, which batches them; defaults per size in `modal_app.profiles`).
+once with the fast loop, which batches them; defaults per size in `modal_app.profiles`),
+`VOICECLONE_MODAL_COMPILE_STEPS` (`1`: the fast loop's steps through `torch.compile`).
 
 Containers restore from a memory snapshot taken after the model is loaded (with its GPU memory
 where Modal's GPU snapshots are enabled), so a cold start skips import, load and warm-up.
@@ -53,6 +54,7 @@ class DeploySettings:
     generation: str = "stock"  # EngineOptions.generation: "stock" or "fast"
     max_inputs: int = 1  # with the fast loop: inputs one container serves at once
     target_inputs: int = 1  # with the fast loop: Modal scales out past this many
+    compile_steps: bool = False  # EngineOptions.compile_steps (experimental)
 
     @property
     def concurrency(self) -> tuple[int, int]:
@@ -80,6 +82,7 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> DeploySettings
         ).generation,
         max_inputs=_positive(environ, "VOICECLONE_MODAL_MAX_INPUTS", profile.max_inputs),
         target_inputs=_positive(environ, "VOICECLONE_MODAL_TARGET_INPUTS", profile.target_inputs),
+        compile_steps=_flag(environ.get("VOICECLONE_MODAL_COMPILE_STEPS", "0")),
     )
 
 
@@ -127,6 +130,7 @@ image = (
             "HF_HOME": HF_HOME,
             "VOICECLONE_MODEL_SIZE": PROFILE.size,  # the container imports this module too
             "VOICECLONE_MODAL_GENERATION": SETTINGS.generation,
+            "VOICECLONE_MODAL_COMPILE_STEPS": "1" if SETTINGS.compile_steps else "0",
             "TOKENIZERS_PARALLELISM": "false",
         }
     )
@@ -197,7 +201,9 @@ class Qwen3TTSService:
             resolve_model(self.model or PROFILE.repo_id),
             device=device,
             options=EngineOptions(
-                generation=SETTINGS.generation, max_batch_rows=PROFILE.batch_rows
+                generation=SETTINGS.generation,
+                max_batch_rows=PROFILE.batch_rows,
+                compile_steps=SETTINGS.compile_steps,
             ),
         )
         if self._engine.device.type == "cuda":

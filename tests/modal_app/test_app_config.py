@@ -26,6 +26,7 @@ ENV_KEYS = (
     "VOICECLONE_MODAL_GENERATION",
     "VOICECLONE_MODAL_MAX_INPUTS",
     "VOICECLONE_MODAL_TARGET_INPUTS",
+    "VOICECLONE_MODAL_COMPILE_STEPS",
 )
 EXPECTED = {
     "1.7B": ("voiceclone-qwen3-tts-1-7b", "Qwen/Qwen3-TTS-12Hz-1.7B-Base", ["A10G", "L4"]),
@@ -125,6 +126,14 @@ def test_input_concurrency_is_a_deploy_setting(load_app: LoadApp) -> None:
     )
 
     assert declared["concurrent"] == {"max_inputs": 48, "target_inputs": 20}
+
+
+def test_compiling_the_fast_loop_is_a_deploy_setting_off_by_default(load_app: LoadApp) -> None:
+    default, _ = load_app(VOICECLONE_MODAL_GENERATION="fast")
+    assert default.SETTINGS.compile_steps is False
+
+    compiled, _ = load_app(VOICECLONE_MODAL_GENERATION="fast", VOICECLONE_MODAL_COMPILE_STEPS="1")
+    assert compiled.SETTINGS.compile_steps is True
 
 
 def test_the_stock_loop_takes_one_input_per_container(load_app: LoadApp) -> None:
