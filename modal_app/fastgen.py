@@ -737,7 +737,7 @@ class FastTalker:
         with self._cond:
             calls = {row.call: None for row in (*self._slots, *self._waiting)}
         for call in calls:
-            reason = call.stop() if call.stop is not None else None
+            reason = _callback(call.stop) if call.stop is not None else None
             if reason is not None:
                 self.stats.rows_stopped += sum(not row.ended for row in call.rows)
                 call.fail(GenerationStopped(reason))
@@ -809,7 +809,7 @@ class FastTalker:
                 self._workspace.cache.zero_row(slot)  # its NaNs must not outlive it
                 continue
             if row.call.first_frames is not None:
-                row.call.first_frames()
+                _callback(row.call.first_frames)
                 row.call.first_frames = None
             row.take(codes[slot], self._eos)
             if row.ended:
@@ -991,6 +991,16 @@ class FastTalker:
         finished |= (token == eos) | (generated >= ws.limit[rows]) | bad
         seen.scatter_(1, token[:, None], True)
         ws.token[rows] = token
+
+
+def _callback(function: Callable[[], Any]) -> Any:
+    """A caller's callback, run on the loop's thread: its failure is logged, never the loop's
+    (which would fail every call in the batch)."""
+    try:
+        return function()
+    except Exception:
+        logger.exception("A generation callback failed")
+        return None
 
 
 def _grouped_sdpa(

@@ -177,6 +177,20 @@ def test_a_row_with_non_finite_logits_fails_alone_and_leaves_a_clean_slot(talker
         assert torch.equal(codes, healthy_alone)
 
 
+def test_a_callers_failing_callbacks_fail_neither_its_call_nor_the_loop(talker: Any) -> None:
+    fast = FastTalker(talker, check_every=2)
+    alone = generate_rows(fast, talker, [8], 15)
+
+    def broken() -> None:
+        raise RuntimeError("a caller's bug")
+
+    codes = generate_rows(
+        fast, talker, [8], 15, options=RowOptions(stop=broken, first_frames=broken)
+    )
+
+    assert torch.equal(codes, alone)
+
+
 def reference_request(
     make_reference_wav: Callable[..., bytes], voice: int, **params: Any
 ) -> Callable[..., CloneInput]:
