@@ -337,6 +337,8 @@ class Engine:
                 chunks = [chunk for _, chunk, _ in group]
                 languages = [language for *_, language in group]
                 seeds = [_chunk_seed(params.seed, start + i) for i in range(len(group))]
+                if start and calls is not None:  # the first frames come from the first group
+                    calls = calls._replace(first_frames=None)
                 waves = self._generate(chunks, languages, prompt, params, seeds, calls)
                 for (index, _, _), wave in zip(group, waves, strict=True):
                     parts[index].append(wave)

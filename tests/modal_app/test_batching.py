@@ -295,6 +295,24 @@ def test_a_deadline_stops_only_its_own_request(
     np.testing.assert_array_equal(outputs[1].waveform, quick_alone)
 
 
+def test_first_frames_are_reported_once_per_call(
+    tiny_model_dir: Path, reference_wav: bytes
+) -> None:
+    options = EngineOptions(generation="fast", chunk_chars=20, max_chunks_per_batch=1)
+    engine = Engine.load(tiny_model_dir, options=options)
+    reported: list[float] = []
+    request = CloneInput(
+        text="One short sentence. And another one. And a third.",
+        reference_audio=reference_wav,
+        params=GenerationParams(max_new_tokens=4),
+    )
+
+    output = engine.clone(request, on_first_frames=lambda: reported.append(time.monotonic()))
+
+    assert output.chunks == 3  # three groups through the loop, one after another
+    assert len(reported) == 1
+
+
 def test_a_runaway_row_is_cut_at_its_frame_cap_and_counted(
     tiny_model_dir: Path, reference_wav: bytes
 ) -> None:
