@@ -46,6 +46,10 @@ bench: setup broker-start ## Benchmarks on the local broker (docs/benchmarks.md)
 bench-engine: setup ## Talker generation, stock vs fast loop (docs/gpu-service.md); BENCH_ARGS=--size 0.6B
 	$(UV) run --frozen python -m bench.engine $(BENCH_ARGS)
 
+.PHONY: bench-serving
+bench-serving: setup ## Concurrent requests through the engine, batched vs one at a time (docs/gpu-service.md)
+	$(UV) run --frozen python -m bench.serving $(BENCH_ARGS)
+
 run: setup broker-start $(if $(REGISTRY),registry-start) ## The main job: broker, topics, a local worker (left running), one request; REGISTRY=1: registry mode
 	$(BOOTSTRAP_ENV) $(REGISTRY_ENV) $(UV) run --frozen python deploy/demo.py run $(if $(MODEL),--model '$(MODEL)')
 

@@ -10,12 +10,16 @@ app name, the model and the GPU list (see `modal_app.profiles`). Run from the re
 Deploy-time settings, all optional: `VOICECLONE_MODAL_GPUS` (comma-separated, first choice
 first), `VOICECLONE_MODAL_GPU_SNAPSHOT` (`0` for CPU-only memory snapshots),
 `VOICECLONE_MODAL_MIN_CONTAINERS`, `VOICECLONE_MODAL_SCALEDOWN_SECONDS`,
-`VOICECLONE_MODAL_GENERATION` (`stock` or `fast`: the engine's generation loop).
+`VOICECLONE_MODAL_GENERATION` (`stock` or `fast`: the engine's generation loop),
+`VOICECLONE_MODAL_MAX_INPUTS` and `VOICECLONE_MODAL_TARGET_INPUTS` (inputs a container serves at
+once with the fast loop, which batches them; defaults per size in `modal_app.profiles`),
+`VOICECLONE_MODAL_COMPILE_STEPS` (`1`: the fast loop's steps through `torch.compile`).
 
 Containers restore from a memory snapshot taken after the model is loaded (with its GPU memory
 where Modal's GPU snapshots are enabled), so a cold start skips import, load and warm-up.
 """
 
+import itertools
 import logging
 import os
 import socket
@@ -48,6 +52,18 @@ class DeploySettings:
     min_containers: int = 0
     scaledown_seconds: int = 300
     generation: str = "stock"  # EngineOptions.generation: "stock" or "fast"
+    max_inputs: int = 1  # with the fast loop: inputs one container serves at once
+    target_inputs: int = 1  # with the fast loop: Modal scales out past this many
+    compile_steps: bool = False  # EngineOptions.compile_steps (experimental)
+
+    @property
+    def concurrency(self) -> tuple[int, int]:
+        """(max, target) inputs per container. The stock loop serves one call at a time, so
+        more inputs would only queue inside a container instead of starting another."""
+        if self.generation != "fast":
+            return 1, 1
+        return self.max_inputs, min(self.target_inputs, self.max_inputs)
+
     timeout_seconds: int = 1800  # per call: long texts run to many minutes of audio
     startup_timeout_seconds: int = 900  # first boot on a new snapshot: load from the Volume
 
@@ -64,7 +80,17 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> DeploySettings
         generation=EngineOptions(
             generation=environ.get("VOICECLONE_MODAL_GENERATION", "stock")
         ).generation,
+        max_inputs=_positive(environ, "VOICECLONE_MODAL_MAX_INPUTS", profile.max_inputs),
+        target_inputs=_positive(environ, "VOICECLONE_MODAL_TARGET_INPUTS", profile.target_inputs),
+        compile_steps=_flag(environ.get("VOICECLONE_MODAL_COMPILE_STEPS", "0")),
     )
+
+
+def _positive(environ: Mapping[str, str], name: str, default: int) -> int:
+    value = int(environ.get(name, default))
+    if value < 1:
+        raise ValueError(f"{name} must be 1 or more, got {value}")
+    return value
 
 
 def _flag(value: str) -> bool:
@@ -104,6 +130,7 @@ image = (
             "HF_HOME": HF_HOME,
             "VOICECLONE_MODEL_SIZE": PROFILE.size,  # the container imports this module too
             "VOICECLONE_MODAL_GENERATION": SETTINGS.generation,
+            "VOICECLONE_MODAL_COMPILE_STEPS": "1" if SETTINGS.compile_steps else "0",
             "TOKENIZERS_PARALLELISM": "false",
         }
     )
@@ -144,9 +171,16 @@ def container_id() -> str:
     return os.environ.get("MODAL_TASK_ID") or socket.gethostname()
 
 
+MAX_INPUTS, TARGET_INPUTS = SETTINGS.concurrency
+
+
 @app.cls(**service_options(SETTINGS, hf_cache))
+@modal.concurrent(max_inputs=MAX_INPUTS, target_inputs=TARGET_INPUTS)
 class Qwen3TTSService:
     """Voice cloning with one Qwen3-TTS model, loaded once per container.
+
+    With the fast loop a container serves up to `MAX_INPUTS` calls at once, each on a thread of
+    its own, and the engine generates all their sentence chunks in one continuous batch.
 
     `model` defaults to this app's size from the Volume; a folder path (e.g. a tiny model from
     `modal_app.synthetic`) is used as is, which is how the tests run this class with `.local()`.
@@ -166,7 +200,11 @@ class Qwen3TTSService:
         self._engine: Engine = Engine.load(
             resolve_model(self.model or PROFILE.repo_id),
             device=device,
-            options=EngineOptions(generation=SETTINGS.generation),
+            options=EngineOptions(
+                generation=SETTINGS.generation,
+                max_batch_rows=PROFILE.batch_rows,
+                compile_steps=SETTINGS.compile_steps,
+            ),
         )
         if self._engine.device.type == "cuda":
             self._engine.warm_up()
@@ -194,7 +232,7 @@ class Qwen3TTSService:
         self._model_load_seconds = (
             restore_work if self._restored else self._load_seconds + restore_work
         )
-        self._calls = 0
+        self._calls = itertools.count()  # next() is atomic: inputs run on concurrent threads
 
     @modal.method()
     def clone(
@@ -270,8 +308,7 @@ class Qwen3TTSService:
 
     def _begin_call(self) -> dict[str, Any]:
         """Facts about this container for the caller; the first call it serves is the cold one."""
-        cold_start = self._calls == 0
-        self._calls += 1
+        cold_start = next(self._calls) == 0
         return {
             "cold_start": cold_start,
             "model_load_seconds": self._model_load_seconds,

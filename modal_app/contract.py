@@ -24,8 +24,18 @@ class EngineOptions:
     min_reference_seconds: float = 0.5
     max_reference_seconds: float = 60.0
     prompt_cache_size: int = 32  # voices; 0 disables the cache
-    # "stock": qwen-tts's generation loop; "fast": modal_app.fastgen (static caches, CUDA graphs)
+    # "stock": qwen-tts's generation loop, one call at a time; "fast": modal_app.fastgen, which
+    # batches the chunks of all concurrent calls in one loop (static caches, CUDA graphs)
     generation: str = "stock"
+    # The fast loop's workspace, allocated at load: rows generated at once (more wait), and
+    # talker positions per row (prompt plus frames; 2048 is 2 min 40 s of audio after a prompt).
+    max_batch_rows: int = 16
+    max_positions: int = 2048
+    # A row's frame cap: this many 12.5 Hz frames per token of its text (speech takes about 4),
+    # at least `min_frame_cap`; a row that never says its end token stops there.
+    frames_per_text_token: float = 12.0
+    min_frame_cap: int = 25
+    compile_steps: bool = False  # torch.compile the fast loop's steps (CUDA only; experimental)
 
     def __post_init__(self) -> None:
         if self.generation not in GENERATION_MODES:

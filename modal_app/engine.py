@@ -2,17 +2,25 @@
 
 Pure Python (no Modal). One `Engine` wraps one loaded `Qwen3TTSModel` and adds what the model
 lacks for serving: validation with clear errors, an LRU of voice-clone prompts so a voice used
-again is not re-encoded, sentence chunking with all chunks generated as one batch, and encoding.
-Calls are serialised by a lock, so an engine can be shared by threads (e.g. an executor).
+again is not re-encoded, sentence chunking, per-chunk seeds and frame caps, and encoding.
+
+An engine is shared by threads. With the fast generation loop, concurrent calls validate, build
+their prompts and decode their audio on their own threads, and every call's chunks are
+generated together in one continuously batched loop (`modal_app.fastgen`); a seeded call gives
+the same audio whatever runs beside it. (So decodes are not merged across calls: a decode
+batched beside other calls' codes differs from one alone in the last bits of its floats.) The
+stock loop serves one call at a time.
 """
 
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import numpy as np
 import soxr
@@ -30,8 +38,8 @@ from modal_app.contract import (
     EngineOptions,
     VoiceRequest,
 )
-from modal_app.errors import EngineError, GenerationFailed, InvalidInput
-from modal_app.fastgen import FastTalker
+from modal_app.errors import EngineError, GenerationFailed, InvalidInput, RequestStopped
+from modal_app.fastgen import FastTalker, GenerationStopped, LoopStats, RowOptions, row_options
 from modal_app.languages import SUPPORTED_LANGUAGES, normalize_language
 from modal_app.params import GenerationParams
 from modal_app.prompt_cache import PromptCache
@@ -77,14 +85,25 @@ class Engine:
         load_seconds: float,
     ) -> None:
         self._tts = tts
+        tts.processor = _SerializedProcessor(tts.processor)
         self.model_name = model_name
         self.attn_implementation = attn_implementation
         self.options = options
         self.load_seconds = load_seconds
         self.languages = _model_languages(tts)
         self._prompts: PromptCache[VoiceClonePromptItem] = PromptCache(options.prompt_cache_size)
-        self._fast = FastTalker(tts.model.talker) if options.generation == "fast" else None
-        self._lock = threading.Lock()
+        self._fast: FastTalker | None = None
+        if options.generation == "fast":
+            self._fast = FastTalker(
+                tts.model.talker,
+                max_rows=options.max_batch_rows,
+                max_positions=options.max_positions,
+                compile_steps=options.compile_steps,
+            )
+            # Installed for the engine's life: the loop takes any number of threads' calls.
+            tts.model.talker.generate = self._fast.generate_like_stock
+        # The stock loop seeds torch's global generator and runs one call at a time.
+        self._stock_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -147,42 +166,65 @@ class Engine:
         )
 
     def to(self, device: str, dtype: str | torch.dtype | None = None) -> None:
-        """Move the model, e.g. from a CPU memory snapshot onto the GPU. Clears the prompt cache."""
+        """Move the model, e.g. from a CPU memory snapshot onto the GPU (before serving: calls
+        in flight fail). Clears the prompt cache; the rotary frequencies stay float32."""
         target = torch.device(device)
         torch_dtype = pick_dtype(str(target), dtype)
-        with self._lock:
+        with self._stock_lock:
             speech_tokenizer = self._tts.model.speech_tokenizer
             self._tts.model.to(device=target, dtype=torch_dtype)
             speech_tokenizer.model.to(device=target, dtype=torch_dtype)
             speech_tokenizer.device = target
             self._tts.device = target
+            _keep_rotary_frequencies_float32(self._tts.model)
             self._prompts.clear()
         self.reset_generation_state()
 
     def reset_generation_state(self) -> None:
-        """Drop the fast loop's buffers and CUDA graphs (rebuilt on the next call); no-op for
-        the stock loop. `to` does it too."""
-        with self._lock:
-            if self._fast is not None:
-                self._fast.reset()
+        """Reallocate the fast loop's workspace on the model's device and drop its CUDA graphs
+        (`warm_up` captures them again); no-op for the stock loop. `to` does it too."""
+        if self._fast is not None:
+            self._fast.reset()
 
     def warm_up(self) -> None:
-        """One tiny generation, so the first real request does not pay for first-use setup."""
+        """Capture the fast loop's CUDA graphs, then one tiny generation, so no request pays
+        for first-use setup."""
+        if self._fast is not None:
+            self._fast.warm_up()
         noise = np.random.default_rng(0).normal(0.0, 0.05, MODEL_SAMPLE_RATE).astype(np.float32)
-        with self._lock, _generation_errors(), self._generation_loop():
+        with _generation_errors():
             prompt = self._tts.create_voice_clone_prompt(
                 ref_audio=(noise, MODEL_SAMPLE_RATE), x_vector_only_mode=True
             )
-            self._tts.generate_voice_clone(
-                text="Hello.", language="Auto", voice_clone_prompt=prompt, max_new_tokens=4
-            )
+            self._generate(["Hello."], ["Auto"], prompt[0], GenerationParams(max_new_tokens=4))
 
-    def clone(self, request: CloneInput) -> CloneOutput:
-        """Speak `request.text` in the reference voice."""
-        result = self._run(request, [request.text], [request.language], labels=["text"])
+    def generation_stats(self) -> LoopStats | None:
+        """The fast loop's counters (rows, rows cut at their frame cap, ...); None for stock."""
+        return self._fast.stats if self._fast is not None else None
+
+    def clone(
+        self,
+        request: CloneInput,
+        *,
+        cancel: threading.Event | None = None,
+        deadline: float | None = None,
+        on_first_frames: Callable[[], None] | None = None,
+    ) -> CloneOutput:
+        """Speak `request.text` in the reference voice. `cancel` (set: give up) and `deadline`
+        (a `time.monotonic()` time) end the call with `RequestStopped`; with the fast loop,
+        its rows leave the batch within a few frames, and `on_first_frames` is called when the
+        loop has produced frames of the call (time to first frame)."""
+        calls = _Callbacks(_stopper(cancel, deadline), on_first_frames)
+        result = self._run(request, [request.text], [request.language], ["text"], calls)
         return result.items[0]
 
-    def clone_batch(self, request: BatchCloneInput) -> BatchCloneOutput:
+    def clone_batch(
+        self,
+        request: BatchCloneInput,
+        *,
+        cancel: threading.Event | None = None,
+        deadline: float | None = None,
+    ) -> BatchCloneOutput:
         """Speak many texts in one voice; every chunk of every text goes through one batch."""
         texts = list(request.texts)
         if not texts:
@@ -193,7 +235,8 @@ class Engine:
             )
         languages = _languages_per_text(request.languages, len(texts))
         labels = [f"texts[{index}]" for index in range(len(texts))]
-        return self._run(request, texts, languages, labels)
+        calls = _Callbacks(_stopper(cancel, deadline), None)
+        return self._run(request, texts, languages, labels, calls)
 
     def _run(
         self,
@@ -201,16 +244,16 @@ class Engine:
         texts: list[str],
         languages: list[str],
         labels: list[str],
+        calls: "_Callbacks",
     ) -> BatchCloneOutput:
         texts = [self._checked_text(text, label) for text, label in zip(texts, labels, strict=True)]
         languages = [normalize_language(name, self.languages) for name in languages]
         audio_format = AudioFormat.parse(request.output_format)
         transcript = (request.reference_text or "").strip() or None
-        with self._lock:
-            started = time.perf_counter()
-            prompt, cache_hit = self._prompt(request.reference_audio, transcript)
-            parts = self._synthesize(texts, languages, prompt, request.params)
-            inference_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        prompt, cache_hit = self._prompt(request.reference_audio, transcript)
+        parts = self._synthesize(texts, languages, prompt, request.params, calls)
+        inference_seconds = time.perf_counter() - started
         fade = self.options.crossfade_seconds
         items = [
             _clone_output(
@@ -276,25 +319,41 @@ class Engine:
         languages: list[str],
         prompt: VoiceClonePromptItem,
         params: GenerationParams,
+        calls: "_Callbacks | None" = None,
     ) -> list[list[np.ndarray]]:
         """Each text's chunk waveforms. All chunks of all texts share batches, as few as the
-        per-batch limit allows, so a long text costs about as much time as its longest chunk."""
+        per-batch limit allows, so a long text costs about as much time as its longest chunk.
+        Chunk i of a seeded call is seeded from (seed, i), so it repeats on its own."""
         jobs = [
             (index, chunk, language)
             for index, (text, language) in enumerate(zip(texts, languages, strict=True))
             for chunk in chunk_text(text, self.options.chunk_chars)
         ]
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
         parts: list[list[np.ndarray]] = [[] for _ in texts]
         step = self.options.max_chunks_per_batch
-        for start in range(0, len(jobs), step):
-            group = jobs[start : start + step]
-            chunks = [chunk for _, chunk, _ in group]
-            waves = self._generate(chunks, [language for *_, language in group], prompt, params)
-            for (index, _, _), wave in zip(group, waves, strict=True):
-                parts[index].append(wave)
+        with self._one_call_if_stock(params):
+            for start in range(0, len(jobs), step):
+                group = jobs[start : start + step]
+                chunks = [chunk for _, chunk, _ in group]
+                languages = [language for *_, language in group]
+                seeds = [_chunk_seed(params.seed, start + i) for i in range(len(group))]
+                if start and calls is not None:  # the first frames come from the first group
+                    calls = calls._replace(first_frames=None)
+                waves = self._generate(chunks, languages, prompt, params, seeds, calls)
+                for (index, _, _), wave in zip(group, waves, strict=True):
+                    parts[index].append(wave)
         return parts
+
+    @contextmanager
+    def _one_call_if_stock(self, params: GenerationParams) -> Iterator[None]:
+        """The stock loop draws from torch's global generator: one call at a time, seeded."""
+        if self._fast is not None:
+            yield
+            return
+        with self._stock_lock:
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            yield
 
     def _generate(
         self,
@@ -302,8 +361,12 @@ class Engine:
         languages: list[str],
         prompt: VoiceClonePromptItem,
         params: GenerationParams,
+        seeds: list[int | None] | None = None,
+        calls: "_Callbacks | None" = None,
     ) -> list[np.ndarray]:
-        with _generation_errors(), self._generation_loop():
+        caps = [self.frame_cap(chunk) for chunk in chunks]
+        stop, first_frames = calls or _Callbacks(None, None)
+        with _generation_errors(), row_options(RowOptions(seeds, caps, stop, first_frames)):
             waves, sample_rate = self._tts.generate_voice_clone(
                 text=chunks,
                 language=languages,
@@ -316,10 +379,33 @@ class Engine:
             )
         return [np.asarray(wave, dtype=np.float32) for wave in waves]
 
-    def _generation_loop(self) -> AbstractContextManager[None]:
-        """The talker loop for this engine's `generation` option: qwen-tts's own, or the fast
-        one, installed for the duration of a call (callers hold the lock)."""
-        return self._fast.installed() if self._fast is not None else nullcontext()
+    def frame_cap(self, text: str) -> int:
+        """The most frames a chunk may run (fast loop): a multiple of what its text takes to
+        say, so a row that never says its end token stops instead of holding its batch."""
+        tokens = self._tts.processor.count_tokens(text)
+        return max(
+            self.options.min_frame_cap, math.ceil(tokens * self.options.frames_per_text_token)
+        )
+
+
+class _SerializedProcessor:
+    """qwen-tts's text processor, one call at a time: a Hugging Face fast tokenizer used from
+    two threads at once fails ("Already borrowed")."""
+
+    def __init__(self, processor: Any) -> None:
+        self._processor = processor
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self._processor(*args, **kwargs)
+
+    def count_tokens(self, text: str) -> int:
+        with self._lock:
+            return len(self._processor.tokenizer(text)["input_ids"])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._processor, name)
 
 
 def pick_device(requested: str | None) -> str:
@@ -360,8 +446,51 @@ def _generation_errors() -> Iterator[None]:
         yield
     except EngineError:
         raise
+    except GenerationStopped as exc:
+        raise RequestStopped(f"Generation stopped: {exc}") from exc
     except Exception as exc:
         raise GenerationFailed(f"Generation failed: {exc}") from exc
+
+
+class _Callbacks(NamedTuple):
+    """What a call asks of the generation loop: when to stop, whom to tell of first frames."""
+
+    stop: Callable[[], str | None] | None
+    first_frames: Callable[[], None] | None
+
+
+def _stopper(
+    cancel: threading.Event | None, deadline: float | None
+) -> Callable[[], str | None] | None:
+    """Why a call should stop now (None: go on), from its cancel event and deadline."""
+    if cancel is None and deadline is None:
+        return None
+
+    def stop() -> str | None:
+        if cancel is not None and cancel.is_set():
+            return "the request was cancelled"
+        if deadline is not None and time.monotonic() >= deadline:
+            return "the request's deadline passed"
+        return None
+
+    return stop
+
+
+def _chunk_seed(seed: int | None, index: int) -> int | None:
+    """Chunk `index`'s seed: distinct per chunk, fixed by the call's seed (None: random)."""
+    if seed is None:
+        return None
+    return (seed + index * 0x9E3779B97F4A7C15) % 2**63
+
+
+def _keep_rotary_frequencies_float32(model: torch.nn.Module) -> None:
+    """`Module.to(dtype=bf16)` casts every floating buffer, the rotary embeddings' `inv_freq`
+    too, which coarsens every position's angle; put back the float32 values they were built
+    with (kept as `original_inv_freq`)."""
+    for module in model.modules():
+        original = getattr(module, "original_inv_freq", None)
+        if isinstance(original, torch.Tensor) and hasattr(module, "inv_freq"):
+            module.inv_freq = original.to(device=module.inv_freq.device, dtype=torch.float32)
 
 
 def _digest(reference: bytes | DecodedAudio) -> str:

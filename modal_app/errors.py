@@ -1,7 +1,7 @@
 """The engine's errors: one small hierarchy, importable without torch or Modal.
 
 Callers decide retry policy from the type alone: `InvalidInput` will fail the same way again,
-`GenerationFailed` may not.
+`GenerationFailed` may not, `RequestStopped` is what the caller asked for.
 """
 
 
@@ -15,3 +15,7 @@ class InvalidInput(EngineError):
 
 class GenerationFailed(EngineError):
     """The model failed while generating; the request itself was valid."""
+
+
+class RequestStopped(EngineError):
+    """The caller cancelled the request or its deadline passed before the audio was done."""

@@ -1,28 +1,41 @@
-"""A faster talker generation loop for Qwen3-TTS, with the inputs and outputs of the stock one.
+"""A continuously batching talker generation loop for Qwen3-TTS, with the stock one's results.
 
 qwen-tts builds the talker's prompt (text, speaker embedding, reference codes) and then calls
 `talker.generate`, transformers' generic loop: a growing KV cache, a `code_predictor.generate`
 call per frame, logits processors and a host synchronisation every step. `FastTalker` replaces
-only that call and runs the model's own layers and weights with:
+only that call. It is thread-safe: each caller's rows join one generation loop, run by a thread
+of the talker's own, that owns the device:
 
-- static KV caches for the talker and the code predictor (preallocated, written in place);
+- one workspace allocated when the loop is built, at its maximum (`max_rows` rows, each with
+  `max_positions` talker positions): static KV caches and every per-row tensor, written in place;
 - per 12.5 Hz frame, the code predictor's loop (codebooks 1..15) and the talker's decode step as
-  two functions that touch only static tensors, captured as CUDA graphs per batch-size bucket
-  (and per attention-length bucket for the talker) when the model is on a CUDA device;
-- sampling on the device (temperature, top-k, top-p, repetition penalty, the end token held back
-  for the first frames), and a look at the finished rows only every few frames;
-- batched rows that stop independently: a finished row emits the end token, and once the live
-  rows fit a smaller bucket they are moved to the front so finished rows stop costing.
+  two functions that touch only the workspace, captured as CUDA graphs per (batch bucket,
+  attention length, top-k width) during `warm_up`, then only replayed;
+- every row carries its own position, text cursor, sampling settings, frame limit and seed;
+  sampling noise is a hash of (seed, frame, codebook, token), so a seeded row draws the same
+  numbers whatever rows run beside it; top-k goes through `topk`, not a sort of the vocabulary;
+- every `check_every` frames the loop copies that window's codes to the host once, retires
+  finished rows, drops the rows of callers that stopped (cancelled, past their deadline),
+  compacts the live rows to the front so the batch bucket shrinks, and admits waiting rows into
+  the free slots (a prefill of each newcomer only);
+- a row whose logits turn non-finite ends with an error for its caller, and its slot's cache is
+  zeroed, so nothing of it reaches a later row.
 
 On a CPU the same code runs without graph capture, which is how the tests compare it with the
 stock loop. `FastTalker.installed()` routes qwen-tts's own `generate_voice_clone` through it, so
-prompt building, trimming at the end token and the batched speech-tokenizer decode stay theirs.
+prompt building, trimming at the end token and the speech-tokenizer decode stay theirs (and run
+on the caller's thread, beside the loop).
 """
 
+import logging
 import math
-from collections.abc import Callable, Hashable, Iterator
+import secrets
+import threading
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,12 +44,25 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-__all__ = ["FastTalker", "TalkerSampling", "batch_bucket", "stock_talker_kwargs"]
+__all__ = [
+    "FastTalker",
+    "GenerationStopped",
+    "LoopStats",
+    "RowOptions",
+    "TalkerSampling",
+    "batch_bucket",
+    "row_options",
+    "stock_talker_kwargs",
+]
+
+logger = logging.getLogger(__name__)
 
 _BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _KV_STEP = 256  # attention-length bucket: graphs attend over a multiple of this many positions
 _GROUPED_SDPA = "fastgen_grouped_sdpa"  # our attention function's name in transformers' registry
-_INITIAL_FRAMES = 512  # KV room at first (41 s of audio); it doubles when a generation needs more
+_TOP_K_WIDTH = 64  # candidates a narrow step keeps; rows with top-k off or larger take a wide one
+_MAX_TEXT = 512  # trailing text tokens a row may carry (a 200-character chunk has about 60)
+_STAGES = 16  # noise counter: per frame, stage 0 is the talker's token, 1.. the codebooks
 # What qwen-tts passes to `talker.generate`; the last two only shape the stock result.
 _ACCEPTED_KWARGS = frozenset(
     {
@@ -58,6 +84,10 @@ _ACCEPTED_KWARGS = frozenset(
         "return_dict_in_generate",
     }
 )
+
+
+class GenerationStopped(Exception):
+    """A caller's rows were dropped because it stopped waiting (cancelled or past a deadline)."""
 
 
 def batch_bucket(rows: int) -> int:
@@ -88,9 +118,14 @@ class TalkerSampling:
     token_bias: tuple[tuple[int, float], ...] = ()  # single-token `sequence_bias` entries
 
     @property
-    def graph_constants(self) -> tuple[bool, bool, int, int]:
-        """The settings a captured step holds as constants (the others live in tensors)."""
-        return (self.do_sample, self.subtalker_dosample, self.min_new_tokens, self.eos_token_id)
+    def wide(self) -> bool:
+        """Whether the talker's top-k keeps more candidates than a narrow step holds."""
+        return _wide(self.do_sample, self.top_k)
+
+    @property
+    def sub_wide(self) -> bool:
+        """The same for the code predictor."""
+        return _wide(self.subtalker_dosample, self.subtalker_top_k)
 
     @classmethod
     def from_generate_kwargs(
@@ -119,6 +154,36 @@ class TalkerSampling:
             suppress_tokens=tuple(kwargs.get("suppress_tokens") or ()),
             token_bias=_single_token_bias(bias),
         )
+
+
+def _wide(do_sample: bool, top_k: int) -> bool:
+    return do_sample and not 0 < top_k <= _TOP_K_WIDTH
+
+
+@dataclass(frozen=True)
+class RowOptions:
+    """What a caller adds to the stock arguments, per row of its call: a seed (None: a random
+    one), a frame cap (None: only `max_new_tokens` limits the row); and for the call, `stop`,
+    polled between frames, which returns why the caller no longer wants its rows (or None to
+    go on), and `first_frames`, called (on the loop's thread) when its first frames are done."""
+
+    seeds: Sequence[int | None] | None = None
+    frame_caps: Sequence[int | None] | None = None
+    stop: Callable[[], str | None] | None = None
+    first_frames: Callable[[], None] | None = None
+
+
+_ROW_OPTIONS: ContextVar[RowOptions | None] = ContextVar("fastgen_row_options", default=None)
+
+
+@contextmanager
+def row_options(options: RowOptions) -> Iterator[None]:
+    """Within (on this thread): `talker.generate` calls routed here use `options`."""
+    token = _ROW_OPTIONS.set(options)
+    try:
+        yield
+    finally:
+        _ROW_OPTIONS.reset(token)
 
 
 def stock_talker_kwargs(talker_config: Any, max_new_tokens: int, **overrides: Any) -> dict:
@@ -161,25 +226,34 @@ def _single_token_bias(sequence_bias: Any) -> tuple[tuple[int, float], ...]:
 class _StaticCache:
     """Preallocated keys and values per layer, shaped (rows, kv heads, positions, head dim).
 
-    Implements the one method the qwen-tts attention layers call on a cache. `rows` and
-    `length` select the views the current step uses; the storage never moves, which is what
-    lets a captured graph be replayed."""
+    Implements the one method the qwen-tts attention layers call on a cache. `select` sets the
+    rows and attention length the next call uses, and whether each row writes at a position of
+    its own (a decode step) or all rows at the same positions (a prefill, the code predictor).
+    The storage never moves, which is what lets a captured graph be replayed."""
 
     def __init__(self, layers: int, rows: int, heads: int, positions: int, head_dim: int, **kw):
         shape = (rows, heads, positions, head_dim)
         self.keys = [torch.zeros(shape, **kw) for _ in range(layers)]
         self.values = [torch.zeros(shape, **kw) for _ in range(layers)]
-        self.rows = rows
-        self.length = positions
+        self.row_ids = torch.arange(rows, device=kw["device"])
+        self.rows, self.length, self.per_row = slice(0, rows), positions, False
+
+    def select(self, rows: slice, length: int, per_row: bool) -> None:
+        self.rows, self.length, self.per_row = rows, length, per_row
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: dict
     ) -> tuple[torch.Tensor, torch.Tensor]:
         position = cache_kwargs["cache_position"]
-        keys = self.keys[layer_idx][: self.rows]
-        values = self.values[layer_idx][: self.rows]
-        keys.index_copy_(2, position, key)
-        values.index_copy_(2, position, value)
+        keys = self.keys[layer_idx][self.rows]
+        values = self.values[layer_idx][self.rows]
+        if self.per_row:  # one query position per row, at that row's own position
+            ids = self.row_ids[: keys.shape[0]]
+            keys[ids, :, position] = key[:, :, 0]
+            values[ids, :, position] = value[:, :, 0]
+        else:
+            keys.index_copy_(2, position, key)
+            values.index_copy_(2, position, value)
         return keys[:, :, : self.length], values[:, :, : self.length]
 
     def keep_rows(self, index: torch.Tensor, positions: int) -> None:
@@ -187,50 +261,79 @@ class _StaticCache:
         for tensor in (*self.keys, *self.values):
             tensor[: len(index), :, :positions] = tensor[index, :, :positions]
 
-    def copy_from(self, other: "_StaticCache") -> None:
-        """Take over a smaller cache's contents (same layers and heads)."""
-        for mine, theirs in zip(
-            (*self.keys, *self.values), (*other.keys, *other.values), strict=True
-        ):
-            _copy_prefix(mine, theirs)
+    def zero_row(self, row: int) -> None:
+        for tensor in (*self.keys, *self.values):
+            tensor[row].zero_()
 
 
 class _GraphRunner:
-    """Runs a step function eagerly the first time it sees a key (warm-up, doing the real
-    work), then captures it as a CUDA graph and replays it from then on. Disabled: always eager.
+    """Replays a step's CUDA graph when one was captured for its key, else runs it eagerly.
+    Graphs are captured only by `capture` (at warm-up), never in the middle of requests.
 
     A captured function must read and write only tensors whose storage outlives the graph."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self) -> None:
         self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
-        self._warmed: set[Hashable] = set()
         self._pool: Any = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
 
     def run(self, key: Hashable, step: Callable[[], None]) -> None:
         graph = self._graphs.get(key)
-        if graph is not None:
-            graph.replay()
-        elif not self.enabled or key not in self._warmed:
+        if graph is None:
             step()
-            self._warmed.add(key)
         else:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                step()  # recorded, not executed
-            self._pool = self._pool or graph.pool()
-            self._graphs[key] = graph
             graph.replay()
+
+    def capture(self, key: Hashable, step: Callable[[], None]) -> None:
+        step()  # once eagerly first: lazy initialisation must not happen during capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            step()  # recorded, not executed
+        self._pool = self._pool or graph.pool()
+        self._graphs[key] = graph
 
     def clear(self) -> None:
         self._graphs.clear()
-        self._warmed.clear()
         self._pool = None
 
 
+# The workspace's tensors with one entry per row, moved together when rows are compacted.
+_ROW_STATE = (
+    "valid",
+    "token",
+    "hidden",
+    "finished",
+    "bad",
+    "seen",
+    "rope_delta",
+    "text",
+    "frame",
+    "frame_embed",
+    "step",
+    "position",
+    "limit",
+    "min_new",
+    "bias",
+    "do_sample",
+    "sub_do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "penalty",
+    "sub_temperature",
+    "sub_top_k",
+    "sub_top_p",
+    "seed_lo",
+    "seed_hi",
+)
+
+
 class _Workspace:
-    """Every tensor a frame step reads or writes, sized for `rows` rows and `positions`
-    talker positions. Steps work on the first `b` rows (the current batch bucket)."""
+    """Every tensor a frame step reads or writes, for `rows` rows of `positions` talker
+    positions each. Steps work on the first `b` rows (the current batch bucket); rows past the
+    live ones are idle: finished, frozen at position 0."""
 
     def __init__(self, talker: nn.Module, rows: int, positions: int, text_len: int) -> None:
         config = talker.config
@@ -238,105 +341,193 @@ class _Workspace:
         param = next(talker.parameters())
         dev, dtype = param.device, param.dtype
         kw = {"device": dev, "dtype": dtype}
-        groups = config.num_code_groups
+        groups, vocab, width = config.num_code_groups, config.vocab_size, config.hidden_size
         self.rows, self.positions, self.text_len = rows, positions, text_len
         self.cache = _StaticCache(
-            config.num_hidden_layers,
-            rows,
-            config.num_key_value_heads,
-            positions,
-            _head_dim(config),
-            **kw,
-        )
+            config.num_hidden_layers, rows, config.num_key_value_heads, positions,
+            _head_dim(config), **kw,
+        )  # fmt: skip
         self.cp_cache = _StaticCache(
-            cp_config.num_hidden_layers,
-            rows,
-            cp_config.num_key_value_heads,
-            groups,
-            _head_dim(cp_config),
-            **kw,
-        )
-        self.valid = torch.zeros(rows, positions, dtype=torch.bool, device=dev)
-        self.token = torch.zeros(rows, dtype=torch.long, device=dev)
-        self.hidden = torch.zeros(rows, config.hidden_size, **kw)
-        self.finished = torch.ones(rows, dtype=torch.bool, device=dev)
-        self.seen = torch.zeros(rows, config.vocab_size, dtype=torch.bool, device=dev)
-        self.rope_delta = torch.zeros(rows, dtype=torch.long, device=dev)
-        self.text = torch.zeros(rows, text_len, config.hidden_size, **kw)
-        self.text_pad = torch.zeros(config.hidden_size, **kw)
-        self.text_used = torch.zeros((), dtype=torch.long, device=dev)  # this call's text length
-        self.frame = torch.zeros(rows, groups, dtype=torch.long, device=dev)
-        self.frame_embed = torch.zeros(rows, config.hidden_size, **kw)
-        self.step = torch.zeros(1, dtype=torch.long, device=dev)  # frames done
-        self.position = torch.zeros(1, dtype=torch.long, device=dev)  # next talker position
+            cp_config.num_hidden_layers, rows, cp_config.num_key_value_heads, groups,
+            _head_dim(cp_config), **kw,
+        )  # fmt: skip
         self.cp_positions = torch.arange(groups, device=dev)
         self.cp_causal = torch.ones(groups, groups, dtype=torch.bool, device=dev).tril()
-        self.bias = torch.zeros(config.vocab_size, dtype=torch.float32, device=dev)
-        scalars = ("temperature", "top_p", "penalty", "sub_temperature", "sub_top_p")
-        self.scalars = {name: torch.ones((), device=dev) for name in scalars}
-        self.top_k = torch.zeros((), dtype=torch.long, device=dev)
-        self.sub_top_k = torch.zeros((), dtype=torch.long, device=dev)
 
-    def fits(self, rows: int, positions: int, text_len: int) -> bool:
-        return rows <= self.rows and positions <= self.positions and text_len <= self.text_len
+        def per_row(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.zeros(rows, *shape, dtype=dtype, device=dev)
 
-    def copy_from(self, other: "_Workspace") -> None:
-        """Take over a smaller workspace's state mid-generation (when it runs out of room)."""
-        for name, mine in vars(self).items():
-            theirs = getattr(other, name)
-            if isinstance(mine, _StaticCache):
-                mine.copy_from(theirs)
-            elif isinstance(mine, torch.Tensor):
-                _copy_prefix(mine, theirs)
-            elif isinstance(mine, dict):
-                for key, tensor in mine.items():
-                    tensor.copy_(theirs[key])
+        self.valid = per_row(positions, dtype=torch.bool)
+        self.token = per_row()
+        self.hidden = per_row(width, dtype=dtype)
+        self.finished = per_row(dtype=torch.bool)
+        self.bad = per_row(dtype=torch.bool)  # non-finite logits seen
+        self.seen = per_row(vocab, dtype=torch.bool)
+        self.rope_delta = per_row()
+        self.text = per_row(text_len, width, dtype=dtype)  # trailing text, then the pad embed
+        self.frame = per_row(groups)
+        self.frame_embed = per_row(width, dtype=dtype)
+        self.step = per_row()  # frames done
+        self.position = per_row()  # next talker position
+        self.limit = per_row()  # frames the row may run
+        self.min_new = per_row()
+        self.bias = per_row(vocab, dtype=torch.float32)
+        self.do_sample = per_row(dtype=torch.bool)
+        self.sub_do_sample = per_row(dtype=torch.bool)
+        for name in ("temperature", "top_p", "penalty", "sub_temperature", "sub_top_p"):
+            setattr(self, name, per_row(dtype=torch.float32))
+        self.top_k = per_row()
+        self.sub_top_k = per_row()
+        self.seed_lo = per_row()
+        self.seed_hi = per_row()
+        self.clear()
 
-    def load_sampling(self, sampling: TalkerSampling) -> None:
-        """Copy this call's sampling settings into the tensors the captured steps read."""
-        values = {
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "penalty": sampling.repetition_penalty,
-            "sub_temperature": sampling.subtalker_temperature,
-            "sub_top_p": sampling.subtalker_top_p,
-        }
-        for name, value in values.items():
-            self.scalars[name].fill_(value)
-        self.top_k.fill_(sampling.top_k)
-        self.sub_top_k.fill_(sampling.subtalker_top_k)
-        self.bias.zero_()
-        for token, bias in sampling.token_bias:
-            self.bias[token] += bias
-        if sampling.suppress_tokens:
-            self.bias[list(sampling.suppress_tokens)] = -math.inf
+    def clear(self) -> None:
+        """Every row idle (after warm-up wrote into them)."""
+        for name in _ROW_STATE:
+            getattr(self, name).zero_()
+        self.finished.fill_(True)
+        self.valid[:, 0] = True  # an idle row attends to something, so it computes no NaN
+        for name in ("temperature", "top_p", "penalty", "sub_temperature", "sub_top_p"):
+            getattr(self, name).fill_(1.0)
 
-    def keep_rows(self, index: torch.Tensor, live: int) -> None:
-        """Move rows `index` to the front; rows past `live` are padding and count as finished."""
-        used = int(self.position.item())
-        self.cache.keep_rows(index, used)
-        for tensor in (self.token, self.hidden, self.finished, self.seen, self.rope_delta):
+    def keep_rows(self, index: torch.Tensor, positions: int) -> None:
+        """Move rows `index` to the front (rows after them become idle duplicates)."""
+        self.cache.keep_rows(index, positions)
+        for name in _ROW_STATE:
+            tensor = getattr(self, name)
             tensor[: len(index)] = tensor[index]
-        self.valid[: len(index), :used] = self.valid[index, :used]
-        self.text[: len(index)] = self.text[index]
-        self.finished[live : len(index)] = True
+
+    def load_row(self, slot: int, row: "_Row") -> None:
+        """Reset slot `slot` for `row`: its own cache zeroed (nothing of an earlier row, not
+        even a NaN, can reach it through masked attention), its settings, text and seed."""
+        sampling = row.sampling
+        self.cache.zero_row(slot)
+        self.cp_cache.zero_row(slot)
+        length = row.embeds.shape[0]
+        self.valid[slot] = False
+        self.valid[slot, :length] = True
+        self.text[slot] = row.pad
+        self.text[slot, : row.text.shape[0]] = row.text
+        self.finished[slot] = False
+        self.bad[slot] = False
+        self.seen[slot] = False
+        self.step[slot] = 0
+        self.position[slot] = length
+        self.limit[slot] = row.limit
+        self.min_new[slot] = sampling.min_new_tokens
+        self.bias[slot] = _bias_vector(sampling, self.bias.shape[1]).to(self.bias.device)
+        self.do_sample[slot] = sampling.do_sample
+        self.sub_do_sample[slot] = sampling.subtalker_dosample
+        self.temperature[slot] = sampling.temperature
+        self.top_k[slot] = sampling.top_k
+        self.top_p[slot] = sampling.top_p
+        self.penalty[slot] = sampling.repetition_penalty
+        self.sub_temperature[slot] = sampling.subtalker_temperature
+        self.sub_top_k[slot] = sampling.subtalker_top_k
+        self.sub_top_p[slot] = sampling.subtalker_top_p
+        self.seed_lo[slot] = row.seed & _M32
+        self.seed_hi[slot] = row.seed >> 32
+
+
+def _bias_vector(sampling: TalkerSampling, vocab: int) -> torch.Tensor:
+    """Sequence bias and suppressed tokens as one additive vector (on the CPU)."""
+    bias = torch.zeros(vocab, dtype=torch.float32)
+    for token, value in sampling.token_bias:
+        bias[token] += value
+    if sampling.suppress_tokens:
+        bias[list(sampling.suppress_tokens)] = -math.inf
+    return bias
+
+
+@dataclass(eq=False)
+class _Call:
+    """One `generate` call: its rows, how it may be stopped, and when it is done."""
+
+    stop: Callable[[], str | None] | None
+    first_frames: Callable[[], None] | None = None
+    rows: list["_Row"] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        for row in self.rows:
+            row.ended = True
+        self.done.set()
+
+    def row_ended(self) -> None:
+        if all(row.ended for row in self.rows):
+            self.done.set()
+
+
+@dataclass(eq=False)
+class _Row:
+    """One prompt of a call, waiting or in a slot of the loop."""
+
+    call: _Call
+    embeds: torch.Tensor  # (prompt length, hidden): the prompt without padding
+    text: torch.Tensor  # (trailing text length, hidden)
+    pad: torch.Tensor  # (hidden,): read once the text is
+    sampling: TalkerSampling
+    seed: int
+    limit: int  # frames this row may run
+    capped: bool  # `limit` comes from the caller's frame cap, not `max_new_tokens`
+    windows: list[torch.Tensor] = field(default_factory=list)  # codes, (frames, groups) each
+    count: int = 0  # frames run
+    length: int | None = None  # frames kept, once the row ended normally
+    ended: bool = False
+
+    def take(self, codes: torch.Tensor, eos: int) -> None:
+        """Record one window's codes; the row ends at its end token or its limit."""
+        self.windows.append(codes)
+        self.count += len(codes)
+        stops = torch.nonzero(codes[:, 0] == eos)
+        if len(stops):
+            self.length = self.count - len(codes) + int(stops[0, 0])
+        elif self.count >= self.limit:
+            self.length = self.limit
+        if self.length is not None:
+            self.length = min(self.length, self.limit)
+            self.ended = True
+
+    def codes(self) -> torch.Tensor:
+        return torch.cat(self.windows)[: self.length] if self.windows else torch.zeros(0, 0)
+
+
+@dataclass
+class LoopStats:
+    """Counters since the loop was built (read them for metrics)."""
+
+    rows: int = 0  # rows admitted
+    rows_capped: int = 0  # rows cut at their frame cap (runaway rows)
+    rows_non_finite: int = 0  # rows ended by non-finite logits
+    rows_stopped: int = 0  # rows dropped because their caller stopped
+    largest_batch: int = 0  # the most rows that ran a window together
 
 
 class FastTalker:
-    """Generates the talker's codes for a left-padded batch of prompts.
+    """Generates the talker's codes for the rows of every concurrent `generate` call in one
+    continuously batched loop.
 
-    `cuda_graphs` None: capture when the model is on a CUDA device. `check_every`: frames
-    between looks at which rows have finished (each look waits for the device). `kv_step` and
-    `initial_frames` size the talker's KV cache (tests make them small to exercise growth)."""
+    `max_rows` rows run at once (more wait for a free slot); each has room for
+    `max_positions` talker positions (prompt plus frames). `cuda_graphs` None: capture at
+    `warm_up` when the model is on a CUDA device. `check_every`: frames between looks at the
+    rows (each look waits for the device; rows join and leave only then). `kv_step`: the
+    attention-length bucket. `compile_steps`: run the two step functions through
+    `torch.compile` (CUDA only), inside the graphs."""
 
     def __init__(
         self,
         talker: nn.Module,
         *,
+        max_rows: int = 16,
+        max_positions: int = 2048,
         cuda_graphs: bool | None = None,
         check_every: int = 8,
         kv_step: int = _KV_STEP,
-        initial_frames: int = _INITIAL_FRAMES,
+        compile_steps: bool = False,
     ) -> None:
         implementation = talker.config._attn_implementation
         if implementation not in ("sdpa", "eager"):
@@ -344,22 +535,68 @@ class FastTalker:
         if getattr(talker.config, "sliding_window", None) is not None:
             raise ValueError("fast generation does not support sliding-window attention")
         self.talker = talker
+        self.max_rows = max_rows
+        self.kv_step = kv_step
+        self.max_positions = _round_up(max_positions, kv_step)
         self.check_every = max(1, check_every)
-        self.kv_step, self.initial_frames = kv_step, initial_frames
+        self.stats = LoopStats()
+        self._eos = int(talker.config.codec_eos_token_id)
         self._cuda_graphs = cuda_graphs
+        self._compile = compile_steps
         self._eager_mask = implementation == "eager"
-        self._workspace: _Workspace | None = None
-        self._graphs = _GraphRunner(False)
+        self._graphs = _GraphRunner()
+        self._cond = threading.Condition()
+        self._waiting: deque[_Row] = deque()  # guarded by _cond
+        self._slots: list[_Row] = []  # the live rows, row i in slot i (the loop's own)
+        self._device = threading.Lock()  # held by the loop while it runs, by reset and warm_up
+        self._thread: threading.Thread | None = None
+        self._allocate()
+
+    def _allocate(self) -> None:
+        self._workspace = _Workspace(self.talker, self.max_rows, self.max_positions, _MAX_TEXT)
+        self._graphs.clear()
+        self._steps = (self._predict_codes, self._talker_step)
+        if self._compile and self._workspace.token.is_cuda:
+            self._steps = tuple(torch.compile(step, dynamic=False) for step in self._steps)
+
+    @property
+    def graphs_enabled(self) -> bool:
+        on_cuda = self._workspace.token.is_cuda
+        return on_cuda if self._cuda_graphs is None else self._cuda_graphs and on_cuda
 
     def reset(self) -> None:
-        """Drop buffers and graphs, e.g. after the model moved to another device."""
-        self._workspace = None
-        self._graphs.clear()
+        """Reallocate the workspace on the talker's current device and drop the graphs (e.g.
+        after the model moved). Calls in flight fail."""
+        with self._device:
+            self._fail_everything(GenerationStopped("the generation loop was reset"))
+            self._workspace = None  # type: ignore[assignment]  # free it before the new one
+            self._allocate()
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Capture every (batch bucket, attention length, top-k width) step as a CUDA graph,
+        so no request ever waits for a capture (no-op without CUDA graphs)."""
+        if not self.graphs_enabled:
+            return
+        with self._device, self._grouped_attention():
+            ws = self._workspace
+            predict, talk = self._steps
+            for bucket in _BUCKETS[: _BUCKETS.index(batch_bucket(self.max_rows)) + 1]:
+                for wide in (False, True):
+                    self._graphs.capture(
+                        ("codes", bucket, wide), lambda b=bucket, w=wide: predict(ws, b, w)
+                    )
+                    for length in range(self.kv_step, self.max_positions + 1, self.kv_step):
+                        self._graphs.capture(
+                            ("talker", bucket, length, wide),
+                            lambda b=bucket, n=length, w=wide: talk(ws, b, n, w),
+                        )
+            ws.clear()
 
     @contextmanager
     def installed(self) -> Iterator[None]:
         """Within: the talker's `generate` is this loop (qwen-tts calls it from its own
-        generate methods). Not thread-safe; the engine holds its lock around it."""
+        generate methods, on any number of threads)."""
         self.talker.generate = self.generate_like_stock
         try:
             yield
@@ -377,17 +614,242 @@ class FastTalker:
         return SimpleNamespace(hidden_states=steps)
 
     @torch.inference_mode()
-    def generate(self, **kwargs: Any) -> torch.Tensor:
-        """Codes shaped (rows, frames, code groups) for `talker.generate`'s arguments. After
-        a row's end token, its first codebook holds the end token (as in the stock loop, whose
-        caller cuts there)."""
+    def generate(
+        self,
+        *,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        trailing_text_hidden: torch.Tensor,
+        tts_pad_embed: torch.Tensor,
+        options: RowOptions | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Codes shaped (rows, frames, code groups) for `talker.generate`'s arguments (and
+        `options`, default: those set by `row_options` on this thread). After a row's end, its
+        first codebook holds the end token (as in the stock loop, whose caller cuts there).
+        Raises `GenerationStopped` when `options.stop` answered, RuntimeError when a row's
+        logits turned non-finite."""
+        sampling = TalkerSampling.from_generate_kwargs(kwargs, self.talker.generation_config)
+        if sampling.eos_token_id != self._eos:
+            raise TypeError("fast generation ends rows at the model's own end token only")
+        call = self._call(
+            inputs_embeds, attention_mask, trailing_text_hidden, tts_pad_embed.reshape(-1),
+            sampling, options or _ROW_OPTIONS.get() or RowOptions(),
+        )  # fmt: skip
+        if not call.done.is_set():
+            self._submit(call)
+            call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return self._codes(call, inputs_embeds.device)
+
+    def _call(
+        self,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        text: torch.Tensor,
+        pad: torch.Tensor,
+        sampling: TalkerSampling,
+        options: RowOptions,
+    ) -> _Call:
+        rows = mask.shape[0]
+        seeds = list(options.seeds or [None] * rows)
+        caps = list(options.frame_caps or [None] * rows)
+        if len(seeds) != rows or len(caps) != rows:
+            raise ValueError(f"options give {len(seeds)} seeds and {len(caps)} caps for {rows}")
+        if text.shape[1] >= _MAX_TEXT:
+            raise ValueError(f"a row's text has {text.shape[1]} tokens; the limit is {_MAX_TEXT}")
+        call = _Call(stop=options.stop, first_frames=options.first_frames)
+        for index in range(rows):
+            prompt = embeds[index][mask[index].bool()]
+            room = self.max_positions - prompt.shape[0] - 1
+            if room < 1:
+                raise ValueError(
+                    f"a prompt of {prompt.shape[0]} positions leaves no room for frames "
+                    f"(the loop has {self.max_positions} per row)"
+                )
+            cap = caps[index]
+            limit = min(sampling.max_new_tokens - 1, room)
+            capped = cap is not None and cap < limit
+            seed = seeds[index]
+            call.rows.append(
+                _Row(
+                    call=call,
+                    embeds=prompt,
+                    text=text[index],
+                    pad=pad,
+                    sampling=sampling,
+                    seed=secrets.randbits(63) if seed is None else seed,
+                    limit=min(limit, cap) if capped else limit,
+                    capped=capped,
+                )
+            )
+        for row in call.rows:
+            if row.limit <= 0:
+                row.ended, row.length = True, 0
+        call.row_ended()  # done at once when no row may run a frame
+        return call
+
+    def _codes(self, call: _Call, device: torch.device) -> torch.Tensor:
+        """Each row's kept frames, padded with end-token frames to the longest."""
+        groups = self.talker.config.num_code_groups
+        kept = [row.codes() if row.length else None for row in call.rows]
+        frames = max((len(codes) for codes in kept if codes is not None), default=0)
+        out = torch.zeros(len(call.rows), frames, groups, dtype=torch.long)
+        out[..., 0] = self._eos
+        for index, codes in enumerate(kept):
+            if codes is not None:
+                out[index, : len(codes)] = codes
+        return out.to(device)
+
+    def _submit(self, call: _Call) -> None:
+        with self._cond:
+            self._waiting.extend(row for row in call.rows if not row.ended)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._serve, name="fastgen-loop", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    # The loop (its own thread) --------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._slots and not self._waiting:
+                    self._cond.wait()
+            with self._device, torch.inference_mode():
+                try:
+                    self._cycle()
+                except Exception as exc:  # the loop outlives any one batch's failure
+                    self._fail_everything(exc)
+
+    def _cycle(self) -> None:
+        """Drop stopped callers' rows, admit waiting rows, run a window of frames, retire."""
+        self._drop_stopped()
+        self._admit()
+        if self._slots:
+            codes, bad = self._run_window()
+            self._retire(codes, bad)
+
+    def _drop_stopped(self) -> None:
+        with self._cond:
+            calls = {row.call: None for row in (*self._slots, *self._waiting)}
+        for call in calls:
+            reason = _callback(call.stop) if call.stop is not None else None
+            if reason is not None:
+                self.stats.rows_stopped += sum(not row.ended for row in call.rows)
+                call.fail(GenerationStopped(reason))
+        with self._cond:
+            self._waiting = deque(row for row in self._waiting if not row.ended)
+        self._compact()
+
+    def _admit(self) -> None:
+        with self._cond:
+            free = self.max_rows - len(self._slots)
+            newcomers = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        for row in newcomers:
+            self._slots.append(row)
+            self._prefill(len(self._slots) - 1, row)
+            self.stats.rows += 1
+
+    def _prefill(self, slot: int, row: _Row) -> None:
+        """Run the row's prompt through the talker into its slot's cache and choose its first
+        token. Alone, unpadded: the row's numbers do not depend on who else is admitted."""
+        ws = self._workspace
+        ws.load_row(slot, row)
+        length = row.embeds.shape[0]
+        device = ws.token.device
+        mask = torch.ones(1, length, dtype=torch.long, device=device)
+        positions, deltas = self.talker.get_rope_index(mask)
+        ws.rope_delta[slot] = deltas.flatten()[0]
+        attend = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        cache_position = torch.arange(length, device=device)
+        rows = slice(slot, slot + 1)
         with self._grouped_attention():
-            return self._generate(**kwargs)
+            hidden = self._talker_layers(
+                ws, rows, row.embeds[None], positions, attend[None, None], cache_position,
+                length, per_row=False,
+            )  # fmt: skip
+        ws.hidden[rows] = hidden[:, -1]
+        logits = self.talker.codec_head(hidden[:, -1]).float()
+        generated = torch.zeros(1, dtype=torch.long, device=device)
+        self._choose_token(ws, rows, logits, generated, row.sampling.wide)
+
+    def _run_window(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to `check_every` frames for the live rows; their codes and non-finite flags,
+        copied to the host once."""
+        ws, slots = self._workspace, self._slots
+        bucket = batch_bucket(len(slots))
+        self.stats.largest_batch = max(self.stats.largest_batch, len(slots))
+        frames = min(self.check_every, max(row.limit - row.count for row in slots))
+        furthest = max(row.embeds.shape[0] + row.count for row in slots) + frames
+        length = min(_round_up(furthest + 1, self.kv_step), ws.positions)
+        wide = any(row.sampling.wide for row in slots)
+        sub_wide = any(row.sampling.sub_wide for row in slots)
+        predict, talk = self._steps
+        recorded = []
+        with self._grouped_attention():
+            for _ in range(frames):
+                self._graphs.run(("codes", bucket, sub_wide), lambda: predict(ws, bucket, sub_wide))
+                self._graphs.run(
+                    ("talker", bucket, length, wide), lambda: talk(ws, bucket, length, wide)
+                )
+                recorded.append(ws.frame[:bucket].clone())
+        return torch.stack(recorded, dim=1).cpu(), ws.bad[:bucket].cpu()
+
+    def _retire(self, codes: torch.Tensor, bad: torch.Tensor) -> None:
+        for slot, row in enumerate(self._slots):
+            if row.ended:  # its caller failed meanwhile
+                continue
+            if bad[slot]:
+                self.stats.rows_non_finite += 1
+                row.call.fail(RuntimeError("the model's logits turned non-finite (NaN)"))
+                self._workspace.cache.zero_row(slot)  # its NaNs must not outlive it
+                continue
+            if row.call.first_frames is not None:
+                _callback(row.call.first_frames)
+                row.call.first_frames = None
+            row.take(codes[slot], self._eos)
+            if row.ended:
+                if row.capped and row.length == row.limit:
+                    self.stats.rows_capped += 1
+                    logger.warning("A row never ended; cut at its cap of %d frames", row.limit)
+                row.call.row_ended()
+        self._compact()
+
+    def _compact(self) -> None:
+        """Move the live rows to the front, in order, so the batch bucket shrinks."""
+        keep = [slot for slot, row in enumerate(self._slots) if not row.ended]
+        if len(keep) == len(self._slots):
+            return
+        kept = [self._slots[slot] for slot in keep]
+        if keep != list(range(len(keep))):
+            used = max(row.embeds.shape[0] + row.count + 1 for row in kept)
+            index = torch.tensor(keep, device=self._workspace.token.device)
+            self._workspace.keep_rows(index, min(used, self._workspace.positions))
+        idle = slice(len(kept), len(self._slots))
+        self._workspace.finished[idle] = True  # rows that left: idle from now on
+        self._workspace.position[idle] = 0
+        self._workspace.valid[idle, 0] = True
+        self._slots = kept
+
+    def _fail_everything(self, error: BaseException) -> None:
+        with self._cond:
+            rows, self._waiting = [*self._slots, *self._waiting], deque()
+        for call in {row.call: None for row in rows}:
+            call.fail(error)
+        self._slots = []
+        if self._workspace is not None:
+            self._workspace.clear()
+
+    # The model's computation ----------------------------------------------------------------
 
     @contextmanager
     def _grouped_attention(self) -> Iterator[None]:
         """Within: the layers' sdpa attention is `_grouped_sdpa` (the talker's config passes
-        the setting on to the code predictor's)."""
+        the setting on to the code predictor's). Only the loop runs the talker's layers."""
         config = self.talker.config
         if config._attn_implementation != "sdpa":
             yield
@@ -398,126 +860,21 @@ class FastTalker:
         finally:
             config._attn_implementation = "sdpa"
 
-    def _generate(
-        self,
-        *,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        trailing_text_hidden: torch.Tensor,
-        tts_pad_embed: torch.Tensor,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        sampling = TalkerSampling.from_generate_kwargs(kwargs, self.talker.generation_config)
-        rows, prompt_len = attention_mask.shape
-        frames = max(sampling.max_new_tokens - 1, 0)
-        bucket = batch_bucket(rows)
-        room = prompt_len + min(frames, self.initial_frames) + 1
-        ws = self._workspace_for(bucket, room, trailing_text_hidden.shape[1])
-        ws.load_sampling(sampling)
-        logits = self._prefill(ws, bucket, inputs_embeds, attention_mask, trailing_text_hidden)
-        ws.text_pad.copy_(tts_pad_embed.reshape(-1))
-        self._choose_token(ws, bucket, logits, sampling, generated=torch.zeros_like(ws.step))
-        slots = torch.full((bucket,), -1, dtype=torch.long)
-        slots[:rows] = torch.arange(rows)
-        segments: list[tuple[torch.Tensor, list[torch.Tensor]]] = [(slots, [])]
-        for frame in range(frames):
-            if frame % self.check_every == 0:
-                if frame:
-                    live = torch.nonzero(~ws.finished[:bucket].cpu()).flatten()
-                    if len(live) == 0:
-                        break
-                    if batch_bucket(len(live)) < bucket:
-                        bucket, slots = self._compact(ws, live, slots)
-                        segments.append((slots, []))
-                room = prompt_len + min(frame + self.check_every, frames) + 1
-                ws = self._workspace_for(bucket, room, ws.text_len, keep_state=True)
-            self._frame(ws, bucket, prompt_len + frame, sampling)
-            segments[-1][1].append(ws.frame[:bucket].clone())
-        return _assemble(segments, rows, ws.frame.shape[1], sampling.eos_token_id)
-
-    def _workspace_for(
-        self, bucket: int, positions: int, text_len: int, *, keep_state: bool = False
-    ) -> _Workspace:
-        """The workspace, replaced by a larger one when it lacks rows, positions or text room
-        (graphs are dropped: they point into the old buffers). `keep_state`: carry a running
-        generation over."""
-        positions = _round_up(positions, self.kv_step)
-        text_len = _round_up(max(text_len, 1), 64)
-        old = self._workspace
-        if old is not None and old.fits(bucket, positions, text_len):
-            return old
-        self._graphs.clear()
-        if old is None:
-            ws = _Workspace(self.talker, bucket, positions, text_len)
-        else:
-            if positions > old.positions:  # at least double, so this happens rarely
-                positions = max(positions, 2 * old.positions)
-            ws = _Workspace(
-                self.talker,
-                max(bucket, old.rows),
-                max(positions, old.positions),
-                max(text_len, old.text_len),
-            )
-            if keep_state:
-                ws.copy_from(old)
-        self._workspace = ws
-        enabled = self._cuda_graphs
-        self._graphs.enabled = ws.token.is_cuda if enabled is None else enabled
-        return ws
-
-    def _prefill(
-        self,
-        ws: _Workspace,
-        bucket: int,
-        embeds: torch.Tensor,
-        mask: torch.Tensor,
-        text: torch.Tensor,
-    ) -> torch.Tensor:
-        """Run the prompt through the talker, filling the cache (rows past the batch copy row 0
-        and count as finished); returns the logits for the first token."""
-        rows, length = mask.shape
-        fill = torch.zeros(bucket, dtype=torch.long, device=mask.device)
-        fill[:rows] = torch.arange(rows, device=mask.device)
-        embeds, mask = embeds[fill], mask[fill].bool()
-        ws.valid[:bucket].zero_()
-        ws.valid[:bucket, :length] = mask
-        ws.text[:bucket].zero_()
-        ws.text[:bucket, : text.shape[1]] = text[fill]
-        ws.text_used.fill_(text.shape[1])
-        ws.finished[:bucket] = True
-        ws.finished[:rows] = False
-        ws.seen[:bucket] = False
-        ws.step.zero_()
-        ws.position.fill_(length)
-        # qwen-tts's rope positions for a left-padded prompt: 0.. over the real tokens, and on
-        # decoding, cache position minus the row's padding (Talker.forward's rope_deltas).
-        positions, deltas = self.talker.get_rope_index(mask.long())
-        ws.rope_delta[:bucket] = (deltas - (~mask).sum(-1, keepdim=True)).flatten()
-        causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
-        # Every query also sees itself, so a padding query never has all keys masked.
-        attend = (mask[:, None, :] & causal) | torch.eye(
-            length, dtype=torch.bool, device=mask.device
-        )
-        cache_position = torch.arange(length, device=mask.device)
-        hidden = self._talker_layers(
-            ws, bucket, embeds, positions, attend[:, None], cache_position, length
-        )
-        ws.hidden[:bucket] = hidden[:, -1]
-        return self.talker.codec_head(hidden[:, -1]).float()
-
     def _talker_layers(
         self,
         ws: _Workspace,
-        bucket: int,
+        rows: slice,
         embeds: torch.Tensor,
         positions: torch.Tensor,
         attend: torch.Tensor,
         cache_position: torch.Tensor,
         length: int,
+        *,
+        per_row: bool,
     ) -> torch.Tensor:
         """The talker decoder (Qwen3TTSTalkerModel.forward without its mask and cache setup)."""
         model = self.talker.model
-        ws.cache.rows, ws.cache.length = bucket, length
+        ws.cache.select(rows, length, per_row)
         embeddings = model.rotary_emb(embeds, positions)
         mask = self._mask(attend, embeds.dtype)
         return _decoder(model, embeds, mask, ws.cache, cache_position, embeddings)
@@ -530,29 +887,17 @@ class FastTalker:
             ~attend, torch.finfo(dtype).min
         )
 
-    def _frame(self, ws: _Workspace, bucket: int, position: int, sampling: TalkerSampling) -> None:
-        """One 12.5 Hz frame: the code predictor completes the current token's codes, then the
-        talker reads the frame and picks the next first-codebook token."""
-        modes = sampling.graph_constants
-        self._graphs.run(
-            ("codes", bucket, modes), lambda: self._predict_codes(ws, bucket, sampling)
-        )
-        length = min(_round_up(position + 1, self.kv_step), ws.positions)
-        self._graphs.run(
-            ("talker", bucket, length, modes),
-            lambda: self._talker_step(ws, bucket, length, sampling),
-        )
-
-    def _predict_codes(self, ws: _Workspace, bucket: int, sampling: TalkerSampling) -> None:
+    def _predict_codes(self, ws: _Workspace, bucket: int, wide: bool) -> None:
         """Codebooks 1..G-1 for the current token, mirroring the code predictor's `forward`:
         step 0 reads [talker hidden, token embedding], step i the embedding of code i-1 (its
         table i-1), and lm_head[i] scores code i. Writes ws.frame and ws.frame_embed."""
         predictor = self.talker.code_predictor
         tables = predictor.model.codec_embedding
-        first = self.talker.model.codec_embedding(ws.token[:bucket])
-        inputs = torch.stack((ws.hidden[:bucket], first), dim=1)
+        rows = slice(0, bucket)
+        first = self.talker.model.codec_embedding(ws.token[rows])
+        inputs = torch.stack((ws.hidden[rows], first), dim=1)
         codes, embeds = [], [first]
-        ws.cp_cache.rows = bucket
+        ws.cp_cache.select(rows, ws.cp_positions.shape[0], per_row=False)
         for index, head in enumerate(predictor.lm_head):
             if index:
                 inputs = embeds[-1][:, None]
@@ -562,20 +907,23 @@ class FastTalker:
                 ws, bucket, predictor.small_to_mtp_projection(inputs), positions
             )
             logits = head(hidden[:, -1]).float()
+            ws.bad[rows] |= logits.isnan().any(dim=-1)
             code = _choose(
                 logits,
-                sampling.subtalker_dosample,
-                ws.scalars["sub_temperature"],
-                ws.sub_top_k,
-                ws.scalars["sub_top_p"],
+                ws.sub_do_sample[rows],
+                ws.sub_temperature[rows],
+                ws.sub_top_k[rows],
+                ws.sub_top_p[rows],
+                noise=(ws.seed_lo[rows], ws.seed_hi[rows], ws.step[rows] * _STAGES + index + 1),
+                wide=wide,
             )
             embed = tables[index](code)
             embeds.append(embed)
             codes.append(code)
-        ws.frame[:bucket, 0] = ws.token[:bucket]
-        ws.frame[:bucket, 1:] = torch.stack(codes, dim=1)
+        ws.frame[rows, 0] = ws.token[rows]
+        ws.frame[rows, 1:] = torch.stack(codes, dim=1)
         # Summed as one stacked reduction, like the stock forward, so the floats agree exactly.
-        ws.frame_embed[:bucket] = torch.stack(embeds, dim=1).sum(1)
+        ws.frame_embed[rows] = torch.stack(embeds, dim=1).sum(1)
 
     def _predictor_layers(
         self, ws: _Workspace, bucket: int, inputs: torch.Tensor, positions: torch.Tensor
@@ -586,64 +934,73 @@ class FastTalker:
         mask = self._mask(attend, inputs.dtype)
         return _decoder(model, inputs, mask, ws.cp_cache, positions, embeddings)
 
-    def _talker_step(
-        self, ws: _Workspace, bucket: int, length: int, sampling: TalkerSampling
-    ) -> None:
-        """Feed the frame (its codes' embeddings plus this step's text) to the talker and
-        choose the next token; advances the step and position counters on the device."""
-        step = ws.step
-        text_index = step.clamp(max=ws.text.shape[1] - 1)
-        text = ws.text[:bucket].index_select(1, text_index)[:, 0]
-        text = torch.where(step < ws.text_used, text, ws.text_pad)
-        embeds = (ws.frame_embed[:bucket] + text)[:, None]
-        ws.valid[:bucket].index_fill_(1, ws.position, True)
-        positions = (ws.position + ws.rope_delta[:bucket])[None, :, None].expand(3, -1, -1)
-        attend = ws.valid[:bucket, None, None, :length]
-        hidden = self._talker_layers(ws, bucket, embeds, positions, attend, ws.position, length)
-        ws.hidden[:bucket] = hidden[:, -1]
+    def _talker_step(self, ws: _Workspace, bucket: int, length: int, wide: bool) -> None:
+        """Feed each row its frame (its codes' embeddings plus the row's next text token, or
+        the pad embedding once the text is read) and choose its next token; advances the
+        row's step, and its position while it runs."""
+        rows = slice(0, bucket)
+        step, position = ws.step[rows], ws.position[rows]
+        cursor = step.clamp(max=ws.text_len - 1)[:, None, None].expand(-1, 1, ws.text.shape[2])
+        text = ws.text[rows].gather(1, cursor)[:, 0]
+        embeds = (ws.frame_embed[rows] + text)[:, None]
+        ws.valid[ws.cache.row_ids[:bucket], position] = True
+        positions = (position + ws.rope_delta[rows])[None, :, None].expand(3, -1, -1)
+        attend = ws.valid[rows, None, None, :length]
+        hidden = self._talker_layers(
+            ws, rows, embeds, positions, attend, position, length, per_row=True
+        )
+        ws.hidden[rows] = hidden[:, -1]
         logits = self.talker.codec_head(hidden[:, -1]).float()
-        self._choose_token(ws, bucket, logits, sampling, generated=step + 1)
+        self._choose_token(ws, rows, logits, step + 1, wide)
         step.add_(1)
-        ws.position.add_(1)
+        position.add_((~ws.finished[rows]).long())
 
     def _choose_token(
         self,
         ws: _Workspace,
-        bucket: int,
+        rows: slice,
         logits: torch.Tensor,
-        sampling: TalkerSampling,
         generated: torch.Tensor,
+        wide: bool,
     ) -> None:
         """The stock processors in transformers' order (sequence bias, repetition penalty,
         minimum length, suppressed tokens; bias and suppression share one vector), then the
-        choice. Finished rows keep emitting the end token."""
-        eos = sampling.eos_token_id
-        logits = logits + ws.bias
-        seen = ws.seen[:bucket]
-        penalty = ws.scalars["penalty"]
+        choice. Finished rows keep emitting the end token; a row ends at the end token, at its
+        frame limit, or when its logits turn non-finite."""
+        eos = self._eos
+        logits = logits + ws.bias[rows]
+        seen = ws.seen[rows]
+        penalty = ws.penalty[rows, None]
         penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
         logits = torch.where(seen, penalised, logits)
-        too_early = generated < sampling.min_new_tokens
+        too_early = generated < ws.min_new[rows]
         logits[:, eos] = torch.where(too_early, -math.inf, logits[:, eos])
+        bad = ws.bad[rows]
+        bad |= logits.isnan().any(dim=-1)
         token = _choose(
-            logits, sampling.do_sample, ws.scalars["temperature"], ws.top_k, ws.scalars["top_p"]
+            logits,
+            ws.do_sample[rows],
+            ws.temperature[rows],
+            ws.top_k[rows],
+            ws.top_p[rows],
+            noise=(ws.seed_lo[rows], ws.seed_hi[rows], generated * _STAGES),
+            wide=wide,
         )
-        finished = ws.finished[:bucket]
+        finished = ws.finished[rows]
         token = torch.where(finished, eos, token)
-        finished |= token == eos
+        finished |= (token == eos) | (generated >= ws.limit[rows]) | bad
         seen.scatter_(1, token[:, None], True)
-        ws.token[:bucket] = token
+        ws.token[rows] = token
 
-    def _compact(
-        self, ws: _Workspace, live: torch.Tensor, slots: torch.Tensor
-    ) -> tuple[int, torch.Tensor]:
-        """Move the live rows to the front and continue with the smaller bucket."""
-        bucket = batch_bucket(len(live))
-        index = torch.cat([live, live[:1].expand(bucket - len(live))])
-        ws.keep_rows(index.to(ws.token.device), len(live))
-        kept = slots[index].clone()
-        kept[len(live) :] = -1
-        return bucket, kept
+
+def _callback(function: Callable[[], Any]) -> Any:
+    """A caller's callback, run on the loop's thread: its failure is logged, never the loop's
+    (which would fail every call in the batch)."""
+    try:
+        return function()
+    except Exception:
+        logger.exception("A generation callback failed")
+        return None
 
 
 def _grouped_sdpa(
@@ -678,53 +1035,55 @@ AttentionInterface.register(_GROUPED_SDPA, _grouped_sdpa)
 
 def _choose(
     logits: torch.Tensor,
-    do_sample: bool,
+    do_sample: torch.Tensor,
     temperature: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
+    *,
+    noise: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    wide: bool,
 ) -> torch.Tensor:
-    """Greedy, or sampling after temperature, top-k (0: off) and top-p (1: off), all on the
-    device. Sampling uses the exponential-race form of a categorical draw (argmax of p / E,
-    E ~ Exp(1)), which needs no host synchronisation and can be captured in a graph."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    ordered, order = (logits / temperature).sort(dim=-1, descending=True)
-    rank = torch.arange(ordered.shape[-1], device=logits.device)
-    keep_k = torch.where(top_k > 0, top_k, ordered.shape[-1])
-    ordered = ordered.masked_fill(rank >= keep_k, -math.inf)
-    probs = ordered.softmax(dim=-1)
+    """Per row: greedy, or sampling after temperature, top-k (0: off) and top-p (1: off), all
+    on the device. A narrow step looks at the best `_TOP_K_WIDTH` candidates through `topk`;
+    a wide one (a row has top-k off or larger) at the whole vocabulary. Sampling is the
+    exponential race (argmax of p / E, E ~ Exp(1)) with E hashed from the row's seed, the
+    counter and the token id (`noise`), so a row's draws depend on nothing else."""
+    greedy = logits.argmax(dim=-1)
+    width = logits.shape[-1] if wide else min(_TOP_K_WIDTH, logits.shape[-1])
+    values, ids = (logits / temperature[:, None]).topk(width, dim=-1)
+    rank = torch.arange(width, device=logits.device)
+    keep = torch.where(top_k > 0, top_k, width)[:, None]
+    values = values.masked_fill(rank >= keep, -math.inf)
+    probs = values.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass of the better-ranked tokens
-    ordered = ordered.masked_fill((before >= top_p) & (top_p < 1), -math.inf)
-    probs = ordered.softmax(dim=-1)
-    pick = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)
-    return order.gather(-1, pick).squeeze(-1)
+    values = values.masked_fill((before >= top_p[:, None]) & (top_p[:, None] < 1), -math.inf)
+    seed_lo, seed_hi, counter = noise
+    race = values - _exponential(seed_lo, seed_hi, counter, ids).log()
+    sampled = ids.gather(-1, race.argmax(dim=-1, keepdim=True)).squeeze(-1)
+    return torch.where(do_sample, sampled, greedy)
 
 
-def _assemble(
-    segments: list[tuple[torch.Tensor, list[torch.Tensor]]], rows: int, groups: int, eos: int
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (xor-shift-multiply rounds), in int64: values stay below 2**32 and
+    multipliers below 2**31, so no product overflows."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x68E31DA5) & _M32
+    return x ^ (x >> 16)
+
+
+def _exponential(
+    seed_lo: torch.Tensor, seed_hi: torch.Tensor, counter: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:
-    """Put each segment's frames back at their original rows; frames a row did not run
-    (it had finished) read as the end token."""
-    frames = [frame for _, part in segments for frame in part]
-    if not frames:
-        return torch.zeros(rows, 0, groups, dtype=torch.long)
-    device = frames[0].device
-    out = torch.zeros(rows, len(frames), groups, dtype=torch.long, device=device)
-    out[..., 0] = eos
-    start = 0
-    for slots, part in segments:
-        if not part:
-            continue
-        block = torch.stack(part, dim=1)
-        used = slots >= 0
-        out[slots[used].to(device), start : start + len(part)] = block[used.to(device)]
-        start += len(part)
-    return out
-
-
-def _copy_prefix(target: torch.Tensor, source: torch.Tensor) -> None:
-    """Copy `source` into the leading corner of the (same or larger) `target`."""
-    target[tuple(slice(0, size) for size in source.shape)] = source
+    """Exp(1) draws, one per (row, candidate), from a hash of (seed, counter, token id)."""
+    key = _hash32(seed_lo ^ _hash32(seed_hi ^ _hash32(counter & _M32)))
+    bits = _hash32((ids + key[:, None]) & _M32)
+    uniform = ((bits >> 8).float() + 0.5) * 2.0**-24  # in (0, 1): no log of 0 or 1
+    return -uniform.log()
 
 
 def _head_dim(config: Any) -> int:

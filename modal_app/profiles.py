@@ -15,6 +15,13 @@ class ModelProfile:
     repo_id: str
     app_name: str
     gpus: tuple[str, ...]  # first choice first; Modal falls back along the list
+    # Inputs one container serves at once (`@modal.concurrent`, fast generation only): Modal
+    # starts another container past `target_inputs` and sends none past `max_inputs`. The
+    # fast loop's rows (each input brings one per sentence chunk) are sized with them: a row
+    # holds 2048 positions of KV cache, about 235 MB for either size's talker.
+    max_inputs: int
+    target_inputs: int
+    batch_rows: int
 
 
 PROFILES: dict[str, ModelProfile] = {
@@ -25,12 +32,18 @@ PROFILES: dict[str, ModelProfile] = {
             repo_id="Qwen/Qwen3-TTS-12Hz-1.7B-Base",
             app_name="voiceclone-qwen3-tts-1-7b",
             gpus=("A10G", "L4"),
+            max_inputs=32,
+            target_inputs=16,
+            batch_rows=32,  # 7.5 GB of KV cache beside 3.4 GB of weights on a 24 GB GPU
         ),
         ModelProfile(
             size="0.6B",
             repo_id="Qwen/Qwen3-TTS-12Hz-0.6B-Base",
             app_name="voiceclone-qwen3-tts-0-6b",
             gpus=("T4", "L4"),
+            max_inputs=16,
+            target_inputs=8,  # a T4 is about a third of an A10G
+            batch_rows=24,  # 5.6 GB of KV cache beside 1.2 GB of weights on a 16 GB GPU
         ),
     )
 }

@@ -8,18 +8,22 @@ extra still imports `consumer.backends`.
   saying what to set. Weights come from a local directory or the Hugging Face cache, never the
   network, so that failure is immediate even offline. Sizes configured with the same weights
   share one engine.
-- Each engine runs in a thread of its own (the engine serialises calls with a lock anyway):
-  inference never blocks the event loop, and two sizes can generate side by side.
-- A thread cannot be interrupted: a call that outlives its deadline reports `BackendTimeout`
-  at once but runs to its end in that thread, and its result is discarded. Calls queued behind
-  it wait, within their own deadlines; calls that time out while queued never run.
+- Each engine has a pool of `max_concurrent` threads, one per call it serves, so the worker's
+  in-flight requests share one engine: with fast generation their sentence chunks are generated
+  in one continuous batch; with stock generation they take turns. Inference never blocks the
+  event loop, and two sizes can generate side by side.
+- A call's deadline goes to the engine, which drops its rows from the batch when it passes
+  (fast generation; a stock generation runs to its end, its result discarded); the call reports
+  `BackendTimeout` at once either way. Calls that time out while queued never run.
 """
 
 import asyncio
+import itertools
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import structlog
@@ -65,17 +69,17 @@ class _Weights:
 
 @dataclass(eq=False)  # hashed by identity: sizes with the same weights share one
 class _LoadedModel:
-    """One engine, the thread that runs it, and how many calls it has started."""
+    """One engine, the threads that call it, and a count of the calls started on it."""
 
     engine: "Engine"
     executor: ThreadPoolExecutor
-    calls: int = 0
+    calls: "itertools.count[int]" = field(default_factory=itertools.count)
 
-    def clone(self, request: CloneInput) -> tuple[CloneOutput, bool]:
-        """Runs in `executor`: the first call to start on this engine is its cold start."""
-        cold_start = self.calls == 0
-        self.calls += 1
-        return self.engine.clone(request), cold_start
+    def clone(self, request: CloneInput, deadline: float) -> tuple[CloneOutput, bool]:
+        """Runs in `executor`: the first call to start on this engine is its cold start
+        (`next` on a count is atomic, and calls run on many threads)."""
+        cold_start = next(self.calls) == 0
+        return self.engine.clone(request, deadline=deadline), cold_start
 
 
 class LocalBackend:
@@ -149,13 +153,14 @@ def clone_input(job: CloneJob) -> CloneInput:
 
 async def _run(model: _LoadedModel, request: CloneInput, budget: float) -> tuple[CloneOutput, bool]:
     loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + budget
     try:
         async with asyncio.timeout(budget):
-            return await loop.run_in_executor(model.executor, model.clone, request)
+            return await loop.run_in_executor(model.executor, model.clone, request, deadline)
     except TimeoutError as exc:
         raise BackendTimeout(
             f"the local engine gave no answer within {budget:.1f} s "
-            "(the generation runs on in its thread; its result will be discarded)"
+            "(the engine drops it from its batch, or finishes and discards it)"
         ) from exc
     except Exception as exc:
         raise _translate(exc) from exc
@@ -167,6 +172,8 @@ def _translate(exc: Exception) -> BackendError:
         return invalid_input_from_message(str(exc))
     if isinstance(exc, engine_errors.GenerationFailed):
         return GenerationFailed(str(exc))
+    if isinstance(exc, engine_errors.RequestStopped):  # its deadline passed in the engine
+        return BackendTimeout(str(exc))
     return GenerationFailed(f"the local engine failed ({type(exc).__name__}: {exc})")
 
 
@@ -240,7 +247,7 @@ def _import_engine() -> None:
 async def _load_model(weights: _Weights, settings: LocalBackendSettings) -> _LoadedModel:
     """Load `weights` in the thread that will run it, off the event loop."""
     executor = ThreadPoolExecutor(
-        max_workers=1,
+        max_workers=settings.max_concurrent,
         thread_name_prefix=f"engine-{'-'.join(weights.sizes)}",
         initializer=_set_torch_threads,
         initargs=(settings.threads,),

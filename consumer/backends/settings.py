@@ -117,8 +117,15 @@ class LocalBackendSettings(BaseModel):
     )
     generation: Annotated[Literal["stock", "fast"], CaseInsensitive()] = Field(
         "stock",
-        description='Generation loop: "stock" (qwen-tts\'s) or "fast" (static caches, CUDA '
-        "graphs, batched rows that stop independently; same inputs and outputs).",
+        description='Generation loop: "stock" (qwen-tts\'s, one request at a time) or "fast" '
+        "(all in-flight requests' sentences generated in one continuous batch; static caches, "
+        "CUDA graphs; same inputs and outputs).",
+    )
+    max_concurrent: int = Field(
+        16,
+        ge=1,
+        description="Requests one engine takes at once (each on a thread of its own); with "
+        '"fast" generation they share its batch, with "stock" they queue for it.',
     )
 
     def models(self) -> dict[str, str]:

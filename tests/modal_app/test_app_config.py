@@ -24,6 +24,9 @@ ENV_KEYS = (
     "VOICECLONE_MODAL_MIN_CONTAINERS",
     "VOICECLONE_MODAL_SCALEDOWN_SECONDS",
     "VOICECLONE_MODAL_GENERATION",
+    "VOICECLONE_MODAL_MAX_INPUTS",
+    "VOICECLONE_MODAL_TARGET_INPUTS",
+    "VOICECLONE_MODAL_COMPILE_STEPS",
 )
 EXPECTED = {
     "1.7B": ("voiceclone-qwen3-tts-1-7b", "Qwen/Qwen3-TTS-12Hz-1.7B-Base", ["A10G", "L4"]),
@@ -39,13 +42,19 @@ LoadApp = Callable[..., tuple[ModuleType, dict[str, Any]]]
 def load_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[LoadApp]:
     declared: dict[str, Any] = {}
     real_cls = modal.App.cls
+    real_concurrent = modal.concurrent
 
     def recording_cls(self: modal.App, *args: Any, **kwargs: Any) -> Any:
-        declared.clear()
+        declared.clear()  # called first (the outer decorator is built first)
         declared.update(kwargs)
         return real_cls(self, *args, **kwargs)
 
+    def recording_concurrent(**kwargs: Any) -> Any:
+        declared["concurrent"] = kwargs
+        return real_concurrent(**kwargs)
+
     monkeypatch.setattr(modal.App, "cls", recording_cls)
+    monkeypatch.setattr(modal, "concurrent", recording_concurrent)
 
     def load(**env: str) -> tuple[ModuleType, dict[str, Any]]:
         for key in ENV_KEYS:
@@ -96,6 +105,43 @@ def test_the_generation_loop_is_a_deploy_setting(load_app: LoadApp) -> None:
     assert module.SETTINGS.generation == "fast"
 
 
+@pytest.mark.parametrize(
+    ("size", "expected"), [("1.7B", (32, 16)), ("0.6B", (16, 8))], ids=["1.7B", "0.6B"]
+)
+def test_with_the_fast_loop_a_container_takes_many_inputs_sized_per_gpu_profile(
+    load_app: LoadApp, size: str, expected: tuple[int, int]
+) -> None:
+    module, declared = load_app(VOICECLONE_MODEL_SIZE=size, VOICECLONE_MODAL_GENERATION="fast")
+
+    max_inputs, target_inputs = expected
+    assert declared["concurrent"] == {"max_inputs": max_inputs, "target_inputs": target_inputs}
+    assert module.PROFILE.batch_rows >= target_inputs
+
+
+def test_input_concurrency_is_a_deploy_setting(load_app: LoadApp) -> None:
+    _, declared = load_app(
+        VOICECLONE_MODAL_GENERATION="fast",
+        VOICECLONE_MODAL_MAX_INPUTS="48",
+        VOICECLONE_MODAL_TARGET_INPUTS="20",
+    )
+
+    assert declared["concurrent"] == {"max_inputs": 48, "target_inputs": 20}
+
+
+def test_compiling_the_fast_loop_is_a_deploy_setting_off_by_default(load_app: LoadApp) -> None:
+    default, _ = load_app(VOICECLONE_MODAL_GENERATION="fast")
+    assert default.SETTINGS.compile_steps is False
+
+    compiled, _ = load_app(VOICECLONE_MODAL_GENERATION="fast", VOICECLONE_MODAL_COMPILE_STEPS="1")
+    assert compiled.SETTINGS.compile_steps is True
+
+
+def test_the_stock_loop_takes_one_input_per_container(load_app: LoadApp) -> None:
+    _, declared = load_app(VOICECLONE_MODAL_MAX_INPUTS="48")
+
+    assert declared["concurrent"] == {"max_inputs": 1, "target_inputs": 1}
+
+
 def test_the_download_function_fills_the_shared_volume(load_app: LoadApp) -> None:
     module, _ = load_app()
     info = module.download_models.info()
@@ -131,6 +177,10 @@ def test_gpu_list_and_snapshot_mode_are_configurable(load_app: LoadApp) -> None:
         (
             {"VOICECLONE_MODAL_GENERATION": "turbo"},
             r"generation must be one of stock, fast, not 'turbo'",
+        ),
+        (
+            {"VOICECLONE_MODAL_MAX_INPUTS": "0"},
+            r"VOICECLONE_MODAL_MAX_INPUTS must be 1 or more, got 0",
         ),
     ],
 )

@@ -1,5 +1,6 @@
 """The `local` backend on the tiny model: the real engine, loaded and run in this process."""
 
+import asyncio
 import hashlib
 import io
 import json
@@ -8,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,65 @@ async def test_generation_setting_reaches_the_engine(
         await backend.close()
 
     assert soundfile.info(io.BytesIO(result.audio)).frames == frames_to_samples(FRAMES)
+
+
+def eventually(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Whether `condition` holds within `seconds` (polled)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+async def test_in_flight_requests_share_one_engine_batch(
+    tiny_model_dir: Path, voice_job: CloneJobFactory
+) -> None:
+    backend = make_backend(local_settings(model_1_7b=str(tiny_model_dir), generation="fast"))
+    await backend.start()
+    try:
+        assert isinstance(backend, LocalBackend)
+        engine = backend._models["1.7B"].engine
+        # Long enough (20+ frames) to overlap however the threads are scheduled.
+        jobs = [
+            voice_job(generation=GenerationParams(max_new_tokens=20 + index, seed=index))
+            for index in range(6)
+        ]
+        results = await asyncio.gather(*(backend.clone(job, timeout=60) for job in jobs))
+    finally:
+        await backend.close()
+
+    lengths = [soundfile.info(io.BytesIO(result.audio)).frames for result in results]
+    assert lengths == [frames_to_samples(20 + index) for index in range(6)]
+    stats = engine.generation_stats()
+    assert stats is not None
+    assert stats.largest_batch >= 2  # requests ran in one batch, not one after another
+
+
+async def test_a_call_past_its_deadline_leaves_the_engine_batch(
+    tiny_model_dir: Path, voice_job: CloneJobFactory
+) -> None:
+    backend = make_backend(local_settings(model_1_7b=str(tiny_model_dir), generation="fast"))
+    await backend.start()
+    try:
+        assert isinstance(backend, LocalBackend)
+        stats = backend._models["1.7B"].engine.generation_stats()
+        assert stats is not None
+        # A long text: its frame cap lets the never-ending tiny model run for many seconds.
+        endless = voice_job(
+            text=" ".join(["A long sentence that goes on and on."] * 8),
+            generation=GenerationParams(max_new_tokens=4000),
+        )
+        with pytest.raises(BackendTimeout):
+            await backend.clone(endless, timeout=0.5)
+        # The engine dropped its rows (it polls between frames), rather than ran them out.
+        assert await asyncio.to_thread(eventually, lambda: stats.rows_stopped >= 1)
+        later = await backend.clone(voice_job(), timeout=60)
+    finally:
+        await backend.close()
+
+    assert soundfile.info(io.BytesIO(later.audio)).frames == frames_to_samples(FRAMES)
 
 
 ACTIONABLE = (
