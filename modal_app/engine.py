@@ -38,6 +38,7 @@ from modal_app.contract import (
     EngineOptions,
     VoiceRequest,
 )
+from modal_app.decode_masks import cache_decode_masks
 from modal_app.errors import EngineError, GenerationFailed, InvalidInput, RequestStopped
 from modal_app.fastgen import FastTalker, GenerationStopped, LoopStats, RowOptions, row_options
 from modal_app.languages import SUPPORTED_LANGUAGES, normalize_language
@@ -86,6 +87,7 @@ class Engine:
     ) -> None:
         self._tts = tts
         tts.processor = _SerializedProcessor(tts.processor)
+        cache_decode_masks(tts)
         self.model_name = model_name
         self.attn_implementation = attn_implementation
         self.options = options
