@@ -31,9 +31,34 @@ CACHED = 2  # references the worker may keep
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def alive(kind: type) -> list[object]:
+KINDS = (
+    CloneRequest,
+    CloneJob,
+    CloneResult,
+    StageClock,
+    ReferenceAudio,
+    KeyedSemaphores,
+    CancelRegistry,
+    OffsetTracker,
+)
+
+
+def everything_alive(kind: type) -> list[object]:
     gc.collect()
     return [o for o in gc.get_objects() if type(o) is kind]
+
+
+class Census:
+    """What was alive of each kind before this test: earlier tests of the session may leave such
+    objects behind (module-level samples, fixtures), and they are not this worker's. Held, so
+    that no new object can take one's id."""
+
+    def __init__(self) -> None:
+        self._before = {kind: {id(o): o for o in everything_alive(kind)} for kind in KINDS}
+
+    def new(self, kind: type) -> list[object]:
+        """The objects of `kind` alive now that were not alive before."""
+        return [o for o in everything_alive(kind) if id(o) not in self._before[kind]]
 
 
 def worker_tasks() -> list[str]:
@@ -66,6 +91,8 @@ async def test_no_request_state_outlives_its_request(
         ),
         max_in_flight=4,
     )
+    census = Census()
+    alive = census.new
     uris = references(reference_root)
     warmup = clone_request(uris[0])
     ids = []
