@@ -68,6 +68,10 @@ class Worker:
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._last_commit = 0.0  # time.monotonic() of the loop's last commit
+        # One commit at a time: a revocation's (run by aiokafka's group task) waits for the
+        # loop's. A transaction cannot begin while another is open, and the revoked partitions'
+        # offsets must be in before the next owner reads them.
+        self._committing = asyncio.Lock()
 
     @property
     def in_flight(self) -> int:
@@ -254,6 +258,12 @@ class Worker:
     async def _commit(
         self, consumer: AIOKafkaConsumer, only: Iterable[TopicPartition] = ()
     ) -> None:
+        async with self._committing:
+            await self._commit_now(consumer, only)
+
+    async def _commit_now(
+        self, consumer: AIOKafkaConsumer, only: Iterable[TopicPartition] = ()
+    ) -> None:
         offsets = self._tracker.committable()
         if wanted := set(only):
             offsets = {tp: off for tp, off in offsets.items() if tp in wanted}
@@ -315,16 +325,20 @@ class Worker:
             return
         mine = [task for task, tp in self._tasks.items() if tp in revoked]
         log.info("partitions_revoked", partitions=_names(revoked), in_flight=len(mine))
-        await self._settle(mine, self._settings.revoke_grace_seconds)
-        if self._consumer is not None:
-            await self._commit(self._consumer, only=revoked)
-        self._tracker.forget(revoked)
-        self._unreadable -= revoked
-        if self._transactions is not None:
-            self._transactions.forget(revoked)
-        # Last, so a lag measured while the revoked work finished is not left behind.
-        self._metrics.rebalanced("revoked", revoked)
-        self._health.revoked(revoked)
+        try:
+            await self._settle(mine, self._settings.revoke_grace_seconds)
+            if self._consumer is not None:
+                await self._commit(self._consumer, only=revoked)
+        finally:
+            # Whatever the commit did, the partitions are no longer ours: nothing of theirs may
+            # go into a later commit, which would repeat what their next owner redoes.
+            self._tracker.forget(revoked)
+            self._unreadable -= revoked
+            if self._transactions is not None:
+                self._transactions.forget(revoked)
+            # Last, so a lag measured while the revoked work finished is not left behind.
+            self._metrics.rebalanced("revoked", revoked)
+            self._health.revoked(revoked)
 
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("partitions_assigned", partitions=_names(assigned))
