@@ -78,7 +78,7 @@ async def test_chaos(
     counts = Counts(REQUESTS)
     started = time.monotonic()
 
-    workers = slots(settings, "chaos")
+    workers = slots(settings)
     async with Requests(settings) as requests, Outcomes(settings) as outcomes:
         await requests.send(*batch)
         try:

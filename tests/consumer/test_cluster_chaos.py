@@ -30,6 +30,7 @@ from consumer.settings import ProcessingGuarantee, WorkerSettings
 from producer.admin import create_topics
 from producer.publisher import OutcomePublisher
 from producer.settings import KafkaSettings
+from producer.transactions import transactional_id
 from schemas.codec import make_codec
 from schemas.events import CloneFailed, CloneRequest, ErrorCode
 from schemas.topics import Topics
@@ -58,17 +59,18 @@ PARTITIONS = 6
 Fault = tuple[str, Callable[[], Awaitable[int]]]  # a name, and which node it kills
 
 
-def faults(cluster: OwnCluster, settings: WorkerSettings, workers: list[Slot]) -> list[Fault]:
+def faults(cluster: OwnCluster, settings: WorkerSettings) -> list[Fault]:
     found: list[Fault] = [
         ("leader_kills", lambda: cluster.leader(settings.topics.requests)),
         ("group_coordinator_kills", lambda: cluster.coordinator(settings.group_id)),
     ]
     if settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE:
-        transactional_id = workers[0].settings.effective_transactional_id()
+        first = TopicPartition(settings.topics.requests, 0)
+        name = transactional_id(settings.effective_transactional_id_prefix(), first)
         found.append(
             (
                 "transaction_coordinator_kills",
-                lambda: cluster.coordinator(transactional_id, TRANSACTION),
+                lambda: cluster.coordinator(name, TRANSACTION),
             )
         )
     return found
@@ -132,13 +134,13 @@ async def test_cluster_chaos(
     counts = Counts(REQUESTS)
     started = time.monotonic()
 
-    workers = slots(settings, "cluster-chaos")
+    workers = slots(settings)
     async with Requests(settings) as requests, Outcomes(settings) as outcomes:
         try:
             for slot in workers:
                 await slot.start()
             sending = asyncio.create_task(stream(requests, batch))
-            for fault in faults(own_cluster, settings, workers):
+            for fault in faults(own_cluster, settings):
                 await kill_a_worker(workers, outcomes, counts)
                 await kill_node(own_cluster, fault, workers, outcomes, counts)
             await sending
