@@ -114,7 +114,16 @@ class TransactionalPublisher(OutcomeSink):
             )
         # At once: each is a round trip to the transaction coordinator, and the rebalance
         # waits for all of them.
-        await asyncio.gather(*(self._producers[tp].start() for tp in new))
+        results = await asyncio.gather(
+            *(self._producers[tp].start() for tp in new), return_exceptions=True
+        )
+        failed = [
+            (tp, r) for tp, r in zip(new, results, strict=True) if isinstance(r, BaseException)
+        ]
+        if failed:
+            # Not kept half started: a commit would wait on it for ever.
+            await self.close([tp for tp, _ in failed])
+            raise failed[0][1]
 
     async def close(self, partitions: Iterable[TopicPartition]) -> None:
         """Drop what was staged for partitions no longer ours and stop their producers (an open
