@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer
 
 from consumer.backends import Backend, make_backend
 from consumer.cancels import CancelRegistry, CancelWatcher
+from consumer.commits import Commits, PlainCommits, TransactionalCommits
 from consumer.handler import RecordHandler
 from consumer.metrics import Metrics
 from consumer.observability.health import Health
@@ -22,7 +23,7 @@ from consumer.reference import ReferenceFetcher
 from consumer.settings import ProcessingGuarantee, WorkerSettings
 from consumer.tracing import RequestTracing
 from consumer.worker import Worker
-from producer.publisher import OutcomePublisher, PublisherHooks
+from producer.publisher import OutcomePublisher, OutcomeSink, PublisherHooks
 from producer.reconnects import pace_reconnects
 from producer.storage import make_storage
 from producer.transactions import TransactionalPublisher
@@ -62,7 +63,7 @@ async def serve(
         fetcher = ReferenceFetcher(settings.reference, object_reader=storage)
         stack.push_async_callback(fetcher.close)
         hooks = PublisherHooks(retried=metrics.retried, connected=health.set_producer_connected)
-        publisher = _publisher(settings, codec, hooks)
+        publisher, commits = _guarantee(settings, codec, hooks)
         # Before start: a start that fails (Kafka unreachable) leaves a client to close.
         stack.push_async_callback(publisher.stop)
         await publisher.start()
@@ -83,8 +84,7 @@ async def serve(
         handler = RecordHandler(
             codec, pipeline, publisher, cancels, metrics=metrics, tracing=tracing
         )
-        transactions = publisher if isinstance(publisher, TransactionalPublisher) else None
-        worker = Worker(settings, handler, metrics, health, transactions)
+        worker = Worker(settings, handler, metrics, health, commits)
         stack.enter_context(_stop_on_signals(worker.stop))
         log.info("worker_started", backend=backend.name, max_in_flight=settings.max_in_flight)
         if ready is not None:
@@ -92,21 +92,25 @@ async def serve(
         await _run_to_completion(worker)
 
 
-def _publisher(settings: WorkerSettings, codec: Codec, hooks: PublisherHooks) -> OutcomePublisher:
-    """The outcome publisher of the processing guarantee the settings ask for."""
+def _guarantee(
+    settings: WorkerSettings, codec: Codec, hooks: PublisherHooks
+) -> tuple[OutcomeSink, Commits]:
+    """The outcome publisher and the commits of the processing guarantee the settings ask for."""
     if settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE:
-        transactional_id = settings.effective_transactional_id()
-        log.info("exactly_once", transactional_id=transactional_id)
-        return TransactionalPublisher(
-            settings.kafka, settings.topics, codec, transactional_id, settings.group_id, hooks
+        prefix = settings.effective_transactional_id_prefix()
+        log.info("exactly_once", transactional_id_prefix=prefix)
+        transactional = TransactionalPublisher(
+            settings.kafka, settings.topics, codec, prefix, settings.group_id, hooks
         )
-    return OutcomePublisher(
+        return transactional, TransactionalCommits(transactional)
+    publisher = OutcomePublisher(
         settings.kafka,
         settings.topics,
         codec,
         hooks=hooks,
         ack_timeout_seconds=settings.broker_timeout_seconds,
     )
+    return publisher, PlainCommits(settings.broker_timeout_seconds)
 
 
 async def _serve_http(

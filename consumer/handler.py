@@ -40,7 +40,7 @@ from consumer.errors import CloneError
 from consumer.metrics import HANDLER_ERROR, Metrics
 from consumer.pipeline import Pipeline
 from consumer.tracing import RequestTracing, mark_outcome, outcome_headers, stage_span
-from producer.publisher import DeadLetter, OutcomePublisher, RecordSource
+from producer.publisher import DeadLetter, OutcomeSink, RecordSource
 from producer.retry import SCHEMA_REGISTRY_OUTAGE, codec_outage, retry_while
 from schemas.codec import Codec, EventDecodeError
 from schemas.events import (
@@ -68,7 +68,7 @@ class RecordHandler:
         self,
         codec: Codec,
         pipeline: Pipeline,
-        publisher: OutcomePublisher,
+        publisher: OutcomeSink,
         cancels: CancelRegistry,
         decode_retry_seconds: float = 1.0,
         metrics: Metrics | None = None,

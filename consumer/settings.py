@@ -1,6 +1,5 @@
 """The worker's settings: one object, read from `VOICECLONE_*` environment variables at start."""
 
-import socket
 from enum import StrEnum
 from typing import Annotated
 
@@ -129,11 +128,12 @@ class WorkerSettings(ClientSettings):
         "committed in one Kafka transaction (about every 200 ms), so `read_committed` "
         "subscribers see each outcome once.",
     )
-    transactional_id: str | None = Field(
+    transactional_id_prefix: str | None = Field(
         None,
-        description="`exactly_once` only: this worker's transactional id, unique among running "
-        "workers and kept across its restarts (a StatefulSet pod name). Unset: "
-        "`<group_id>-<host name>`.",
+        description="`exactly_once` only: the start of the transactional ids, the same for every "
+        "worker of the group. Each worker holds one transactional producer per requests "
+        "partition assigned to it, with the id `<prefix>-<topic>-<partition>`, so a partition's "
+        "new owner fences its old one. Unset: `<group_id>`.",
     )
     tracing_enabled: bool = Field(
         False,
@@ -146,6 +146,6 @@ class WorkerSettings(ClientSettings):
     reference: ReferenceSettings = ReferenceSettings()
     http: HttpServerSettings = HttpServerSettings()
 
-    def effective_transactional_id(self) -> str:
-        """The transactional id of `exactly_once`: set, or one per host and group."""
-        return self.transactional_id or f"{self.group_id}-{socket.gethostname()}"
+    def effective_transactional_id_prefix(self) -> str:
+        """The start of `exactly_once`'s transactional ids: set, or the group's id."""
+        return self.transactional_id_prefix or self.group_id

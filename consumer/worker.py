@@ -17,9 +17,9 @@ from collections.abc import Iterable
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError, KafkaTimeoutError
-from aiokafka.protocol.commit import OffsetCommitRequest
+from aiokafka.errors import KafkaError
 
+from consumer.commits import Commits, PlainCommits
 from consumer.handler import RecordHandler
 from consumer.metrics import Metrics
 from consumer.observability.health import Health
@@ -27,7 +27,6 @@ from consumer.observability.lag import LagMonitor
 from consumer.offsets import OffsetTracker
 from consumer.settings import WorkerSettings
 from producer.reconnects import pace_reconnects
-from producer.transactions import TransactionalPublisher
 
 log = structlog.get_logger(__name__)
 
@@ -40,9 +39,8 @@ class Worker:
     """Runs clone requests from the requests topic until `stop()` is called.
 
     `metrics` and `health` default to ones nobody serves, for callers that do not look at them.
-    With `transactions` (exactly once), offsets are committed by it, in the transaction that
-    publishes the outcomes staged below them; else by the consumer, outcomes being already
-    acknowledged.
+    `commits` is how finished offsets are committed (consumer/commits.py); by default by the
+    consumer, outcomes being already acknowledged (`at_least_once`).
     """
 
     def __init__(
@@ -51,16 +49,20 @@ class Worker:
         handler: RecordHandler,
         metrics: Metrics | None = None,
         health: Health | None = None,
-        transactions: TransactionalPublisher | None = None,
+        commits: Commits | None = None,
     ) -> None:
         self._settings = settings
         self._handler = handler
-        self._transactions = transactions
+        self._commits = (
+            commits if commits is not None else PlainCommits(settings.broker_timeout_seconds)
+        )
         self._metrics = metrics if metrics is not None else Metrics.unexported()
         self._health = health if health is not None else Health.from_settings(settings.http)
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         # Partitions paused for good: their next record cannot be parsed (_isolate_unreadable).
         self._unreadable: set[TopicPartition] = set()
+        # Partitions assigned and paused until `Commits.assigned` has made them ready to read.
+        self._not_ready: set[TopicPartition] = set()
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
         self._slot_freed = asyncio.Event()
         # A record that starts waiting for its tenant's turn gives its slot back.
@@ -69,8 +71,8 @@ class Worker:
         self._consumer: AIOKafkaConsumer | None = None
         self._last_commit = 0.0  # time.monotonic() of the loop's last commit
         # One commit at a time: a revocation's (run by aiokafka's group task) waits for the
-        # loop's. A transaction cannot begin while another is open, and the revoked partitions'
-        # offsets must be in before the next owner reads them.
+        # loop's. A partition's transaction cannot begin while another is open, and the revoked
+        # partitions' offsets must be in before the next owner reads them.
         self._committing = asyncio.Lock()
 
     @property
@@ -166,7 +168,7 @@ class Worker:
     def _apply_backpressure(self, consumer: AIOKafkaConsumer, free: int) -> None:
         if free <= 0:
             consumer.pause(*consumer.assignment())
-        elif paused := consumer.paused() - self._unreadable:
+        elif paused := consumer.paused() - self._unreadable - self._not_ready:
             consumer.resume(*paused)
 
     async def _isolate_unreadable(self, consumer: AIOKafkaConsumer) -> None:
@@ -272,38 +274,15 @@ class Worker:
                 self._health.committed()
             return
         try:
-            if self._transactions is None:
-                await self._commit_within_timeout(consumer, offsets)
-            elif _group_member(consumer):
-                await self._transactions.commit(offsets)
-            else:
-                # Dropped from the group: the broker would still take transactional offsets
-                # (aiokafka sends no generation with them) although another member may own
-                # these partitions by now. Their work is redone there.
-                log.warning("commit_skipped", reason="no longer a member of the group")
-                self._metrics.commit_failed()
-                return
+            committed = await self._commits.commit(consumer, offsets)
         except KafkaError as exc:  # CommitFailedError and IllegalStateError included
             # Uncommitted work is redelivered to whoever owns the partition next.
             log.warning("commit_failed", error=repr(exc))
             self._metrics.commit_failed()
             self._health.commit_failed(repr(exc))
         else:
-            self._tracker.mark_committed(offsets)
+            self._tracker.mark_committed(committed)
             self._health.committed()
-
-    async def _commit_within_timeout(
-        self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]
-    ) -> None:
-        """Commit, failing with KafkaTimeoutError after `broker_timeout_seconds`: aiokafka
-        retries a commit for as long as the group coordinator cannot be reached, and would hold
-        the loop (and a drain) for as long as an outage lasts, the failure never reported."""
-        timeout = self._settings.broker_timeout_seconds
-        try:
-            async with asyncio.timeout(timeout):
-                await consumer.commit(offsets)
-        except TimeoutError:
-            raise KafkaTimeoutError(f"offset commit not answered within {timeout:g} s") from None
 
     async def _settle(self, tasks: list[asyncio.Task[None]], grace: float) -> None:
         """Let tasks finish within `grace` seconds, then cancel the rest (left uncommitted)."""
@@ -334,20 +313,32 @@ class Worker:
             # go into a later commit, which would repeat what their next owner redoes.
             self._tracker.forget(revoked)
             self._unreadable -= revoked
-            if self._transactions is not None:
-                self._transactions.forget(revoked)
+            self._not_ready -= revoked
+            await self._commits.revoked(revoked)
             # Last, so a lag measured while the revoked work finished is not left behind.
             self._metrics.rebalanced("revoked", revoked)
             self._health.revoked(revoked)
 
-    def on_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("partitions_assigned", partitions=_names(assigned))
         if assigned:  # more workers than partitions: this one gets none
             self._metrics.rebalanced("assigned", assigned)
             self._health.assigned(assigned)
-        # New partitions start unpaused; while full, a poll would fetch past the bound.
-        if self._consumer is not None and self._free_slots() <= 0:
-            self._consumer.pause(*assigned)
+        if self._consumer is None or not assigned:
+            return
+        # New partitions start unpaused, and the loop polls while this runs: paused until
+        # ready (exactly_once: the earlier owner fenced, the position read after), and
+        # resumed by the loop once there is room.
+        self._consumer.pause(*assigned)
+        self._not_ready |= assigned
+        try:
+            await self._commits.assigned(self._consumer, assigned)
+        except Exception:
+            # Left unread rather than read unfenced: their lag shows it, and the next
+            # rebalance tries again.
+            log.exception("partitions_not_ready", partitions=_names(assigned))
+            return
+        self._not_ready -= assigned
 
 
 class _Rebalances(ConsumerRebalanceListener):
@@ -358,14 +349,7 @@ class _Rebalances(ConsumerRebalanceListener):
         await self._worker.on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._worker.on_assigned(set(assigned))
-
-
-def _group_member(consumer: AIOKafkaConsumer) -> bool:
-    """Whether the group coordinator still counts this consumer in: aiokafka resets its
-    generation to -1 when told it is not (it has no public accessor for this)."""
-    coordinator = getattr(consumer, "_coordinator", None)
-    return getattr(coordinator, "generation", None) != OffsetCommitRequest.DEFAULT_GENERATION_ID
+        await self._worker.on_assigned(set(assigned))
 
 
 def _names(tps: Iterable[TopicPartition]) -> list[str]:

@@ -1,6 +1,8 @@
 """Publishing outcomes: audio-ready and clone-failed events, and dead letters.
 
-One idempotent producer (acks=all) per process. `publish` returns only once the broker has
+`OutcomePublisher` is the publisher of `at_least_once`: one idempotent producer (acks=all) per
+process (`OutcomeSink` encodes and routes; `exactly_once`'s publisher is in transactions.py).
+`publish` returns only once the broker has
 acknowledged the record, so the caller may then mark the request's offset done. Outages (of
 the broker or the schema registry) are retried for as long as they last; what is raised is a
 record that can never be sent (too large, invalid), for the caller to dead-letter. A record not
@@ -18,6 +20,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -97,50 +100,66 @@ class DeadLetter:
         ]
 
 
-class OutcomePublisher:
-    """Sends outcome events and dead letters, retrying broker errors until acknowledged."""
+def outcome_producer(kafka: KafkaSettings, **options: Any) -> AIOKafkaProducer:
+    """A producer for outcomes and dead letters (`options`: a transactional id)."""
+    producer = AIOKafkaProducer(
+        **options,
+        bootstrap_servers=kafka.bootstrap_servers,
+        **kafka.client_options(),
+        client_id=f"{kafka.client_id}-publisher",
+        acks="all",
+        enable_idempotence=True,
+        # Send at once: `publish` awaits the ack, so a linger adds to every request; sends made
+        # while a request is in flight still batch (bench latency p50 5.6 ms, 6.3-7.9 at 2).
+        linger_ms=0,
+        max_request_size=MAX_RECORD_BYTES,
+        **kafka.backoff_options(),
+    )
+    pace_reconnects(producer, kafka)
+    return producer
+
+
+async def enqueue(
+    producer: AIOKafkaProducer,
+    topic: str,
+    key: bytes | None,
+    value: bytes | None,
+    headers: list[tuple[str, bytes]],
+) -> asyncio.Future[object]:
+    """Hand one record to `producer`; the returned future resolves on its ack."""
+    if key is not None or value is not None:
+        return await producer.send(topic, value, key=key, headers=headers)
+    # Kafka allows a record with neither key nor value (a dead letter may copy one), but
+    # aiokafka's send() refuses it: send it as a batch of one, on any partition (there is
+    # no key to choose one by).
+    partitions = sorted(await producer.partitions_for(topic))
+    batch = producer.create_batch()
+    batch.append(key=None, value=None, timestamp=None, headers=headers)
+    batch.close()
+    return await producer.send_batch(batch, topic, partition=random.choice(partitions))
+
+
+class OutcomeSink:
+    """Encodes outcome events and dead letters for their topics and hands them to `_deliver`:
+    what the publisher of each processing guarantee shares."""
 
     def __init__(
         self,
-        kafka: KafkaSettings,
         topics: Topics,
         codec: Codec,
         retry_backoff_seconds: float = 0.5,
         hooks: PublisherHooks | None = None,
-        ack_timeout_seconds: float = 10.0,
     ) -> None:
         self._topics = topics
         self._codec = codec
         self._backoff = retry_backoff_seconds
-        self._ack_timeout = ack_timeout_seconds
         self._hooks = hooks if hooks is not None else PublisherHooks()
-        self._producer = AIOKafkaProducer(
-            **self._producer_options(),
-            bootstrap_servers=kafka.bootstrap_servers,
-            **kafka.client_options(),
-            client_id=f"{kafka.client_id}-publisher",
-            acks="all",
-            enable_idempotence=True,
-            # Send at once: `publish` awaits the ack, so a linger adds to every request; sends made
-            # while a request is in flight still batch (bench latency p50 5.6 ms, 6.3-7.9 at 2).
-            linger_ms=0,
-            max_request_size=MAX_RECORD_BYTES,
-            **kafka.backoff_options(),
-        )
-        pace_reconnects(self._producer, kafka)
-
-    def _producer_options(self) -> dict[str, object]:
-        """Options a subclass adds to the producer's (a transactional id)."""
-        return {}
 
     async def start(self) -> None:
-        await self._producer.start()
         self._hooks.connected(True)
 
     async def stop(self) -> None:
-        """Flush and close; safe to call twice, and after a failed start (closes the client)."""
         self._hooks.connected(False)
-        await self._producer.stop()
 
     async def publish(
         self,
@@ -172,6 +191,42 @@ class OutcomePublisher:
         value: bytes | None,
         headers: list[tuple[str, bytes]],
     ) -> None:
+        raise NotImplementedError
+
+
+class OutcomePublisher(OutcomeSink):
+    """Sends outcome events and dead letters, retrying broker errors until acknowledged."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topics: Topics,
+        codec: Codec,
+        retry_backoff_seconds: float = 0.5,
+        hooks: PublisherHooks | None = None,
+        ack_timeout_seconds: float = 10.0,
+    ) -> None:
+        super().__init__(topics, codec, retry_backoff_seconds, hooks)
+        self._ack_timeout = ack_timeout_seconds
+        self._producer = outcome_producer(kafka)
+
+    async def start(self) -> None:
+        await self._producer.start()
+        await super().start()
+
+    async def stop(self) -> None:
+        """Flush and close; safe to call twice, and after a failed start (closes the client)."""
+        await super().stop()
+        await self._producer.stop()
+
+    async def _deliver(
+        self,
+        source: RecordSource | None,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> None:
         """At least once: each record is sent on its own and acknowledged before we return."""
         await self._send(topic, key, value, headers)
 
@@ -180,7 +235,7 @@ class OutcomePublisher:
     ) -> None:
         # The producer already retries within its delivery timeout; past that we keep trying,
         # since marking the offset done without an acknowledged outcome would lose the request.
-        delivery = _Delivery(lambda: self._enqueue(topic, key, value, list(headers)))
+        delivery = _Delivery(lambda: enqueue(self._producer, topic, key, value, list(headers)))
         await retry_while(
             is_broker_outage,
             lambda: delivery.attempt(self._ack_timeout),
@@ -189,21 +244,6 @@ class OutcomePublisher:
             on_retry=self._broker_unreachable,
         )
         self._hooks.connected(True)
-
-    async def _enqueue(
-        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
-    ) -> asyncio.Future[object]:
-        """Hand one record to the producer; the returned future resolves on its ack."""
-        if key is not None or value is not None:
-            return await self._producer.send(topic, value, key=key, headers=headers)
-        # Kafka allows a record with neither key nor value (a dead letter may copy one), but
-        # aiokafka's send() refuses it: send it as a batch of one, on any partition (there is
-        # no key to choose one by).
-        partitions = sorted(await self._producer.partitions_for(topic))
-        batch = self._producer.create_batch()
-        batch.append(key=None, value=None, timestamp=None, headers=headers)
-        batch.close()
-        return await self._producer.send_batch(batch, topic, partition=random.choice(partitions))
 
     def _broker_unreachable(self) -> None:
         self._hooks.retried(BROKER_OUTAGE)

@@ -1,16 +1,23 @@
 """Exactly-once outcomes: outcome events and the requests' offsets committed in one transaction.
 
-`TransactionalPublisher` is the `OutcomePublisher` of the `exactly_once` processing guarantee.
-`publish` and `dead_letter` do not send: they stage the records under the offset of the request
-they answer. `commit(offsets)` then sends, in one Kafka transaction, every staged record whose
-offset lies below the committed offset of its partition, together with those offsets
-(`send_offsets_to_transaction`). A `read_committed` subscriber therefore sees an outcome only
-once its request is committed as consumed, and never twice: a crash aborts the open
-transaction (at the latest after the transaction timeout; at once when a worker with the same
-transactional id starts) and the requests are redone with nothing of the first try visible.
+`TransactionalPublisher` is the publisher of the `exactly_once` processing guarantee.
+`publish` and `dead_letter` do not send: they stage the records under the partition and offset
+of the request they answer. `commit(offsets)` then sends, per partition, in one Kafka
+transaction, every staged record whose offset lies below the partition's committed offset,
+together with that offset (`send_offsets_to_transaction`). A `read_committed` subscriber
+therefore sees an outcome only once its request is committed as consumed, and never twice.
+
+Each request partition has a transactional producer of its own, with the id
+`<prefix>-<topic>-<partition>`: the same whichever worker holds the partition (Kafka's
+exactly-once before KIP-447). `open` starts it when the partition is assigned; its
+InitProducerId fences every earlier producer with that id (a crashed worker's, or a "zombie"'s
+that lost the partition without knowing) and ends its open transaction, so nothing the old owner
+still tries to commit for the partition gets in after the new owner has read its offset.
+aiokafka sends transactional offsets without the group's generation, so that fence is the only
+one. A fenced partition's staged work is dropped: its new owner redoes it.
 
 Records staged beyond a gap (an earlier request still running) wait for a later commit; those
-of revoked partitions are dropped by `forget`, since their requests go to the new owner.
+of revoked partitions are dropped by `close`, since their requests go to the new owner.
 """
 
 import asyncio
@@ -18,8 +25,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import structlog
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
+    InvalidProducerEpoch,
     KafkaError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
@@ -30,10 +38,12 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from producer.publisher import (
     MAX_RECORD_BYTES,
-    OutcomePublisher,
+    OutcomeSink,
     PublisherHooks,
     RecordSource,
+    enqueue,
     is_broker_outage,
+    outcome_producer,
 )
 from producer.settings import KafkaSettings
 from schemas.codec import Codec
@@ -41,14 +51,21 @@ from schemas.topics import Topics
 
 log = structlog.get_logger(__name__)
 
+# A newer producer with the partition's transactional id exists: the partition is not ours.
+_FENCED = (ProducerFenced, InvalidProducerEpoch)
 # Errors after which aiokafka's transactional producer is unusable for good.
-_FATAL = (ProducerFenced, OutOfOrderSequenceNumber, TransactionalIdAuthorizationFailed)
+_FATAL = (OutOfOrderSequenceNumber, TransactionalIdAuthorizationFailed)
 
 
 class TransactionsFailed(Exception):
-    """The transactional producer can no longer commit: fenced by a newer instance with the same
-    transactional id, or a record refused for good (aiokafka's producer cannot go on after
-    that). The worker must stop; its staged work is redone by whoever runs it next."""
+    """A partition's transactional producer can no longer commit: a record refused for good
+    (aiokafka's producer cannot go on after that) or the id not authorized. The worker must
+    stop; its staged work is redone by whoever runs it next."""
+
+
+def transactional_id(prefix: str, tp: TopicPartition) -> str:
+    """The transactional id of the producer for request partition `tp`."""
+    return f"{prefix}-{tp.topic}-{tp.partition}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,25 +76,64 @@ class _Staged:
     headers: list[tuple[str, bytes]]
 
 
-class TransactionalPublisher(OutcomePublisher):
-    """Stages outcomes by request offset; `commit` publishes them with the offsets, atomically."""
+class TransactionalPublisher(OutcomeSink):
+    """Stages outcomes by request partition and offset; `commit` publishes them with the
+    offsets, atomically, through each partition's own transactional producer."""
 
     def __init__(
         self,
         kafka: KafkaSettings,
         topics: Topics,
         codec: Codec,
-        transactional_id: str,
+        transactional_id_prefix: str,
         group_id: str,
         hooks: PublisherHooks | None = None,
     ) -> None:
-        self.transactional_id = transactional_id
+        super().__init__(topics, codec, hooks=hooks)
+        self._kafka = kafka
+        self.transactional_id_prefix = transactional_id_prefix
         self._group_id = group_id
         self._staged: dict[TopicPartition, dict[int, list[_Staged]]] = {}
-        super().__init__(kafka, topics, codec, hooks=hooks)
+        self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
 
-    def _producer_options(self) -> dict[str, object]:
-        return {"transactional_id": self.transactional_id}
+    async def stop(self) -> None:
+        await super().stop()
+        await self.close(list(self._producers))
+
+    async def open(self, partitions: Iterable[TopicPartition]) -> None:
+        """Start the producers of newly assigned partitions, fencing their earlier owners'.
+
+        Returns once each is initialised: from then on, an earlier owner's commit for the
+        partition fails and its open transaction is aborted (or, when already being committed,
+        complete), so the partition's committed offset is final until we commit again.
+        """
+        new = [tp for tp in partitions if tp not in self._producers]
+        for tp in new:
+            self._producers[tp] = outcome_producer(
+                self._kafka, transactional_id=transactional_id(self.transactional_id_prefix, tp)
+            )
+        # At once: each is a round trip to the transaction coordinator, and the rebalance
+        # waits for all of them.
+        results = await asyncio.gather(
+            *(self._producers[tp].start() for tp in new), return_exceptions=True
+        )
+        failed = [
+            (tp, r) for tp, r in zip(new, results, strict=True) if isinstance(r, BaseException)
+        ]
+        if failed:
+            # Not kept half started: a commit would wait on it for ever.
+            await self.close([tp for tp, _ in failed])
+            raise failed[0][1]
+
+    async def close(self, partitions: Iterable[TopicPartition]) -> None:
+        """Drop what was staged for partitions no longer ours and stop their producers (an open
+        transaction of theirs is aborted by the next owner's `open`)."""
+        producers = []
+        for tp in partitions:
+            self._staged.pop(tp, None)
+            if (producer := self._producers.pop(tp, None)) is not None:
+                producers.append(producer)
+        await asyncio.gather(*(producer.stop() for producer in producers))
 
     async def _deliver(
         self,
@@ -102,65 +158,100 @@ class TransactionalPublisher(OutcomePublisher):
         """Records staged and not yet committed."""
         return sum(len(r) for by_offset in self._staged.values() for r in by_offset.values())
 
-    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
-        """Publish the records staged below `offsets` and commit `offsets`, in one transaction.
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """Per partition, one transaction: the records staged below its offset, and the offset.
 
-        On a KafkaError the transaction is aborted, everything stays staged for the next call,
-        and the error is raised. Raises TransactionsFailed when the producer cannot go on.
+        Returns the offsets committed. A partition found fenced (or never opened) is left out
+        and its staged work dropped: it is no longer ours. On any other KafkaError the
+        partition's transaction is aborted, its records stay staged for the next call, and the
+        first such error is raised once every partition was tried (a partition committed
+        meanwhile is committed again, with nothing staged, at the next call). Raises
+        TransactionsFailed when a producer cannot go on.
         """
-        due = {
-            tp: sorted(offset for offset in self._staged.get(tp, {}) if offset < end)
-            for tp, end in offsets.items()
-        }
-        records = [r for tp, found in due.items() for o in found for r in self._staged[tp][o]]
+        tps = list(offsets)
+        results = await asyncio.gather(
+            *(self._commit_partition(tp, offsets[tp]) for tp in tps), return_exceptions=True
+        )
+        committed: dict[TopicPartition, int] = {}
+        failures: list[BaseException] = []
+        for tp, result in zip(tps, results, strict=True):
+            if isinstance(result, BaseException):
+                failures.append(result)
+            elif result:
+                committed[tp] = offsets[tp]
+        if failures:
+            # A producer that cannot go on first: it decides whether the worker goes on.
+            raise next((f for f in failures if isinstance(f, TransactionsFailed)), failures[0])
+        self._hooks.connected(True)
+        return committed
+
+    async def _commit_partition(self, tp: TopicPartition, end: int) -> bool:
+        """Commit `tp` up to `end`; False when the partition turned out not to be ours."""
+        staged = self._staged.get(tp, {})
+        due = sorted(offset for offset in staged if offset < end)
+        producer = self._producers.get(tp)
+        if producer is None:  # fenced before, or revoked: the owner redoes it
+            self._drop(tp, due)
+            return False
+        records = [record for offset in due for record in staged[offset]]
+        name = transactional_id(self.transactional_id_prefix, tp)
         try:
-            await self._transaction(records, offsets)
+            await self._transaction(producer, records, {tp: end})
+        except _FENCED as exc:
+            log.warning(
+                "partition_fenced", transactional_id=name, dropped=len(due), error=repr(exc)
+            )
+            self._drop(tp, due)
+            await self.close([tp])
+            return False
         except KafkaError as exc:
             if isinstance(exc, _FATAL) or not is_broker_outage(exc):
                 raise TransactionsFailed(
-                    f"transactional id {self.transactional_id!r}: {exc!r}. Either a newer worker "
-                    "took this id over or the broker refused a record for good (check the outcome "
-                    "topics' max.message.bytes); exiting to be restarted"
+                    f"transactional id {name!r}: {exc!r}. The broker refused a record for good "
+                    "(check the outcome topics' max.message.bytes) or the id is not authorized; "
+                    "exiting to be restarted"
                 ) from exc
             self._hooks.connected(False)
             raise
-        for tp, found in due.items():
-            for offset in found:
-                del self._staged[tp][offset]
-        self._hooks.connected(True)
+        self._drop(tp, due)
+        return True
+
+    def _drop(self, tp: TopicPartition, offsets: Iterable[int]) -> None:
+        staged = self._staged.get(tp, {})
+        for offset in offsets:
+            staged.pop(offset, None)
 
     async def _transaction(
-        self, records: list[_Staged], offsets: Mapping[TopicPartition, int]
+        self,
+        producer: AIOKafkaProducer,
+        records: list[_Staged],
+        offsets: Mapping[TopicPartition, int],
     ) -> None:
-        await self._producer.begin_transaction()
+        await producer.begin_transaction()
         try:
-            acks = [await self._enqueue(r.topic, r.key, r.value, r.headers) for r in records]
+            acks = [await enqueue(producer, r.topic, r.key, r.value, r.headers) for r in records]
             for ack in acks:  # a failed transaction raises its own error; acks may go unread
                 ack.add_done_callback(_retrieve)
-            await self._producer.send_offsets_to_transaction(dict(offsets), self._group_id)
+            await producer.send_offsets_to_transaction(dict(offsets), self._group_id)
             for result in await asyncio.gather(*acks, return_exceptions=True):
                 if isinstance(result, BaseException):  # the first refused record's error
                     raise result
-            await self._producer.commit_transaction()
-        except _FATAL:
+            await producer.commit_transaction()
+        except (*_FENCED, *_FATAL):
             raise
         except (KafkaError, asyncio.CancelledError):
-            await asyncio.shield(self._abort())
+            await asyncio.shield(_abort(producer))
             raise
 
-    async def _abort(self) -> None:
-        try:
-            await self._producer.abort_transaction()
-        except _FATAL:
-            raise
-        except KafkaError as exc:
-            # Left open, the broker aborts it after the transaction timeout.
-            log.warning("transaction_abort_failed", error=repr(exc))
 
-    def forget(self, partitions: Iterable[TopicPartition]) -> None:
-        """Drop what was staged for revoked partitions: their requests are redone elsewhere."""
-        for tp in partitions:
-            self._staged.pop(tp, None)
+async def _abort(producer: AIOKafkaProducer) -> None:
+    try:
+        await producer.abort_transaction()
+    except (*_FENCED, *_FATAL):
+        raise
+    except KafkaError as exc:
+        # Left open, the broker aborts it after the transaction timeout.
+        log.warning("transaction_abort_failed", error=repr(exc))
 
 
 def _retrieve(ack: asyncio.Future[object]) -> None:

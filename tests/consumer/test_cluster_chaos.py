@@ -1,8 +1,9 @@
 """Chaos on a three-node Kafka cluster (replication factor 3, min.insync.replicas=2): a stream
 of requests through two `voiceclone worker` processes while, in turn, the node leading the
 requests topic's first partition is SIGKILLed, the group coordinator's node is SIGKILLed, and
-(for `exactly_once`) the transaction coordinator's node is SIGKILLed; each is brought back and
-caught up before the next. Before each of them a random worker is SIGKILLed and restarted.
+(for `exactly_once`) the node coordinating the transactional id of that partition is SIGKILLed;
+each is brought back and caught up before the next. Before each of them a random worker is
+SIGKILLed and restarted.
 
 The checks are the single-broker chaos test's (one outcome per request to a read_committed
 reader under `exactly_once`, identical repeats at most under `at_least_once`, every object
@@ -16,7 +17,6 @@ waits until the replica is back.
 """
 
 import asyncio
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -30,23 +30,14 @@ from consumer.settings import ProcessingGuarantee, WorkerSettings
 from producer.admin import create_topics
 from producer.publisher import OutcomePublisher
 from producer.settings import KafkaSettings
+from producer.transactions import transactional_id
 from schemas.codec import make_codec
 from schemas.events import CloneFailed, CloneRequest, ErrorCode
 from schemas.topics import Topics
-from tests.fixtures.chaos import (
-    Counts,
-    Slot,
-    all_outcomes,
-    chaos_settings,
-    check_outcomes,
-    count_outcomes,
-    kill_a_worker,
-    slots,
-    supervise,
-)
+from tests.fixtures.chaos import Chaos, chaos_run, chaos_settings, kill_a_worker, supervise
 from tests.fixtures.kafka import CLUSTER_NODES, TRANSACTION, OwnCluster
 from tests.fixtures.seed import SeedServer
-from tests.fixtures.worker import Outcomes, Requests, clone_request
+from tests.fixtures.worker import Requests
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -58,31 +49,30 @@ PARTITIONS = 6
 Fault = tuple[str, Callable[[], Awaitable[int]]]  # a name, and which node it kills
 
 
-def faults(cluster: OwnCluster, settings: WorkerSettings, workers: list[Slot]) -> list[Fault]:
+def faults(cluster: OwnCluster, settings: WorkerSettings) -> list[Fault]:
     found: list[Fault] = [
         ("leader_kills", lambda: cluster.leader(settings.topics.requests)),
         ("group_coordinator_kills", lambda: cluster.coordinator(settings.group_id)),
     ]
     if settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE:
-        transactional_id = workers[0].settings.effective_transactional_id()
+        first = TopicPartition(settings.topics.requests, 0)
+        name = transactional_id(settings.effective_transactional_id_prefix(), first)
         found.append(
             (
                 "transaction_coordinator_kills",
-                lambda: cluster.coordinator(transactional_id, TRANSACTION),
+                lambda: cluster.coordinator(name, TRANSACTION),
             )
         )
     return found
 
 
-async def kill_node(
-    cluster: OwnCluster, fault: Fault, workers: list[Slot], outcomes: Outcomes, counts: Counts
-) -> None:
+async def kill_node(cluster: OwnCluster, fault: Fault, chaos: Chaos) -> None:
     """SIGKILL the node the fault names, work on without it, bring it back and let it catch up
     (so the next fault again leaves two replicas in sync)."""
     name, find = fault
     await asyncio.to_thread(cluster.kill, await find())
-    counts.fault(name)
-    await supervise(workers, outcomes, NODE_DOWN_S, counts)
+    chaos.counts.fault(name)
+    await supervise(chaos, NODE_DOWN_S)
     await asyncio.to_thread(cluster.start)
     await cluster.wait_in_sync()
 
@@ -120,58 +110,29 @@ async def test_cluster_chaos(
         client_id="chaos",
         topic_replication_factor=CLUSTER_NODES,
     )
-    settings = chaos_settings(kafka, tmp_path, seed_server, guarantee)
-    assert settings.reference.file_root is not None
-    settings.reference.file_root.mkdir()
-    (settings.reference.file_root / "voice.wav").write_bytes(reference_wav)
-    voice = (settings.reference.file_root / "voice.wav").as_uri()
+    settings = chaos_settings(kafka, tmp_path, seed_server, guarantee, reference_wav)
     await create_topics(settings, partitions=PARTITIONS)
     await own_cluster.wait_in_sync()
-    batch = [clone_request(voice) for _ in range(REQUESTS)]
-    ids = [request.request_id for request in batch]
-    counts = Counts(REQUESTS)
-    started = time.monotonic()
 
-    workers = slots(settings, "cluster-chaos")
-    async with Requests(settings) as requests, Outcomes(settings) as outcomes:
-        try:
-            for slot in workers:
-                await slot.start()
-            sending = asyncio.create_task(stream(requests, batch))
-            for fault in faults(own_cluster, settings, workers):
-                await kill_a_worker(workers, outcomes, counts)
-                await kill_node(own_cluster, fault, workers, outcomes, counts)
-            await sending
-            await all_outcomes(workers, outcomes, ids, counts, within_s=180)
-            for slot in workers:
-                await slot.stop()
-        finally:
-            for slot in workers:
-                await slot.stack.aclose()
-        await outcomes.read_to_end()
+    async with chaos_run(settings, seed_server, REQUESTS, tmp_path, within_s=180) as chaos:
+        sending = asyncio.create_task(stream(chaos.requests, chaos.batch))
+        for fault in faults(own_cluster, settings):
+            await kill_a_worker(chaos)
+            await kill_node(own_cluster, fault, chaos)
+        await sending
 
-    counts.seconds = round(time.monotonic() - started, 1)
-    counts.transient_failures = seed_server.transient_failures
-    count_outcomes(outcomes, ids, counts)
+    counts = chaos.counts
     with capsys.disabled():
         print(f"\n{counts.line(f'cluster-chaos[{guarantee}]')}")
-
     expected = {"leader_kills": 1, "group_coordinator_kills": 1}
     if guarantee is ProcessingGuarantee.EXACTLY_ONCE:
         expected["transaction_coordinator_kills"] = 1
-    assert counts.faults == expected
-    assert counts.kills == len(expected)
-    assert counts.lost == 0
-    await check_outcomes(settings, outcomes, ids, tmp_path, repeats_checked_apart=True)
+    with chaos.logs_on_failure():
+        assert counts.faults == expected
+        assert counts.kills == len(expected)
+        assert counts.lost == 0
+    await chaos.check(tmp_path)
     await check_replication(own_cluster, settings)
-    if guarantee is ProcessingGuarantee.EXACTLY_ONCE and counts.duplicates:
-        # One fresh-clone run repeated 4 outcomes in 600: a revocation's commit that failed beside
-        # the loop's open transaction, since fixed (tests/consumer/test_worker_commits.py). A known
-        # way remains: a worker that has not learnt it lost its partitions can still commit a
-        # transaction for them, since aiokafka sends transactional offsets without the group's
-        # generation (no KIP-447; docs/reliability.md, "Zombies"). Everything else above is still
-        # checked and held; repeats are reported with their count.
-        pytest.xfail(f"exactly_once repeated {counts.duplicates} outcomes across a failover")
 
 
 async def end_offset(bootstrap: str, topic: str) -> int:

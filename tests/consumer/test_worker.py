@@ -15,18 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from structlog.testing import capture_logs
 
 from consumer.backends import BackendSettings
 from consumer.observability.settings import HttpServerSettings
 from consumer.settings import LimitSettings, WorkerSettings
-from consumer.worker import _group_member
 from schemas.codec import SchemalessForm, make_codec
 from schemas.events import AudioReady, CloneFailed, ErrorCode
 from schemas.topics import Topics
-from tests.fixtures.kafka import TopicFactory
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
@@ -401,26 +398,3 @@ async def test_requests_with_unsafe_ids_are_answered_invalid_not_dead_lettered(
 def written_files(root: Path) -> list[Path]:
     """Files anywhere under the test's directory but the reference recordings."""
     return [p for p in root.rglob("*") if p.is_file() and "references" not in p.parts]
-
-
-async def test_a_consumer_dropped_from_its_group_is_no_longer_a_member(
-    kafka_bootstrap: str, topic_factory: TopicFactory
-) -> None:
-    # Under exactly_once the worker commits only as a member: aiokafka's transactional offset
-    # commits carry no generation, so the broker would take them from a dropped member too.
-    # The check reads aiokafka's own state; this pins what that state does.
-    topic = await topic_factory("requests", partitions=1)
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=f"g-{uuid.uuid4()}")
-    await consumer.start()
-    try:
-        consumer.subscribe([topic])
-        async with asyncio.timeout(30):
-            while not consumer.assignment():
-                await consumer.getmany(timeout_ms=200)
-        assert _group_member(consumer)
-
-        consumer._coordinator.reset_generation()  # what aiokafka does on UnknownMemberId
-
-        assert not _group_member(consumer)
-    finally:
-        await consumer.stop()

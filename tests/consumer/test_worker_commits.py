@@ -3,16 +3,16 @@
 aiokafka calls the rebalance listener from its own group task, so a revocation can come while
 the consume loop is inside a commit; with `exactly_once` that commit is a Kafka transaction,
 and aiokafka's producer refuses to begin a second one while the first is open (an
-AssertionError, not a KafkaError). The revocation then died before forgetting its partitions,
-and a later commit repeated, under the old owner, outcomes the new owner had redone.
+AssertionError, not a KafkaError). The revocation then died before letting go of its
+partitions, and a later commit repeated, under the old owner, outcomes the new owner had redone.
 
-The Kafka transaction itself runs against a broker in tests/producer/test_transactions.py; here a
-stand-in holds the loop's transaction open for as long as the test wants, which no broker can
-be made to do on cue.
+The Kafka transactions themselves run against a broker in tests/producer/test_transactions.py
+and tests/consumer/test_fencing.py; here a stand-in for the worker's `Commits` holds the loop's
+transaction open for as long as the test wants, which no broker can be made to do on cue.
 """
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -26,17 +26,22 @@ KEPT = TopicPartition("requests", 1)
 
 
 class HeldTransactions:
-    """Commits like the transactional publisher; the first stays open until `release` is set,
-    and beginning one while another is open fails as aiokafka's producer does."""
+    """Commits like `TransactionalCommits`; the first stays open until `release` is set, and
+    beginning one while another is open fails as aiokafka's producer does."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.opened = asyncio.Event()
         self.committed: list[dict[TopicPartition, int]] = []
-        self.forgotten: list[set[TopicPartition]] = []
+        self.revoked_ones: list[set[TopicPartition]] = []
         self._open = False
 
-    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+    async def assigned(self, consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> None:
+        pass
+
+    async def commit(
+        self, consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, int]
+    ) -> Mapping[TopicPartition, int]:
         if self._open:
             raise AssertionError("Invalid state transition IN_TRANSACTION -> IN_TRANSACTION")
         self._open = True
@@ -45,11 +50,12 @@ class HeldTransactions:
             if not self.committed:
                 await self.release.wait()
             self.committed.append(dict(offsets))
+            return offsets
         finally:
             self._open = False
 
-    def forget(self, partitions: Iterable[TopicPartition]) -> None:
-        self.forgotten.append(set(partitions))
+    async def revoked(self, partitions: set[TopicPartition]) -> None:
+        self.revoked_ones.append(partitions)
 
 
 class IdleHandler:
@@ -57,16 +63,13 @@ class IdleHandler:
         pass
 
 
-def member_consumer() -> AIOKafkaConsumer:
-    """A consumer as far as the commit looks at one: a member of its group's generation 1."""
-    return cast(AIOKafkaConsumer, SimpleNamespace(_coordinator=SimpleNamespace(generation=1)))
-
-
-async def test_a_revocation_waits_for_the_loops_transaction_then_forgets_its_partitions() -> None:
+async def test_a_revocation_waits_for_the_loops_transaction_then_lets_go_of_its_partitions() -> (
+    None
+):
     transactions = HeldTransactions()
     handler = cast(Any, IdleHandler())
-    worker = Worker(WorkerSettings(), handler, transactions=cast(Any, transactions))
-    consumer = member_consumer()
+    worker = Worker(WorkerSettings(), handler, commits=transactions)
+    consumer = cast(AIOKafkaConsumer, SimpleNamespace())  # the stand-in never looks at it
     worker._consumer = consumer
     for tp in (REVOKED, KEPT):
         worker._tracker.track(tp, 0)
@@ -81,5 +84,5 @@ async def test_a_revocation_waits_for_the_loops_transaction_then_forgets_its_par
     await asyncio.wait_for(asyncio.gather(loop_commit, revocation), timeout=5)
 
     assert transactions.committed == [{REVOKED: 1, KEPT: 1}]
-    assert transactions.forgotten == [{REVOKED}]
+    assert transactions.revoked_ones == [{REVOKED}]
     assert worker._tracker.partitions() == [KEPT]

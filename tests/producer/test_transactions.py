@@ -1,5 +1,6 @@
 """Exactly-once outcomes on the real broker: staged outcomes become visible to read_committed
-readers only with the offsets of the requests they answer, never twice, never when aborted."""
+readers only with the offsets of the requests they answer, never twice, never when aborted, and
+a partition's older producer is fenced by the newer one."""
 
 import uuid
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from producer.follow import assign_since
 from producer.publisher import DeadLetter, RecordSource
 from producer.settings import KafkaSettings
-from producer.transactions import TransactionalPublisher, TransactionsFailed
+from producer.transactions import TransactionalPublisher, TransactionsFailed, transactional_id
 from schemas.codec import EventDecodeError, make_codec
 from schemas.events import CloneFailed, ErrorCode
 from schemas.topics import Topics
@@ -34,13 +35,13 @@ def group_id() -> str:
 
 
 def publisher_for(
-    bootstrap: str, topics: Topics, group_id: str, transactional_id: str | None = None
+    bootstrap: str, topics: Topics, group_id: str, prefix: str | None = None
 ) -> TransactionalPublisher:
     return TransactionalPublisher(
         KafkaSettings(bootstrap_servers=bootstrap),
         topics,
         make_codec(),
-        transactional_id or f"txn-{uuid.uuid4().hex[:8]}",
+        prefix or f"txn-{uuid.uuid4().hex[:8]}",
         group_id,
     )
 
@@ -49,8 +50,10 @@ def publisher_for(
 async def publisher(
     kafka_bootstrap: str, topics: Topics, group_id: str
 ) -> AsyncIterator[TransactionalPublisher]:
+    """Holding partitions 0 and 1 of the requests topic."""
     publisher = publisher_for(kafka_bootstrap, topics, group_id)
     await publisher.start()
+    await publisher.open([TopicPartition(topics.requests, p) for p in (0, 1)])
     yield publisher
     await publisher.stop()
 
@@ -112,7 +115,7 @@ async def test_a_commit_publishes_the_outcomes_below_its_offsets_with_them(
     tp = TopicPartition(topics.requests, 0)
     await stage(publisher, topics, 0, 1, 3)  # request 2 still running
 
-    await publisher.commit({tp: 2})
+    assert await publisher.commit({tp: 2}) == {tp: 2}
 
     assert await committed_outcomes(kafka_bootstrap, topics) == ["r0", "r1"]
     assert await committed_offset(kafka_bootstrap, group_id, tp) == 2
@@ -148,15 +151,17 @@ async def test_dead_letters_go_in_the_same_transaction(
     assert ("dlq.original.offset", b"7") in letter.headers
 
 
-async def test_forget_drops_what_revoked_partitions_staged(
+async def test_close_drops_what_revoked_partitions_staged(
     kafka_bootstrap: str, topics: Topics, group_id: str, publisher: TransactionalPublisher
 ) -> None:
+    tp = TopicPartition(topics.requests, 0)
     await stage(publisher, topics, 0, 1)
-    publisher.forget([TopicPartition(topics.requests, 0)])
+    await publisher.close([tp])
 
     assert publisher.staged == 0
-    await publisher.commit({TopicPartition(topics.requests, 0): 2})
+    assert await publisher.commit({tp: 2}) == {}
     assert await committed_outcomes(kafka_bootstrap, topics) == []
+    assert await committed_offset(kafka_bootstrap, group_id, tp) is None
 
 
 async def test_an_outcome_needs_the_request_it_answers(publisher: TransactionalPublisher) -> None:
@@ -179,26 +184,28 @@ async def test_a_refused_record_fails_its_transaction_and_nothing_of_it_shows(
     finally:
         await admin.close()
     topics = topics.model_copy(update={"failed": small})
-    transactional_id = f"txn-{uuid.uuid4().hex[:8]}"
-    publisher = publisher_for(kafka_bootstrap, topics, group_id, transactional_id)
+    prefix = f"txn-{uuid.uuid4().hex[:8]}"
+    publisher = publisher_for(kafka_bootstrap, topics, group_id, prefix)
     await publisher.start()
     tp = TopicPartition(topics.requests, 0)
     try:
+        await publisher.open([tp])
         await stage(publisher, topics, 0)
         big = failed("r1").model_copy(update={"message": "x" * 2000})
         await publisher.publish(big, source=RecordSource(topics.requests, 0, 1))
 
-        with pytest.raises(TransactionsFailed, match=transactional_id):
+        with pytest.raises(TransactionsFailed, match=transactional_id(prefix, tp)):
             await publisher.commit({tp: 2})
     finally:
         await publisher.stop()
 
     assert await committed_outcomes(kafka_bootstrap, topics) == []
     assert await committed_offset(kafka_bootstrap, group_id, tp) is None
-    # Restarted with the same id, the worker commits what it redid.
-    restarted = publisher_for(kafka_bootstrap, topics, group_id, transactional_id)
+    # Restarted with the same prefix, the worker commits what it redid.
+    restarted = publisher_for(kafka_bootstrap, topics, group_id, prefix)
     await restarted.start()
     try:
+        await restarted.open([tp])
         await stage(restarted, topics, 0)
         await restarted.commit({tp: 1})
     finally:
@@ -206,21 +213,32 @@ async def test_a_refused_record_fails_its_transaction_and_nothing_of_it_shows(
     assert await committed_outcomes(kafka_bootstrap, topics) == ["r0"]
 
 
-async def test_a_newer_instance_with_the_same_id_fences_the_older(
+async def test_a_partitions_new_owner_fences_the_old_one_which_drops_its_work_and_goes_on(
     kafka_bootstrap: str, topics: Topics, group_id: str
 ) -> None:
-    transactional_id = f"txn-{uuid.uuid4().hex[:8]}"
-    older = publisher_for(kafka_bootstrap, topics, group_id, transactional_id)
-    newer = publisher_for(kafka_bootstrap, topics, group_id, transactional_id)
-    await older.start()
+    # Two workers of one group: the partition moved from `old` to `new` without `old` being
+    # told (a zombie). `old`'s late commit finds itself fenced: its staged outcomes are dropped,
+    # not published beside the ones `new` redid, and its other partition commits on.
+    prefix = f"txn-{uuid.uuid4().hex[:8]}"
+    moved, kept = TopicPartition(topics.requests, 0), TopicPartition(topics.requests, 1)
+    old = publisher_for(kafka_bootstrap, topics, group_id, prefix)
+    new = publisher_for(kafka_bootstrap, topics, group_id, prefix)
+    await old.start()
+    await new.start()
     try:
-        await stage(older, topics, 0)
-        await newer.start()
-        try:
-            with pytest.raises(TransactionsFailed, match=transactional_id):
-                await older.commit({TopicPartition(topics.requests, 0): 1})
-        finally:
-            await newer.stop()
+        await old.open([moved, kept])
+        await stage(old, topics, 0, 1)
+        await old.publish(failed("k0"), source=RecordSource(topics.requests, 1, 0))
+        await new.open([moved])
+        await stage(new, topics, 0, 1)
+        assert await new.commit({moved: 2}) == {moved: 2}
+
+        assert await old.commit({moved: 2, kept: 1}) == {kept: 1}
+
+        assert old.staged == 0
+        assert await old.commit({moved: 2}) == {}  # no longer ours: nothing tried
     finally:
-        await older.stop()
-    assert await committed_outcomes(kafka_bootstrap, topics) == []
+        await new.stop()
+        await old.stop()
+    assert sorted(await committed_outcomes(kafka_bootstrap, topics)) == ["k0", "r0", "r1"]
+    assert await committed_offset(kafka_bootstrap, group_id, moved) == 2
