@@ -30,7 +30,14 @@ from typing import Any
 
 import modal
 
-from modal_app.contract import BatchCloneInput, CloneInput, CloneOutput, EngineOptions
+from modal_app.contract import (
+    BatchCloneInput,
+    CloneInput,
+    CloneOutput,
+    ContainerFacts,
+    EngineOptions,
+    ServiceResult,
+)
 from modal_app.params import GenerationParams
 from modal_app.profiles import DEFAULT_SIZE, PROFILES, ModelProfile, profile_for
 
@@ -244,7 +251,7 @@ class Qwen3TTSService:
         output_format: str = "WAV",
         generation: dict[str, Any] | None = None,
         request_id: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> ServiceResult:
         """Speak `text` in the voice of `reference_audio` (bytes of any common audio format).
 
         `reference_text` (its transcript) selects in-context cloning; without it only the
@@ -256,7 +263,7 @@ class Qwen3TTSService:
         voice = _voice(reference_audio, reference_text, output_format, generation)
         output = self._engine.clone(CloneInput(text=text, language=language, **voice))
         _log_call("clone", request_id, facts, output.inference_seconds, output.chunks)
-        return {**_audio_fields(output), **facts, "inference_seconds": output.inference_seconds}
+        return ServiceResult.of(output, facts)
 
     @modal.method()
     def clone_batch(
@@ -281,7 +288,7 @@ class Qwen3TTSService:
             "items": [_audio_fields(item) for item in result.items],
             "prompt_cache_hit": result.prompt_cache_hit,
             "inference_seconds": result.inference_seconds,
-            **facts,
+            **asdict(facts),
         }
 
     @modal.method()
@@ -306,15 +313,14 @@ class Qwen3TTSService:
 
         return create_http_app(self._engine)
 
-    def _begin_call(self) -> dict[str, Any]:
+    def _begin_call(self) -> ContainerFacts:
         """Facts about this container for the caller; the first call it serves is the cold one."""
-        cold_start = next(self._calls) == 0
-        return {
-            "cold_start": cold_start,
-            "model_load_seconds": self._model_load_seconds,
-            "restored_from_snapshot": self._restored,
-            "container_id": self._container_id,
-        }
+        return ContainerFacts(
+            container_id=self._container_id,
+            cold_start=next(self._calls) == 0,
+            model_load_seconds=self._model_load_seconds,
+            restored_from_snapshot=self._restored,
+        )
 
 
 def _voice(
@@ -333,14 +339,14 @@ def _voice(
 
 
 def _log_call(
-    method: str, request_id: str | None, facts: dict[str, Any], seconds: float, chunks: int
+    method: str, request_id: str | None, facts: ContainerFacts, seconds: float, chunks: int
 ) -> None:
     """One line per call; never the text."""
     logger.info(
         "%s request_id=%s cold_start=%s chunks=%d inference_seconds=%.2f",
         method,
         request_id,
-        facts["cold_start"],
+        facts.cold_start,
         chunks,
         seconds,
     )
