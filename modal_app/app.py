@@ -30,9 +30,10 @@ from typing import Any
 
 import modal
 
-from modal_app.contract import BatchCloneInput, CloneInput, CloneOutput, EngineOptions
+from modal_app.contract import CloneInput, ContainerFacts, EngineOptions, ServiceResult
 from modal_app.params import GenerationParams
 from modal_app.profiles import DEFAULT_SIZE, PROFILES, ModelProfile, profile_for
+from modal_app.seed_compat import SeedCompatible
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ MAX_INPUTS, TARGET_INPUTS = SETTINGS.concurrency
 
 @app.cls(**service_options(SETTINGS, hf_cache))
 @modal.concurrent(max_inputs=MAX_INPUTS, target_inputs=TARGET_INPUTS)
-class Qwen3TTSService:
+class Qwen3TTSService(SeedCompatible):
     """Voice cloning with one Qwen3-TTS model, loaded once per container.
 
     With the fast loop a container serves up to `MAX_INPUTS` calls at once, each on a thread of
@@ -184,6 +185,8 @@ class Qwen3TTSService:
 
     `model` defaults to this app's size from the Volume; a folder path (e.g. a tiny model from
     `modal_app.synthetic`) is used as is, which is how the tests run this class with `.local()`.
+
+    The seed's methods and HTTP endpoints come from `SeedCompatible` (`modal_app.seed_compat`).
     """
 
     model: str = modal.parameter(default="")
@@ -244,7 +247,7 @@ class Qwen3TTSService:
         output_format: str = "WAV",
         generation: dict[str, Any] | None = None,
         request_id: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> ServiceResult:
         """Speak `text` in the voice of `reference_audio` (bytes of any common audio format).
 
         `reference_text` (its transcript) selects in-context cloning; without it only the
@@ -253,40 +256,10 @@ class Qwen3TTSService:
         line. Raises `modal_app.errors.InvalidInput` or `GenerationFailed`.
         """
         facts = self._begin_call()
-        voice = _voice(reference_audio, reference_text, output_format, generation)
+        voice = self._voice(reference_audio, reference_text, output_format, generation)
         output = self._engine.clone(CloneInput(text=text, language=language, **voice))
-        _log_call("clone", request_id, facts, output.inference_seconds, output.chunks)
-        return {**_audio_fields(output), **facts, "inference_seconds": output.inference_seconds}
-
-    @modal.method()
-    def clone_batch(
-        self,
-        texts: list[str],
-        reference_audio: bytes,
-        reference_text: str | None = None,
-        languages: list[str] | str = "Auto",
-        output_format: str = "WAV",
-        generation: dict[str, Any] | None = None,
-        request_id: str | None = None,
-    ) -> dict[str, Any]:
-        """Many texts in one voice, generated together. `languages`: one for all or one each."""
-        facts = self._begin_call()
-        voice = _voice(reference_audio, reference_text, output_format, generation)
-        result = self._engine.clone_batch(
-            BatchCloneInput(texts=texts, languages=languages, **voice)
-        )
-        chunks = sum(item.chunks for item in result.items)
-        _log_call("clone_batch", request_id, facts, result.inference_seconds, chunks)
-        return {
-            "items": [_audio_fields(item) for item in result.items],
-            "prompt_cache_hit": result.prompt_cache_hit,
-            "inference_seconds": result.inference_seconds,
-            **facts,
-        }
-
-    @modal.method()
-    def languages(self) -> list[str]:
-        return list(self._engine.languages)
+        self._log_call("clone", request_id, facts, output.inference_seconds, output.chunks)
+        return ServiceResult.of(output, facts)
 
     @modal.method()
     def health(self) -> dict[str, Any]:
@@ -299,60 +272,40 @@ class Qwen3TTSService:
             "restored_from_snapshot": self._restored,
         }
 
-    @modal.asgi_app()
-    def web(self) -> Any:
-        """The seed's HTTP endpoints (/clone, /clone-batch, /health, /languages)."""
-        from modal_app.http_api import create_http_app
-
-        return create_http_app(self._engine)
-
-    def _begin_call(self) -> dict[str, Any]:
+    def _begin_call(self) -> ContainerFacts:
         """Facts about this container for the caller; the first call it serves is the cold one."""
-        cold_start = next(self._calls) == 0
+        return ContainerFacts(
+            container_id=self._container_id,
+            cold_start=next(self._calls) == 0,
+            model_load_seconds=self._model_load_seconds,
+            restored_from_snapshot=self._restored,
+        )
+
+    @staticmethod
+    def _voice(
+        reference_audio: bytes,
+        reference_text: str | None,
+        output_format: str,
+        generation: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """The engine request fields every cloning method shares."""
         return {
-            "cold_start": cold_start,
-            "model_load_seconds": self._model_load_seconds,
-            "restored_from_snapshot": self._restored,
-            "container_id": self._container_id,
+            "reference_audio": reference_audio,
+            "reference_text": reference_text,
+            "params": GenerationParams.from_mapping(generation),
+            "output_format": output_format,
         }
 
-
-def _voice(
-    reference_audio: bytes,
-    reference_text: str | None,
-    output_format: str,
-    generation: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """The engine request fields shared by `clone` and `clone_batch`."""
-    return {
-        "reference_audio": reference_audio,
-        "reference_text": reference_text,
-        "params": GenerationParams.from_mapping(generation),
-        "output_format": output_format,
-    }
-
-
-def _log_call(
-    method: str, request_id: str | None, facts: dict[str, Any], seconds: float, chunks: int
-) -> None:
-    """One line per call; never the text."""
-    logger.info(
-        "%s request_id=%s cold_start=%s chunks=%d inference_seconds=%.2f",
-        method,
-        request_id,
-        facts["cold_start"],
-        chunks,
-        seconds,
-    )
-
-
-def _audio_fields(output: CloneOutput) -> dict[str, Any]:
-    return {
-        "audio": output.audio,
-        "format": output.audio_format.value,
-        "content_type": output.content_type,
-        "sample_rate": output.sample_rate,
-        "duration_seconds": output.duration_seconds,
-        "chunks": output.chunks,
-        "prompt_cache_hit": output.prompt_cache_hit,
-    }
+    @staticmethod
+    def _log_call(
+        method: str, request_id: str | None, facts: ContainerFacts, seconds: float, chunks: int
+    ) -> None:
+        """One line per call; never the text."""
+        logger.info(
+            "%s request_id=%s cold_start=%s chunks=%d inference_seconds=%.2f",
+            method,
+            request_id,
+            facts.cold_start,
+            chunks,
+            seconds,
+        )

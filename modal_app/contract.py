@@ -1,8 +1,10 @@
-"""What goes into and comes out of the engine: plain data, no torch, so callers (the Modal
-service, the HTTP layer, the worker's local backend) can build requests without the model."""
+"""What goes into and comes out of the engine, and what the Modal service returns to the worker:
+plain data, no torch, so callers (the Modal service, the HTTP layer, the worker's backends) can
+build requests and read results without the model."""
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -99,3 +101,66 @@ class EngineInfo:
     attention_implementation: str
     gpu: str | None
     languages: list[str]
+
+
+@dataclass(frozen=True)
+class ContainerFacts:
+    """The Modal container that served a call, as the worker's metrics and logs report it."""
+
+    container_id: str
+    cold_start: bool  # the first call this container served
+    model_load_seconds: float  # loading (or restoring) the model before it could serve
+    restored_from_snapshot: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceResult:
+    """What the Modal service's `clone` returns to the worker: one text's audio, and facts.
+
+    Modal pickles it by reference to this module, which the service's image ships
+    (`add_local_python_source("modal_app")`) and the worker installs, so both sides must know
+    the class: roll workers out before the service (docs/gpu-service.md). A field added later
+    needs a default: unpickling an older service's result leaves it out, and the class's
+    default is read instead.
+    """
+
+    audio: bytes
+    format: str  # an AudioFormat value
+    content_type: str
+    sample_rate: int
+    duration_seconds: float
+    chunks: int
+    prompt_cache_hit: bool
+    inference_seconds: float  # prompt + generation for the whole call
+    container: ContainerFacts
+
+    @classmethod
+    def of(cls, output: CloneOutput, container: ContainerFacts) -> "ServiceResult":
+        return cls(
+            audio=output.audio,
+            format=output.audio_format.value,
+            content_type=output.content_type,
+            sample_rate=output.sample_rate,
+            duration_seconds=output.duration_seconds,
+            chunks=output.chunks,
+            prompt_cache_hit=output.prompt_cache_hit,
+            inference_seconds=output.inference_seconds,
+            container=container,
+        )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ServiceResult":
+        """The flat dict a service deployed before this class returns instead (the same names,
+        the container's among them), read during a rollout. KeyError when one is missing."""
+        container = ContainerFacts(**_named(values, ContainerFacts))
+        return cls(container=container, **_named(values, cls, skip="container"))
+
+
+def _named(values: Mapping[str, Any], cls: type, skip: str = "") -> dict[str, Any]:
+    """`values` of `cls`'s fields but `skip`; a field with a default (one added later) may be
+    absent."""
+    return {
+        item.name: values[item.name]
+        for item in fields(cls)
+        if item.name != skip and (item.name in values or item.default is MISSING)
+    }

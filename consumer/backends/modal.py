@@ -5,16 +5,15 @@ retrying a crash-looping deployment forever: the caller is the one that must giv
 the worker gives up (deadline, cancellation, lost contact) it cancels the remote call too, so
 no GPU keeps working for a request nobody waits for.
 
-The remote contract (`Qwen3TTSService.clone`, written to match):
+The remote contract (`Qwen3TTSService.clone`):
     clone(text, language, reference_audio: bytes, reference_text: str | None,
-          output_format, generation: dict | None, request_id) -> dict with
-    audio (bytes), format, content_type, sample_rate, duration_seconds, cold_start,
-    model_load_seconds, container_id, inference_seconds.
+          output_format, generation: dict | None, request_id) -> modal_app.contract.ServiceResult
+(or, from a service deployed before that class, a dict of the same names).
 """
 
 import asyncio
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Coroutine, Mapping
+from typing import Any
 
 import modal
 import modal.exception
@@ -30,9 +29,9 @@ from consumer.backends.errors import (
 )
 from consumer.backends.modal_errors import translate_modal_error
 from consumer.backends.settings import BackendSettings, ModalBackendSettings
+from modal_app.contract import ServiceResult
 
 log = structlog.get_logger(__name__)
-_T = TypeVar("_T")
 
 # Modal's own exception for an input cancelled elsewhere is a BaseException.
 _CALL_FAILURES = (Exception, modal.exception.InputCancellation)
@@ -242,23 +241,28 @@ def remote_arguments(job: CloneJob) -> dict[str, Any]:
 
 
 def result_from_output(output: object) -> CloneResult:
-    """A `CloneResult` from the remote method's dict; `GenerationFailed` if it breaks contract."""
-    if not isinstance(output, dict) or not isinstance(output.get("audio"), bytes):
+    """A `CloneResult` from what the remote `clone` returned; `GenerationFailed` if that breaks
+    the contract."""
+    result = service_result(output)
+    return CloneResult(
+        audio=result.audio,
+        format=result.format,
+        sample_rate=result.sample_rate,
+        duration_seconds=result.duration_seconds,
+        cold_start=result.container.cold_start,
+        model_load_seconds=result.container.model_load_seconds,
+        container_id=result.container.container_id,
+        inference_seconds=result.inference_seconds,
+    )
+
+
+def service_result(output: object) -> ServiceResult:
+    """`output` as a `ServiceResult`, also when a service not yet redeployed sent the old dict."""
+    if isinstance(output, Mapping):
+        try:
+            output = ServiceResult.from_dict(output)
+        except (KeyError, TypeError) as exc:
+            raise GenerationFailed(f"the Modal service broke its result contract: {exc!r}") from exc
+    if not isinstance(output, ServiceResult) or not isinstance(output.audio, bytes):
         raise GenerationFailed("the Modal service returned no audio bytes (contract mismatch)")
-    try:
-        return CloneResult(
-            audio=output["audio"],
-            format=str(output["format"]),
-            sample_rate=int(output["sample_rate"]),
-            duration_seconds=float(output["duration_seconds"]),
-            cold_start=_optional(output.get("cold_start"), bool),
-            model_load_seconds=_optional(output.get("model_load_seconds"), float),
-            container_id=_optional(output.get("container_id"), str),
-            inference_seconds=_optional(output.get("inference_seconds"), float),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise GenerationFailed(f"the Modal service broke its result contract: {exc!r}") from exc
-
-
-def _optional(value: object, convert: Callable[[Any], _T]) -> _T | None:
-    return None if value is None else convert(value)
+    return output

@@ -28,7 +28,8 @@ any node that is down, `stop --node N` stops one (`--kill`: SIGKILL at once, as 
 `tool` runs Kafka's own command-line tools (TOOLS below, named as Kafka's bin/ scripts) from the
 same jars, with `--bootstrap-server` set to the running broker unless given.
 
-Standard library only, so it runs with any python3 >= 3.9, inside or outside the project venv.
+Standard library only (the scaffolding it shares with the Schema Registry: deploy/jvm_service.py),
+so it runs with any python3 >= 3.9, inside or outside the project venv.
 """
 
 from __future__ import annotations
@@ -37,13 +38,11 @@ import argparse
 import base64
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -51,21 +50,47 @@ import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))  # deploy/: the shared jvm_service module
+from jvm_service import (  # noqa: E402
+    EXIT_FAIL,
+    EXIT_OK,
+    EXIT_STOPPED,
+    HOST,
+    CacheDir,
+    JvmService,
+    ServiceError,
+    add_common_arguments,
+    await_answer,
+    choose_port,
+    daemonise,
+    env_int,
+    file_size,
+    find_java,
+    home_flag,
+    kill,
+    locked,
+    port_is_free,
+    read_state,
+    require_tool,
+    reuse_running,
+    run,
+    running_pid,
+    terminate,
+    write_state,
+)
+
 POM = HERE / "pom.xml"
 DEFAULT_HOME = HERE.parent.parent / ".cache" / "kafka"
-HOST = "127.0.0.1"
 DEFAULT_PORT = 9092
 NODE_ID = 1
 # C1-only JIT: ~30% faster broker start on small machines; set VOICECLONE_KAFKA_JVM_OPTS without
 # it (e.g. "-Xmx1g") when measuring throughput.
 DEFAULT_JVM_OPTS = "-Xms128m -Xmx512m -XX:TieredStopAtLevel=1"
-
-EXIT_OK, EXIT_FAIL, EXIT_STOPPED = 0, 1, 3
 
 # Kafka's command-line tools (the names of its bin/*.sh scripts) and their main classes, all in
 # org.apache.kafka:kafka-tools. Each takes --bootstrap-server.
@@ -126,15 +151,43 @@ TOOLS_LOG4J2_XML = """\
 """
 
 
-class BrokerError(Exception):
-    """A failure worth a one-line message (and maybe a log tail), not a traceback."""
+@dataclass(frozen=True)
+class State:
+    """What the last start chose; kept after stop so a restart can reuse the data dir."""
+
+    pid: int
+    port: int
+    controller_port: int
+    version: str
+    cluster_id: str
+    sasl_ssl_port: int | None = None  # None: no SASL_SSL listener
+    scram: bool = False  # the data dir was formatted with the SCRAM credentials
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def sasl_ssl_bootstrap(self) -> str | None:
+        return None if self.sasl_ssl_port is None else f"{HOST}:{self.sasl_ssl_port}"
+
+
+KAFKA = JvmService(
+    name="kafka",
+    noun="broker",
+    pid_file="broker.pid",
+    java_hint="Kafka 4.x needs Java 17+",
+    state_type=State,
+    answers=lambda state: kafka_ready(state.port),
+)
+info = KAFKA.info
 
 
 @dataclass(frozen=True)
-class Layout:
+class Layout(CacheDir):
     """Every path the manager uses, all under one cache dir."""
 
-    home: Path
+    SERVICE = KAFKA
 
     @property
     def libs(self) -> Path:
@@ -172,18 +225,6 @@ class Layout:
     @property
     def stdout_log(self) -> Path:
         return self.logs / "stdout.log"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.home / "broker.pid"
-
-    @property
-    def state_file(self) -> Path:
-        return self.home / "state.json"
-
-    @property
-    def lock_file(self) -> Path:
-        return self.home / ".lock"
 
     @property
     def cluster_file(self) -> Path:
@@ -226,43 +267,6 @@ class Quorum:
 STANDALONE = Quorum()
 
 
-@dataclass(frozen=True)
-class State:
-    """What the last start chose; kept after stop so a restart can reuse the data dir."""
-
-    pid: int
-    port: int
-    controller_port: int
-    version: str
-    cluster_id: str
-    sasl_ssl_port: int | None = None  # None: no SASL_SSL listener
-    scram: bool = False  # the data dir was formatted with the SCRAM credentials
-
-    @property
-    def bootstrap(self) -> str:
-        return f"{HOST}:{self.port}"
-
-    @property
-    def sasl_ssl_bootstrap(self) -> str | None:
-        return None if self.sasl_ssl_port is None else f"{HOST}:{self.sasl_ssl_port}"
-
-
-_quiet = False
-
-
-def info(message: str) -> None:
-    if not _quiet:
-        print(f"[kafka] {message}", file=sys.stderr, flush=True)
-
-
-# --- small helpers -------------------------------------------------------------------------------
-
-
-def env_int(name: str) -> int | None:
-    value = os.environ.get(name, "").strip()
-    return int(value) if value else None
-
-
 def kafka_version() -> str:
     """The pom is the single source of truth; the env var is for trying another release."""
     override = os.environ.get("VOICECLONE_KAFKA_VERSION", "").strip()
@@ -271,36 +275,8 @@ def kafka_version() -> str:
     ns = {"m": "http://maven.apache.org/POM/4.0.0"}
     node = ET.parse(POM).getroot().find("m:properties/m:kafka.version", ns)
     if node is None or not (node.text or "").strip():
-        raise BrokerError(f"no <kafka.version> property in {POM}")
+        raise ServiceError(f"no <kafka.version> property in {POM}")
     return node.text.strip()
-
-
-def require_tool(name: str, hint: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise BrokerError(f"'{name}' not found on PATH ({hint})")
-    return path
-
-
-def find_java() -> str:
-    java_home = os.environ.get("JAVA_HOME")
-    if java_home and (Path(java_home) / "bin" / "java").is_file():
-        return str(Path(java_home) / "bin" / "java")
-    return require_tool("java", "Kafka 4.x needs Java 17+")
-
-
-def read_state(layout: Layout) -> State | None:
-    try:
-        return State(**json.loads(layout.state_file.read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def write_state(layout: Layout, state: State) -> None:
-    tmp = layout.state_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state.__dict__, indent=2) + "\n")
-    tmp.replace(layout.state_file)
-    layout.pid_file.write_text(f"{state.pid}\n")
 
 
 def write_private(path: Path, text: str) -> None:
@@ -309,34 +285,6 @@ def write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as handle:
         os.fchmod(handle.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
         handle.write(text)
-
-
-def file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def log_tail(layout: Layout, server_log_offset: int, lines: int = 40) -> str:
-    """The end of what this run logged: stdout.log (JVM errors) and server.log past the offset."""
-    chunks = []
-    for path, offset in ((layout.stdout_log, 0), (layout.server_log, server_log_offset)):
-        with contextlib.suppress(OSError), open(path, "rb") as handle:
-            handle.seek(offset if offset <= file_size(path) else 0)  # 0: the log rolled over
-            tail = handle.read().decode(errors="replace").splitlines()[-lines:]
-            if tail:
-                chunks.append(f"--- {path} (last {len(tail)} lines) ---\n" + "\n".join(tail))
-    return "\n".join(chunks) or "(the broker logged nothing)"
-
-
-@contextlib.contextmanager
-def locked(layout: Layout) -> Iterator[None]:
-    """Serialise start/stop/fetch on one cache dir (e.g. parallel pytest sessions)."""
-    layout.home.mkdir(parents=True, exist_ok=True)
-    with open(layout.lock_file, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 # --- fetching jars -------------------------------------------------------------------------------
@@ -364,7 +312,7 @@ def fetch(layout: Layout, version: str) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
-        raise BrokerError(f"mvn failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+        raise ServiceError(f"mvn failed ({result.returncode}):\n{result.stdout}{result.stderr}")
     # Swap in whole so an interrupted fetch never leaves a half-filled libs/ behind a marker.
     if layout.libs.is_symlink() or layout.libs.is_file():
         layout.libs.unlink()
@@ -374,65 +322,6 @@ def fetch(layout: Layout, version: str) -> None:
     jars = list(layout.libs.glob("*.jar"))
     size_mb = sum(jar.stat().st_size for jar in jars) / 1e6
     info(f"fetched {len(jars)} jars ({size_mb:.0f} MB) in {time.monotonic() - started:.1f}s")
-
-
-# --- processes -----------------------------------------------------------------------------------
-
-
-def process_cmdline(pid: int) -> str:
-    """The command line of a live process, '' if gone (zombies have an empty cmdline too)."""
-    if Path("/proc/self/cmdline").exists():
-        try:
-            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            return ""
-    ps = ["ps", "-o", "command=", "-p", str(pid)]  # macOS and other /proc-less systems
-    return subprocess.run(ps, capture_output=True, text=True, check=False).stdout.strip()
-
-
-def home_flag(layout: Layout) -> str:
-    """Tags the JVM's command line so we only ever signal a broker from *this* cache dir."""
-    return f"-Dvoiceclone.kafka.home={layout.home}"
-
-
-def running_pid(layout: Layout) -> int | None:
-    """The pid of this cache dir's broker if it is alive; drops a stale pid file."""
-    try:
-        pid = int(layout.pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    if home_flag(layout) in process_cmdline(pid):
-        return pid
-    layout.pid_file.unlink(missing_ok=True)
-    return None
-
-
-def wait_for_exit(pid: int, layout: Layout, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if home_flag(layout) not in process_cmdline(pid):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def terminate(pid: int, layout: Layout, timeout: float) -> None:
-    """SIGTERM lets Kafka shut down cleanly (no log recovery next start); SIGKILL if it hangs."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    if not wait_for_exit(pid, layout, timeout):
-        info(f"pid {pid} did not stop within {timeout:.0f}s of SIGTERM; sending SIGKILL")
-        kill(pid, layout)
-    layout.pid_file.unlink(missing_ok=True)
-
-
-def kill(pid: int, layout: Layout) -> None:
-    """SIGKILL: the broker dies as in a crash, with no chance to hand anything over."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    if not wait_for_exit(pid, layout, 10):
-        raise BrokerError(f"pid {pid} survived SIGKILL")
-    layout.pid_file.unlink(missing_ok=True)
 
 
 # --- readiness: a real Kafka request over a socket -----------------------------------------------
@@ -491,34 +380,6 @@ def kafka_ready(port: int, timeout: float = 2.0) -> bool:
 
 
 # --- configuration and storage -------------------------------------------------------------------
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # Same as the JVM's listener: ignore TIME_WAIT leftovers of a previous broker.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def choose_port(explicit: int | None, preferred: int | None, name: str) -> int:
-    """explicit (0 = any free port; must be free) > preferred if free > any free port."""
-    if explicit:
-        if not port_is_free(explicit):
-            raise BrokerError(f"{name} port {explicit} on {HOST} is already in use")
-        return explicit
-    if explicit is None and preferred and port_is_free(preferred):
-        return preferred
-    return free_port()
 
 
 def replication(nodes: int) -> dict[str, object]:
@@ -680,7 +541,7 @@ def format_storage(
         cmd += ["--add-scram", f"{mechanism}=[name={SASL_USER},password={scram_password}]"]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise BrokerError(f"formatting KRaft storage failed:\n{result.stdout}{result.stderr}")
+        raise ServiceError(f"formatting KRaft storage failed:\n{result.stdout}{result.stderr}")
     info(
         f"formatted fresh KRaft storage (cluster {cluster_id}) in {time.monotonic() - started:.1f}s"
     )
@@ -693,7 +554,7 @@ def openssl(*args: str | Path) -> None:
     tool = require_tool("openssl", "it makes the SASL_SSL listener's throwaway certificates")
     result = subprocess.run([tool, *map(str, args)], capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise BrokerError(f"openssl {args[0]} failed:\n{result.stderr}")
+        raise ServiceError(f"openssl {args[0]} failed:\n{result.stderr}")
 
 
 def new_key(layout: Layout, name: str) -> tuple[str | Path, ...]:
@@ -774,16 +635,6 @@ def sasl_ssl_properties(layout: Layout) -> dict[str, object]:
 # --- commands ------------------------------------------------------------------------------------
 
 
-def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not kafka_ready(port):
-        if proc.poll() is not None:
-            raise BrokerError(f"broker exited with code {proc.returncode} during startup")
-        if time.monotonic() > deadline:
-            raise BrokerError(f"broker did not answer on {HOST}:{port} within {timeout:.0f}s")
-        time.sleep(0.2)
-
-
 def sasl_ssl_listener(
     layout: Layout, args: argparse.Namespace, previous: State | None
 ) -> tuple[int | None, bool]:
@@ -796,7 +647,7 @@ def sasl_ssl_listener(
 
 def launch(layout: Layout, args: argparse.Namespace, version: str) -> State:
     """Configure, format if needed, and daemonise a new broker; wait until it serves clients."""
-    java = find_java()
+    java = find_java(KAFKA)
     previous = read_state(layout)
     port = choose_port(args.port, DEFAULT_PORT, "broker")
     controller_port = choose_port(
@@ -821,17 +672,8 @@ def configure(layout: Layout, properties: str) -> None:
 def spawn(layout: Layout, java: str, state: State) -> tuple[subprocess.Popen[bytes], State, int]:
     """Daemonise the configured broker: (its process, its state, where its log began)."""
     log_offset = file_size(layout.server_log)
-    with open(layout.stdout_log, "wb") as out:
-        # A new session: no controlling terminal, no SIGINT/SIGHUP from the starter's shell,
-        # and the broker outlives this process.
-        proc = subprocess.Popen(
-            java_command(layout, java, "kafka.Kafka", str(layout.server_properties)),
-            cwd=layout.home,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    command = java_command(layout, java, "kafka.Kafka", str(layout.server_properties))
+    proc = daemonise(layout, command, layout.stdout_log, "wb")
     state = dataclasses.replace(state, pid=proc.pid)
     write_state(layout, state)  # Before waiting, so `stop` can find a broker that hangs.
     return proc, state, log_offset
@@ -847,35 +689,21 @@ def await_ready(
 ) -> State:
     """Wait until the spawned broker serves clients; stop it and say why if it does not."""
     started = time.monotonic() if started is None else started
-    try:
-        wait_ready(proc, state.port, timeout - (time.monotonic() - started))
-    except BrokerError as exc:
-        terminate(proc.pid, layout, 10)
-        hint = "if its data dir is broken, `start --fresh` wipes it"
-        raise BrokerError(f"{exc} ({hint})\n{log_tail(layout, log_offset)}") from exc
+    await_answer(
+        layout,
+        proc,
+        state,
+        state.bootstrap,
+        timeout - (time.monotonic() - started),
+        # stdout.log: what the JVM itself said (new each start); server.log: Kafka's own log.
+        [(layout.stdout_log, 0), (layout.server_log, log_offset)],
+        hint=" (if its data dir is broken, `start --fresh` wipes it)",
+    )
     info(
         f"broker ready in {time.monotonic() - started:.1f}s (pid {proc.pid}, "
         f"Kafka {state.version}, logs {layout.server_log})"
     )
     return state
-
-
-def reuse_running(layout: Layout, timeout: float) -> State | None:
-    """The running broker if it answers (waiting out one still starting up); else stop it."""
-    pid = running_pid(layout)
-    state = read_state(layout)
-    if pid is None:
-        return None
-    if state is not None and state.pid == pid:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if kafka_ready(state.port):
-                info(f"reusing running broker (pid {pid})")
-                return state
-            time.sleep(0.5)
-    info(f"broker pid {pid} is not answering; restarting it")
-    terminate(pid, layout, 30)
-    return None
 
 
 # --- a cluster: several nodes under one home ----------------------------------------------------
@@ -908,7 +736,7 @@ def kept_ports(node: Layout, previous: State, running: bool) -> tuple[int, int]:
     for port, name in ((previous.port, "broker"), (previous.controller_port, "controller")):
         if not running and not port_is_free(port):
             hint = "`stop`, then `start --fresh` takes new ports"
-            raise BrokerError(f"{node.home.name}: {name} port {port} is in use ({hint})")
+            raise ServiceError(f"{node.home.name}: {name} port {port} is in use ({hint})")
     return previous.port, previous.controller_port
 
 
@@ -922,7 +750,7 @@ def start_cluster(layout: Layout, args: argparse.Namespace, nodes: int) -> list[
     """Start every node of the cluster that is not running (all of them, the first time), with
     one cluster id and a static quorum of all nodes; wait until each serves clients."""
     if args.sasl_ssl:
-        raise BrokerError("a cluster has no SASL_SSL listener; use a single node for it")
+        raise ServiceError("a cluster has no SASL_SSL listener; use a single node for it")
     homes = node_homes(layout, nodes)
     running = [running_pid(node) is not None for node in homes]
     version = kafka_version()
@@ -931,7 +759,7 @@ def start_cluster(layout: Layout, args: argparse.Namespace, nodes: int) -> list[
     reusable = all(storage_reusable(n, p, version) for n, p in zip(homes, previous, strict=True))
     fresh = args.fresh or not reusable
     if fresh and any(running):
-        raise BrokerError("the cluster's data must be formatted again; run `stop` first")
+        raise ServiceError("the cluster's data must be formatted again; run `stop` first")
     if fresh:
         picked = free_ports(2 * nodes)
         ports = [(picked[2 * i], picked[2 * i + 1]) for i in range(nodes)]
@@ -942,7 +770,7 @@ def start_cluster(layout: Layout, args: argparse.Namespace, nodes: int) -> list[
         cluster_id = next(state.cluster_id for state in previous if state is not None)
     voters = tuple((n, controller) for n, (_, controller) in enumerate(ports, 1))
     layout.cluster_file.write_text(json.dumps({"nodes": nodes}) + "\n")
-    java = find_java()
+    java = find_java(KAFKA)
     started = time.monotonic()
     spawned = []
     nodes_ports = zip(homes, running, ports, strict=True)
@@ -991,7 +819,7 @@ def cmd_start(layout: Layout, args: argparse.Namespace) -> int:
     nodes = args.nodes or cluster_size(layout)
     if nodes != cluster_size(layout) and layout.cluster_file.is_file():
         hint = f"stop it and `start --fresh --nodes {nodes}`, or use another --home"
-        raise BrokerError(f"{layout.home} holds a {cluster_size(layout)}-node cluster ({hint})")
+        raise ServiceError(f"{layout.home} holds a {cluster_size(layout)}-node cluster ({hint})")
     if nodes > 1:
         with locked(layout):
             start_cluster(layout, args, nodes)
@@ -1001,9 +829,9 @@ def cmd_start(layout: Layout, args: argparse.Namespace) -> int:
     with locked(layout):
         state = reuse_running(layout, args.timeout)
         if state is not None and args.fresh:
-            raise BrokerError("--fresh needs a stopped broker; run `stop` first")
+            raise ServiceError("--fresh needs a stopped broker; run `stop` first")
         if state is not None and args.sasl_ssl and state.sasl_ssl_port is None:
-            raise BrokerError("the running broker has no SASL_SSL listener; run `stop` first")
+            raise ServiceError("the running broker has no SASL_SSL listener; run `stop` first")
         if state is None:
             version = kafka_version()
             fetch(layout, version)
@@ -1018,12 +846,12 @@ def stopped_homes(layout: Layout, node: int | None) -> list[Layout]:
     """What `stop` stops: the single broker, every node of a cluster, or the one asked for."""
     if cluster_size(layout) == 1:
         if node is not None:
-            raise BrokerError(f"--node: {layout.home} holds a single broker, not a cluster")
+            raise ServiceError(f"--node: {layout.home} holds a single broker, not a cluster")
         return [layout]
     if node is None:
         return node_homes(layout)
     if not 1 <= node <= cluster_size(layout):
-        raise BrokerError(f"--node {node}: the cluster's nodes are 1 to {cluster_size(layout)}")
+        raise ServiceError(f"--node {node}: the cluster's nodes are 1 to {cluster_size(layout)}")
     return [layout.node(node)]
 
 
@@ -1115,11 +943,11 @@ def tool_command(layout: Layout, name: str, args: list[str]) -> list[str]:
     """The java command line of Kafka's tool `name`, given the running broker's address unless
     `args` name a cluster."""
     if name not in TOOLS:
-        raise BrokerError(f"no tool {name!r}; the tools: {', '.join(TOOLS)}")
+        raise ServiceError(f"no tool {name!r}; the tools: {', '.join(TOOLS)}")
     if not any(arg.split("=", 1)[0] in BOOTSTRAP_FLAGS for arg in args):
         bootstrap = running_bootstrap(layout)
         if bootstrap is None:
-            raise BrokerError(
+            raise ServiceError(
                 f"no broker is running from {layout.home}; start one, or pass --bootstrap-server"
             )
         args = ["--bootstrap-server", bootstrap, *args]
@@ -1128,13 +956,13 @@ def tool_command(layout: Layout, name: str, args: list[str]) -> list[str]:
     layout.tools_log4j_config.parent.mkdir(parents=True, exist_ok=True)
     layout.tools_log4j_config.write_text(TOOLS_LOG4J2_XML)
     config = layout.tools_log4j_config
-    return java_command(layout, find_java(), TOOLS[name], *args, log4j_config=config)
+    return java_command(layout, find_java(KAFKA), TOOLS[name], *args, log4j_config=config)
 
 
 def cmd_tool(layout: Layout, args: argparse.Namespace) -> int:
     """Become the tool: its stdin, output, signals and exit code are the caller's."""
     if not args.tool_args:
-        raise BrokerError(f"`tool` needs a tool's name, one of: {', '.join(TOOLS)}")
+        raise ServiceError(f"`tool` needs a tool's name, one of: {', '.join(TOOLS)}")
     name, *tool_args = args.tool_args
     command = tool_command(layout, name, tool_args)
     sys.stderr.flush()
@@ -1167,12 +995,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         epilog=f"tool NAME [ARGS...]: NAME is one of {', '.join(TOOLS)}",
     )
-    parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument(
-        "--home",
-        type=Path,
-        default=Path(os.environ.get("VOICECLONE_KAFKA_HOME") or DEFAULT_HOME),
-        help="cache dir for jars, config, data, logs (env VOICECLONE_KAFKA_HOME)",
+    add_common_arguments(
+        parser,
+        COMMANDS,
+        home=Path(os.environ.get("VOICECLONE_KAFKA_HOME") or DEFAULT_HOME),
+        home_help="cache dir for jars, config, data, logs (env VOICECLONE_KAFKA_HOME)",
     )
     parser.add_argument(
         "--port",
@@ -1187,12 +1014,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=env_int("VOICECLONE_KAFKA_CONTROLLER_PORT"),
         help="KRaft controller port (env VOICECLONE_KAFKA_CONTROLLER_PORT; default: the last one "
         "if free, else any free port)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=None,
-        help="seconds to wait for start (default 90) / a clean stop (default 30)",
     )
     parser.add_argument(
         "--sasl-ssl",
@@ -1230,17 +1051,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _quiet
-    args = parse_args(argv)
-    _quiet = args.quiet
-    if args.timeout is None:
-        args.timeout = 30.0 if args.command == "stop" else 90.0
-    layout = Layout(args.home.expanduser().resolve())
-    try:
-        return COMMANDS[args.command](layout, args)
-    except BrokerError as exc:
-        print(f"[kafka] error: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+    return run(Layout, COMMANDS, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def load_broker_module() -> ModuleType:
 
 
 broker = load_broker_module()
+jvm_service = sys.modules["jvm_service"]  # the scaffolding broker.py shares with registry.py
 
 
 async def consume(bootstrap: str, topic: str, count: int, **config: object) -> list[ConsumerRecord]:
@@ -173,7 +174,7 @@ def start(home: Path) -> tuple[str, int]:
 
 
 def is_alive(home: Path, pid: int) -> bool:
-    return broker.home_flag(broker.Layout(home)) in broker.process_cmdline(pid)
+    return jvm_service.is_ours(pid, broker.Layout(home))
 
 
 @pytest.fixture(scope="module")

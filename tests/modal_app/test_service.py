@@ -66,17 +66,17 @@ def test_clone_returns_audio_and_facts_about_the_container(
         text="And again.", reference_audio=reference_wav, generation={"max_new_tokens": FRAMES}
     )
 
-    assert decoded_length(first["audio"]) == frames_to_samples(FRAMES)
-    assert (first["format"], first["content_type"]) == ("WAV", "audio/wav")
-    assert first["sample_rate"] == SAMPLE_RATE
-    assert first["duration_seconds"] == pytest.approx(frames_to_samples(FRAMES) / SAMPLE_RATE)
-    assert first["chunks"] == 1
-    assert first["inference_seconds"] > 0
-    assert first["model_load_seconds"] > 0
-    assert first["container_id"] == socket.gethostname()  # MODAL_TASK_ID on Modal
-    assert first["restored_from_snapshot"] is False
-    assert [first["cold_start"], second["cold_start"]] == [True, False]
-    assert first["model_load_seconds"] == second["model_load_seconds"]
+    assert decoded_length(first.audio) == frames_to_samples(FRAMES)
+    assert (first.format, first.content_type) == ("WAV", "audio/wav")
+    assert first.sample_rate == SAMPLE_RATE
+    assert first.duration_seconds == pytest.approx(frames_to_samples(FRAMES) / SAMPLE_RATE)
+    assert first.chunks == 1
+    assert first.inference_seconds > 0
+    assert first.container.model_load_seconds > 0
+    assert first.container.container_id == socket.gethostname()  # MODAL_TASK_ID on Modal
+    assert first.container.restored_from_snapshot is False
+    assert [first.container.cold_start, second.container.cold_start] == [True, False]
+    assert first.container.model_load_seconds == second.container.model_load_seconds
 
 
 def test_clone_batch_returns_one_item_per_text(service: Any, reference_wav: bytes) -> None:

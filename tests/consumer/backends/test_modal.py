@@ -8,15 +8,18 @@ real against Modal's own exception types.
 
 import asyncio
 import io
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import modal
 import modal.exception as mx
 import pytest
 import soundfile
+from modal._serialization import serialize
 
 from consumer.backends import (
     BackendError,
@@ -28,7 +31,9 @@ from consumer.backends import (
     GenerationParams,
     InvalidInput,
 )
+from consumer.backends.base import CloneResult
 from consumer.backends.modal import ModalBackend
+from modal_app.contract import ContainerFacts, ServiceResult
 from tests.consumer.backends.conftest import CloneJobFactory, make_wav
 
 APP_LARGE = "voiceclone-qwen3-tts-1-7b"
@@ -42,19 +47,42 @@ class Aio:
         self.aio = function
 
 
-def synthesize(arguments: dict[str, Any]) -> dict[str, Any]:
+def synthesize(arguments: dict[str, Any]) -> ServiceResult:
     """The GPU service's contract: audio for the text, plus facts about the call."""
     seconds = len(arguments["text"]) * 0.05
+    return ServiceResult(
+        audio=make_wav(seconds),
+        format="WAV",
+        content_type="audio/wav",
+        sample_rate=24_000,
+        duration_seconds=seconds,
+        chunks=1,
+        prompt_cache_hit=False,
+        inference_seconds=2.25,
+        container=ContainerFacts(
+            container_id="ta-123",
+            cold_start=True,
+            model_load_seconds=41.5,
+            restored_from_snapshot=False,
+        ),
+    )
+
+
+def old_service_result(arguments: dict[str, Any]) -> dict[str, Any]:
+    """What a service deployed before `ServiceResult` returns: a flat dict."""
     return {
-        "audio": make_wav(seconds),
-        "format": "WAV",
-        "content_type": "audio/wav",
+        "audio": make_wav(1.5),
+        "format": "FLAC",
+        "content_type": "audio/flac",
         "sample_rate": 24_000,
-        "duration_seconds": seconds,
-        "cold_start": True,
-        "model_load_seconds": 41.5,
-        "container_id": "ta-123",
-        "inference_seconds": 2.25,
+        "duration_seconds": 1.5,
+        "chunks": 1,
+        "prompt_cache_hit": True,
+        "cold_start": False,
+        "model_load_seconds": 12.5,
+        "restored_from_snapshot": True,
+        "container_id": "ta-old",
+        "inference_seconds": 3.75,
     }
 
 
@@ -400,10 +428,62 @@ async def test_missing_app_is_permanent_and_looked_up_again_next_time(
     assert len(deployed.calls) == 1
 
 
+async def test_a_service_not_yet_redeployed_is_read_from_its_dict(
+    fake_modal: FakeModal, clone_job: CloneJobFactory
+) -> None:
+    fake_modal.apps[APP_LARGE].outcome = old_service_result
+
+    result = await make_backend().clone(clone_job(), timeout=10)
+
+    assert result == CloneResult(
+        audio=make_wav(1.5),
+        format="FLAC",
+        sample_rate=24_000,
+        duration_seconds=1.5,
+        cold_start=False,
+        model_load_seconds=12.5,
+        container_id="ta-old",
+        inference_seconds=3.75,
+    )
+
+
+WORKER_READS_STDIN = """
+import sys
+from modal._serialization import deserialize
+output = deserialize(sys.stdin.buffer.read(), None)
+from consumer.backends.modal import result_from_output
+result = result_from_output(output)
+print(type(output).__module__, type(output).__qualname__, len(result.audio), result.container_id)
+"""
+
+
+def test_the_result_crosses_modals_serialisation_into_another_process() -> None:
+    """Pickled by Modal's own serializer (cloudpickle) as the service's container does, read in a
+    fresh process that has imported nothing: the class is found by its module, not rebuilt."""
+    sent = synthesize({"text": "x" * 20})
+
+    worker = subprocess.run(
+        [sys.executable, "-c", WORKER_READS_STDIN],
+        input=serialize(sent),
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+
+    line = worker.stdout.decode().strip()
+    assert line == f"modal_app.contract ServiceResult {len(sent.audio)} ta-123"
+
+
 @pytest.mark.parametrize(
     "output",
-    [None, {"format": "WAV"}, {**synthesize({"text": "hi"}), "sample_rate": "fast"}],
-    ids=["nothing", "no-audio", "bad-rate"],
+    [
+        None,
+        "audio",
+        {"format": "WAV"},
+        {key: value for key, value in old_service_result({}).items() if key != "container_id"},
+        replace(synthesize({"text": "hi"}), audio=None),
+    ],
+    ids=["nothing", "text", "no-audio", "no-container-id", "audio-not-bytes"],
 )
 async def test_result_breaking_the_contract_is_generation_failed(
     fake_modal: FakeModal, clone_job: CloneJobFactory, output: object
