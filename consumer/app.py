@@ -99,6 +99,13 @@ def _guarantee(
     if settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE:
         prefix = settings.effective_transactional_id_prefix()
         log.info("exactly_once", transactional_id_prefix=prefix)
+        if settings.transactional_id is not None:
+            log.warning(
+                "setting_ignored",
+                setting="transactional_id",
+                value=settings.transactional_id,
+                reason="replaced by transactional_id_prefix, the same on every worker",
+            )
         transactional = TransactionalPublisher(
             settings.kafka, settings.topics, codec, prefix, settings.group_id, hooks
         )

@@ -135,6 +135,12 @@ class WorkerSettings(ClientSettings):
         "partition assigned to it, with the id `<prefix>-<topic>-<partition>`, so a partition's "
         "new owner fences its old one. Unset: `<group_id>`.",
     )
+    transactional_id: str | None = Field(
+        None,
+        description="Ignored, with a warning at start: earlier releases gave each worker a "
+        "transactional id of its own; `transactional_id_prefix`, the same on every worker, "
+        "replaces it (a per-pod value must not become the prefix, or no worker fences another).",
+    )
     tracing_enabled: bool = Field(
         False,
         description="OpenTelemetry spans per request and stage, through the global tracer "

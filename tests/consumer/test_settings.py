@@ -4,8 +4,11 @@ import os
 
 import pytest
 from pydantic import ValidationError
+from structlog.testing import capture_logs
 
+from consumer.app import _guarantee
 from consumer.settings import ProcessingGuarantee, WorkerSettings
+from producer.publisher import PublisherHooks
 from producer.settings import LogFormat, LogLevel, SaslMechanism, SecurityProtocol
 
 PREFIX = "VOICECLONE_"
@@ -53,3 +56,18 @@ def test_a_name_not_in_the_list_is_still_refused_naming_the_choices(
 
     with pytest.raises(ValidationError, match="Input should be 'modal', 'http' or 'local'"):
         WorkerSettings()
+
+
+def test_the_old_per_worker_transactional_id_is_ignored_out_loud(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A per-pod id taken as the group's prefix would let no worker fence another.
+    monkeypatch.setenv("VOICECLONE_PROCESSING_GUARANTEE", "exactly_once")
+    monkeypatch.setenv("VOICECLONE_TRANSACTIONAL_ID", "worker-0")
+    settings = WorkerSettings()
+    with capture_logs() as logs:
+        _guarantee(settings, settings.make_codec(), PublisherHooks())
+    assert settings.effective_transactional_id_prefix() == settings.group_id
+    (warning,) = [e for e in logs if e["event"] == "setting_ignored"]
+    assert warning["setting"] == "transactional_id"
+    assert warning["log_level"] == "warning"
