@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from modal_app.audio import AudioFormat, DecodedAudio
-from modal_app.params import GenerationParams
+from modal_app.audio import DecodedAudio
+from schemas.vocabulary import AudioFormat, GenerationParams
 
 GENERATION_MODES = ("stock", "fast")
 
