@@ -1,6 +1,7 @@
 """The vocabulary both sides of the contract speak: standard library only, one definition of
 each word, errors that keep their code and retry flag wherever they travel."""
 
+import dataclasses
 import pickle
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from schemas import events
 from schemas.errors import EventDecodeError, EventEncodeError
 from schemas.vocabulary import (
     DEFAULT_MODEL,
+    PARAM_RULES,
     AudioFormat,
     ErrorCode,
     GenerationFailed,
@@ -45,6 +47,16 @@ def test_the_vocabulary_needs_only_the_standard_library() -> None:
     )
 
     assert result.stdout.strip() == "[]"
+
+
+def test_the_wire_record_carries_exactly_the_engines_parameters() -> None:
+    names = {item.name for item in dataclasses.fields(GenerationParams)}
+
+    assert set(events.GenerationRecord.model_fields) == names == set(PARAM_RULES)
+    record = events.GenerationRecord(top_p=0.9, seed=7)
+    assert record.params() == GenerationParams(top_p=0.9, seed=7)
+    with pytest.raises(InvalidInput, match=r"^'top_p' must be in \(0, 1\], got 1\.5$"):
+        events.GenerationRecord(top_p=1.5).params()
 
 
 def test_the_events_speak_the_vocabulary() -> None:

@@ -19,7 +19,6 @@ import pytest
 import soundfile
 
 from consumer.backends import (
-    BackendError,
     BackendSettings,
     BackendTimeout,
     BackendUnavailable,
@@ -29,6 +28,7 @@ from consumer.backends import (
     InvalidInput,
 )
 from consumer.backends.modal import ModalBackend
+from schemas.vocabulary import VoicecloneError
 from tests.consumer.backends.conftest import CloneJobFactory, make_wav
 
 APP_LARGE = "voiceclone-qwen3-tts-1-7b"
@@ -350,7 +350,7 @@ async def test_call_failures_map_to_backend_errors(
     fake_modal: FakeModal,
     clone_job: CloneJobFactory,
     exc: BaseException,
-    error: type[BackendError],
+    error: type[VoicecloneError],
     transient: bool,
     code: str,
 ) -> None:
