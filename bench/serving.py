@@ -34,7 +34,7 @@ import torch
 from bench.report import write_json
 from modal_app.audio import DecodedAudio
 from modal_app.engine import CloneInput, Engine, EngineOptions
-from modal_app.params import GenerationParams
+from schemas.vocabulary import GenerationParams
 
 MODES = ("batched", "serial")
 SAMPLE_RATE = 24_000

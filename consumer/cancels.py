@@ -19,8 +19,19 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from producer.follow import assign_since
 from schemas.codec import Codec, EventDecodeError
 from schemas.events import CloneCancel
+from schemas.vocabulary import ErrorCode, VoicecloneError
 
 log = structlog.get_logger(__name__)
+
+
+class Cancelled(VoicecloneError):
+    """A clone-cancel event named the request before its audio was ready."""
+
+    code = ErrorCode.CANCELLED
+
+    def __init__(self) -> None:
+        super().__init__("cancelled by a clone-cancel event")
+
 
 RequestKey = tuple[str, str]  # (tenant_id, request_id): one tenant cannot cancel another's work
 
@@ -164,7 +175,7 @@ class CancelWatcher:
         try:
             event = await self._codec.decode(topic, value, headers)
         except EventDecodeError as exc:
-            if exc.retryable:  # a registry outage: reopening later reads this cancel again
+            if exc.transient:  # a registry outage: reopening later reads this cancel again
                 raise
             log.warning("cancel_undecodable", reason=exc.reason)
             return

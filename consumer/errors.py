@@ -1,19 +1,36 @@
-"""The one error a pipeline stage raises: it becomes a clone-failed event."""
+"""A request's failure, as its clone-failed event and log line report it."""
 
-from schemas.events import ErrorCode
+from collections.abc import Mapping
+
+from schemas.vocabulary import ErrorCode, VoicecloneError
 
 
 class CloneError(Exception):
-    """A request cannot be served; `code`, `retryable` and `attempts` (how many times the
-    failing stage was tried) go into the clone-failed event. `stage_ms`: the milliseconds
-    each timed stage that ran took, the failing one last (for the outcome's log line)."""
+    """A request cannot be served: `error` says why (its `code`, `message` and `transient` go
+    into the clone-failed event), `attempts` how many times the failing step was tried, and
+    `stage_ms` the milliseconds each timed stage that ran took, the failing one last (for the
+    outcome's log line)."""
 
     def __init__(
-        self, code: ErrorCode, message: str, *, retryable: bool = False, attempts: int = 1
+        self,
+        error: VoicecloneError,
+        *,
+        attempts: int = 1,
+        stage_ms: Mapping[str, int] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.retryable = retryable
+        super().__init__(error.message)
+        self.error = error
         self.attempts = attempts
-        self.stage_ms: dict[str, int] = {}
+        self.stage_ms = dict(stage_ms or {})
+
+    @property
+    def code(self) -> ErrorCode:
+        return self.error.code
+
+    @property
+    def message(self) -> str:
+        return self.error.message
+
+    @property
+    def transient(self) -> bool:
+        return self.error.transient

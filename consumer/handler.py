@@ -35,7 +35,7 @@ from aiokafka import ConsumerRecord
 from opentelemetry.trace import INVALID_SPAN, Span
 from pydantic import ValidationError
 
-from consumer.cancels import CancelRegistry
+from consumer.cancels import Cancelled, CancelRegistry
 from consumer.errors import CloneError
 from consumer.metrics import HANDLER_ERROR, Metrics
 from consumer.pipeline import Pipeline
@@ -43,14 +43,7 @@ from consumer.tracing import RequestTracing, mark_outcome, outcome_headers, stag
 from producer.publisher import DeadLetter, OutcomeSink, RecordSource
 from producer.retry import SCHEMA_REGISTRY_OUTAGE, codec_outage, retry_while
 from schemas.codec import Codec, EventDecodeError
-from schemas.events import (
-    SAFE_ID_PATTERN,
-    AudioReady,
-    CloneFailed,
-    CloneRequest,
-    ErrorCode,
-    RequestHeader,
-)
+from schemas.events import SAFE_ID_PATTERN, AudioReady, CloneFailed, CloneRequest, RequestHeader
 
 log = structlog.get_logger(__name__)
 
@@ -197,7 +190,7 @@ def _answerable(error: EventDecodeError) -> RequestHeader | None:
 async def _refuse(error: EventDecodeError) -> AudioReady:
     """The work an invalid request gets: none. The codec's message names the invalid fields
     without quoting them, so the sender learns what to fix and nothing leaks."""
-    raise CloneError(ErrorCode.INVALID_REQUEST, error.message)
+    raise CloneError(error)  # INVALID_REQUEST
 
 
 def _loggable(request_id: str) -> str:
@@ -215,7 +208,7 @@ def _being_cancelled() -> bool:
 
 
 def _cancelled() -> CloneError:
-    return CloneError(ErrorCode.CANCELLED, "cancelled by a clone-cancel event")
+    return CloneError(Cancelled())
 
 
 # A request's one INFO line carries its stage timings (never its text): one line per stage
@@ -227,7 +220,7 @@ def _ready_fields(ready: AudioReady) -> dict[str, object]:
 
 def _failed_fields(error: CloneError) -> dict[str, object]:
     """The stages that ran (ms each, the failing one last); none if it failed before them."""
-    facts = {"error_code": str(error.code), "retryable": error.retryable}
+    facts = {"error_code": str(error.code), "retryable": error.transient}
     return {**facts, "stage_ms": dict(error.stage_ms)}
 
 
@@ -237,7 +230,7 @@ def _failed(request: CloneRequest | RequestHeader, error: CloneError) -> CloneFa
         tenant_id=request.tenant_id,
         error_code=error.code,
         message=error.message,
-        retryable=error.retryable,
+        retryable=error.transient,
         attempts=error.attempts,
         failed_at=datetime.now(UTC),
         metadata=request.metadata,

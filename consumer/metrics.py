@@ -34,10 +34,11 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
-from consumer.backends.base import MODEL_SIZES, CloneResult
+from consumer.backends.base import CloneResult
 from producer.retry import BROKER_OUTAGE, SCHEMA_REGISTRY_OUTAGE
 from schemas.errors import DecodeReason
-from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode, RequestHeader
+from schemas.events import AudioReady, CloneFailed, CloneRequest, RequestHeader
+from schemas.vocabulary import ErrorCode, ModelSize
 
 PREFIX: Final = "voiceclone"
 UNKNOWN_MODEL: Final = "unknown"  # dead letters: the request (and so its model) is unreadable
@@ -200,7 +201,7 @@ class Metrics:
     def _start_known_series_at_zero(self) -> None:
         # rate() and increase() ignore a series' first sample: a counter born at 1 would hide the
         # first failure or dead letter from the alerts. Known label sets therefore exist from 0.
-        for model in MODEL_SIZES:
+        for model in ModelSize:
             for outcome in ("audio_ready", "failed"):
                 self._requests.labels(model=model, outcome=outcome)
             for code in ErrorCode:

@@ -2,8 +2,9 @@
 
 check → wait for the tenant's turn → look for audio it already produced → fetch reference →
 clone (backend) → encode → store; the worker's handler decodes before and publishes after.
-Every stage failure is raised as `CloneError`, so the handler has one thing to turn into a
-clone-failed event.
+Each stage raises the `VoicecloneError` of the part that failed, which knows its error code;
+`Pipeline.process` raises it as the request's `CloneError`, so the handler has one thing to
+turn into a clone-failed event. The request's `Deadline` is read once and bounds every stage.
 
 A stage that fails with a transient error (reference fetch, backend call, storage) is retried
 on its own, with backoff, within the retry settings and the request's deadline: a failed
@@ -12,6 +13,7 @@ produced (a redelivery) is described again instead of regenerated (`consumer.ide
 """
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -23,32 +25,28 @@ from typing import TypeVar
 import structlog
 
 from consumer.backends.audio import AudioFacts, read_audio_facts
-from consumer.backends.base import (
-    Backend,
-    BackendError,
-    BackendTimeout,
-    CloneJob,
-    CloneResult,
-    GenerationParams,
-)
+from consumer.backends.base import Backend, BackendTimeout, CloneJob, CloneResult
 from consumer.concurrency import KeyedSemaphores
+from consumer.deadline import Deadline, Expired
 from consumer.errors import CloneError
 from consumer.idempotency import StoredFacts, object_metadata, request_fingerprint, reusable_facts
 from consumer.metrics import Metrics, RetriedStage, Stage
-from consumer.reference import (
-    ReferenceAudio,
-    ReferenceFetcher,
-    ReferenceInvalid,
-    ReferenceUnavailable,
-)
+from consumer.reference import ReferenceAudio, ReferenceFetcher
 from consumer.settings import LimitSettings, RetrySettings
 from consumer.tracing import stage_span
-from modal_app.audio import AudioFormat, DecodedAudio, encode_audio
-from modal_app.errors import InvalidInput as InvalidParameter
+from modal_app.audio import DecodedAudio, encode_audio
 from producer.retry import retry
-from producer.storage import InvalidKeyError, Storage, StorageError, StoredObject, object_key
+from producer.storage import Storage, StoredObject, object_key
 from producer.storage.keys import validate_id
-from schemas.events import AudioReady, AudioTimings, CloneRequest, ErrorCode
+from schemas.events import AudioReady, AudioTimings, CloneRequest
+from schemas.vocabulary import (
+    AudioFormat,
+    ErrorCode,
+    GenerationFailed,
+    GenerationParams,
+    InvalidInput,
+    VoicecloneError,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -58,16 +56,28 @@ _DECODED_BYTES_PER_SAMPLE = 4
 
 
 @dataclass
+class Progress:
+    """What a request's failure reports beside its error: the milliseconds each timed stage
+    that ran took (the failing one last), and how many times the failing step was tried."""
+
+    stage_ms: dict[Stage, int] = field(default_factory=dict)
+    attempts: int = 1  # more only when a retried step gave up
+
+    def failure(self, error: VoicecloneError) -> CloneError:
+        return CloneError(error, attempts=self.attempts, stage_ms=self.stage_ms)
+
+
+@dataclass
 class StageClock:
     """Time spent per stage of one request: kept in milliseconds for its outcome (the
-    audio-ready event, or the CloneError a stage raises) and recorded in the metrics as each
-    stage ends, also when it fails; a span per stage when the request is traced. Not logged per
-    stage: the outcome's one log line says it."""
+    audio-ready event, or its CloneError) and recorded in the metrics as each stage ends, also
+    when it fails; a span per stage when the request is traced. Not logged per stage: the
+    outcome's one log line says it."""
 
     model: str
     metrics: Metrics
+    ms: dict[Stage, int]
     started: float = field(default_factory=time.perf_counter)
-    ms: dict[Stage, int] = field(default_factory=dict)
 
     @contextmanager
     def stage(self, name: Stage) -> Iterator[None]:
@@ -75,9 +85,6 @@ class StageClock:
         try:
             with stage_span(name):
                 yield
-        except CloneError as exc:
-            exc.stage_ms = self.ms  # the same dict: this stage's time is added just below
-            raise
         finally:
             seconds = time.perf_counter() - begin
             self.ms[name] = round(seconds * 1000)
@@ -99,25 +106,17 @@ def check_request(request: CloneRequest, limits: LimitSettings) -> None:
     """Reject what no backend should see: ids unfit for a storage key, empty or oversize text.
 
     Ids are checked here rather than when the event is decoded, so that a request naming
-    `../x` is answered with INVALID_REQUEST; no key is built from it.
+    `../x` is answered with INVALID_REQUEST (`InvalidKeyError`); no key is built from it.
     """
-    for what, value in (("tenant_id", request.tenant_id), ("request_id", request.request_id)):
-        try:
-            validate_id(value, what)
-        except InvalidKeyError as exc:
-            raise CloneError(ErrorCode.INVALID_REQUEST, str(exc)) from None
+    validate_id(request.tenant_id, "tenant_id")
+    validate_id(request.request_id, "request_id")
     if not request.text.strip():
-        raise CloneError(ErrorCode.INVALID_REQUEST, "text is empty")
+        raise InvalidInput("text is empty")
     if len(request.text) > limits.max_text_chars:
-        raise CloneError(
-            ErrorCode.TEXT_TOO_LONG,
+        raise InvalidInput(
             f"text has {len(request.text)} characters; the limit is {limits.max_text_chars}",
+            code=ErrorCode.TEXT_TOO_LONG,
         )
-
-
-def check_deadline(request: CloneRequest, now: datetime) -> None:
-    if expired(request, now):
-        raise CloneError(ErrorCode.EXPIRED, "the request's deadline passed before work started")
 
 
 def check_audio_size(audio: bytes, facts: AudioFacts, limit: int) -> None:
@@ -125,16 +124,11 @@ def check_audio_size(audio: bytes, facts: AudioFacts, limit: int) -> None:
     can decode to gigabytes), before it is transcoded or stored."""
     decoded = math.ceil(facts.duration_seconds * facts.sample_rate) * _DECODED_BYTES_PER_SAMPLE
     if max(len(audio), decoded) > limit:
-        raise CloneError(
-            ErrorCode.INFERENCE_FAILED,
+        raise GenerationFailed(
             f"the backend returned {facts.duration_seconds:.1f} s of audio at "
             f"{facts.sample_rate} Hz, {len(audio)} bytes as sent and {decoded} bytes decoded; "
-            f"the limit is {limit}",
+            f"the limit is {limit}"
         )
-
-
-def expired(request: CloneRequest, now: datetime) -> bool:
-    return request.deadline is not None and request.deadline <= now
 
 
 @dataclass(frozen=True)
@@ -186,55 +180,57 @@ class Pipeline:
             self._tenants.on_wait = callback
 
     async def process(self, request: CloneRequest) -> AudioReady:
-        check_request(request, self._limits)
-        key = object_key(request.tenant_id, request.request_id, _format_of(request).extension)
-        async with self._tenant_turn(request), self._objects.hold(key):
-            return await self._produce(request, key)
+        """The request's audio, stored, and the event describing it; raises `CloneError`."""
+        progress = Progress()
+        try:
+            check_request(request, self._limits)
+            deadline = Deadline.of(request.deadline)
+            key = object_key(request.tenant_id, request.request_id, request.output_format.extension)
+            async with self._tenant_turn(request, deadline), self._objects.hold(key):
+                return await self._produce(request, key, deadline, progress)
+        except VoicecloneError as exc:
+            # The one place a failure becomes the request's: its code is the error's own.
+            raise progress.failure(exc) from exc
 
-    async def _produce(self, request: CloneRequest, key: str) -> AudioReady:
-        clock = StageClock(request.model.size, self._metrics)
+    async def _produce(
+        self, request: CloneRequest, key: str, deadline: Deadline, progress: Progress
+    ) -> AudioReady:
+        clock = StageClock(request.model.size, self._metrics, progress.stage_ms)
         received = datetime.now(UTC)
         fingerprint = request_fingerprint(request)
-        existing = await self._retried(
-            "storage", request, lambda: self.find_existing(key, fingerprint)
-        )
+        retried = functools.partial(self._retried, request.request_id, deadline, progress)
+        existing = await retried("storage", lambda: self.find_existing(key, fingerprint))
         if existing is not None:  # before the deadline check: the outcome already exists
             log.info("audio_reused", request_id=request.request_id, key=key)
             return self._audio_ready(request, existing, clock, received)
-        check_deadline(request, received)
+        deadline.check()
         with clock.stage("fetch_reference"):
-            reference = await self._retried(
-                "reference", request, lambda: self.fetch_reference(request)
-            )
+            reference = await retried("reference", lambda: self.fetch_reference(request))
         with clock.stage("inference"):
-            result = await self._retried("backend", request, lambda: self.clone(request, reference))
+            result = await retried("backend", lambda: self.clone(request, reference, deadline))
         with clock.stage("encode"):
-            audio = await self.encode(result, _format_of(request))
+            audio = await self.encode(result, request.output_format)
         seconds = audio.facts.duration_seconds
         facts = StoredFacts(audio.facts.sample_rate, round(seconds * 1000), self._backend.name)
         metadata = object_metadata(request, fingerprint, facts)
         with clock.stage("upload"):
-            stored = await self._retried(
-                "storage", request, lambda: self.store(key, audio, _format_of(request), metadata)
+            stored = await retried(
+                "storage", lambda: self.store(key, audio, request.output_format, metadata)
             )
         output = Output(stored, facts, cold_start=bool(result.cold_start))
         return self._audio_ready(request, output, clock, received)
 
     @asynccontextmanager
-    async def _tenant_turn(self, request: CloneRequest) -> AsyncIterator[None]:
+    async def _tenant_turn(self, request: CloneRequest, deadline: Deadline) -> AsyncIterator[None]:
         """Hold one of the tenant's places, waiting while it has none free (not past the
         request's deadline)."""
         if self._tenants is None:
             yield
             return
         try:
-            await self._tenants.acquire(request.tenant_id, timeout=_seconds_left(request))
+            await self._tenants.acquire(request.tenant_id, timeout=deadline.remaining())
         except TimeoutError:
-            raise CloneError(
-                ErrorCode.EXPIRED,
-                "the request's deadline passed while its tenant was at its limit of requests "
-                "in flight",
-            ) from None
+            raise Expired() from None
         try:
             yield
         finally:
@@ -242,12 +238,14 @@ class Pipeline:
 
     async def _retried(
         self,
+        request_id: str,
+        deadline: Deadline,
+        progress: Progress,
         stage: RetriedStage,
-        request: CloneRequest,
         attempt: Callable[[], Awaitable[T]],
     ) -> T:
-        """`attempt()`, again while it fails retryably, within the retry policy and the
-        request's deadline; a CloneError raised says how many attempts were made."""
+        """`attempt()`, again while it fails transiently, within the retry policy and the
+        request's deadline; if it gives up, `progress` says how many attempts were made."""
         attempts = 1
 
         def again() -> None:
@@ -255,32 +253,28 @@ class Pipeline:
             attempts += 1
             self._metrics.retried(stage)
 
-        left = _seconds_left(request)
         try:
             return await retry(
                 attempt,
-                transient=_retryable,
+                transient=_transient,
                 policy=self._retry,
-                what=f"{stage} for {request.request_id}",
+                what=f"{stage} for {request_id}",
                 on_retry=again,
-                deadline=None if left is None else time.monotonic() + left,
+                deadline=deadline.at,
             )
-        except CloneError as exc:
-            exc.attempts = attempts
+        except VoicecloneError:
+            progress.attempts = attempts
             raise
 
     async def find_existing(self, key: str, fingerprint: str) -> Output | None:
         """The audio stored under `key` if it was made for the same content, else None."""
-        try:
-            info = await self._storage.head(key)
-            if info is None or info.sha256 is None:  # no checksum record: not known complete
-                return None
-            facts = reusable_facts(info.metadata, fingerprint)
-            if facts is None:
-                return None
-            url, expires_at = await self._storage.url_for(key)  # a fresh presigned URL
-        except StorageError as exc:
-            raise CloneError(ErrorCode.STORAGE_FAILED, str(exc), retryable=exc.transient) from exc
+        info = await self._storage.head(key)
+        if info is None or info.sha256 is None:  # no checksum record: not known complete
+            return None
+        facts = reusable_facts(info.metadata, fingerprint)
+        if facts is None:
+            return None
+        url, expires_at = await self._storage.url_for(key)  # a fresh presigned URL
         stored = StoredObject(
             key=key,
             storage_uri=info.storage_uri,
@@ -293,22 +287,15 @@ class Pipeline:
 
     async def fetch_reference(self, request: CloneRequest) -> ReferenceAudio:
         voice = request.voice
-        try:
-            return await self._fetcher.fetch(
-                voice.reference_audio_uri, voice.reference_audio_sha256
-            )
-        except ReferenceUnavailable as exc:
-            raise CloneError(
-                ErrorCode.REFERENCE_AUDIO_UNAVAILABLE, str(exc), retryable=exc.transient
-            ) from exc
-        except ReferenceInvalid as exc:
-            raise CloneError(ErrorCode.REFERENCE_AUDIO_INVALID, str(exc)) from exc
+        return await self._fetcher.fetch(voice.reference_audio_uri, voice.reference_audio_sha256)
 
-    async def clone(self, request: CloneRequest, reference: ReferenceAudio) -> CloneResult:
+    async def clone(
+        self, request: CloneRequest, reference: ReferenceAudio, deadline: Deadline
+    ) -> CloneResult:
         job = CloneJob(
             request_id=request.request_id,
             text=request.text,
-            language=request.language.value.capitalize(),
+            language=request.language.engine_name,
             model=request.model.size,
             reference_audio=reference.data,
             reference_sha256=reference.sha256,
@@ -317,52 +304,35 @@ class Pipeline:
             output_format=request.output_format.value,
             generation=_generation(request),
         )
-        timeout = self._timeout(request)
+        deadline.check()
         try:
             with self._metrics.backend_call(self._backend.name, job.model) as call:
-                call.result = result = await self._backend.clone(job, timeout=timeout)
-        except BackendTimeout as exc:
-            if expired(request, datetime.now(UTC)):  # cut short by the caller's own deadline
-                raise CloneError(
-                    ErrorCode.EXPIRED, "the request's deadline passed during inference"
-                ) from exc
-            raise CloneError(exc.code, str(exc), retryable=exc.transient) from exc
-        except BackendError as exc:
-            raise CloneError(exc.code, str(exc), retryable=exc.transient) from exc
+                # The backend adds its own upper bound to the time left.
+                call.result = result = await self._backend.clone(job, timeout=deadline.remaining())
+        except BackendTimeout:
+            deadline.check()  # cut short by the request's own deadline: it expired
+            raise
         return result
 
     async def encode(self, result: CloneResult, wanted: AudioFormat) -> EncodedAudio:
         """The result in the wanted format, described from the final bytes themselves."""
         try:
-            facts = read_audio_facts(result.audio)
+            facts = read_audio_facts(result.audio)  # GenerationFailed if it is not audio
             check_audio_size(result.audio, facts, self._limits.max_audio_bytes)
             if result.format == wanted.value:
                 return EncodedAudio(result.audio, facts)
             # Transcoding is CPU work: keep it off the event loop.
             data = await asyncio.to_thread(transcode, result.audio, wanted)
             return EncodedAudio(data, read_audio_facts(data))
-        except BackendError as exc:  # read_audio_facts: the bytes are not audio
-            raise CloneError(exc.code, str(exc), retryable=exc.transient) from exc
-        except (InvalidParameter, ValueError, RuntimeError) as exc:  # soundfile's errors
-            raise CloneError(
-                ErrorCode.INFERENCE_FAILED,
-                f"the backend's {result.format} audio cannot be encoded as {wanted.value}: {exc}",
+        except (InvalidInput, ValueError, RuntimeError) as exc:  # soundfile's errors
+            raise GenerationFailed(
+                f"the backend's {result.format} audio cannot be encoded as {wanted.value}: {exc}"
             ) from exc
 
     async def store(
         self, key: str, audio: EncodedAudio, fmt: AudioFormat, metadata: Mapping[str, str]
     ) -> StoredObject:
-        try:
-            return await self._storage.put(key, audio.data, fmt.content_type, metadata)
-        except StorageError as exc:
-            raise CloneError(ErrorCode.STORAGE_FAILED, str(exc), retryable=exc.transient) from exc
-
-    def _timeout(self, request: CloneRequest) -> float | None:
-        """Seconds left before the request's deadline; the backend adds its own upper bound."""
-        left = _seconds_left(request)
-        if left is not None and left <= 0:
-            raise CloneError(ErrorCode.EXPIRED, "the request's deadline passed during processing")
-        return left
+        return await self._storage.put(key, audio.data, fmt.content_type, metadata)
 
     def _audio_ready(
         self,
@@ -379,7 +349,7 @@ class Pipeline:
             voice_id=request.voice.voice_id,
             audio_url=stored.url,
             storage_uri=stored.storage_uri,
-            content_type=_format_of(request).content_type,
+            content_type=request.output_format.content_type,
             format=request.output_format,
             sample_rate=facts.sample_rate,
             duration_ms=facts.duration_ms,
@@ -410,27 +380,11 @@ def transcode(data: bytes, wanted: AudioFormat) -> bytes:
     return encode_audio(audio.samples, audio.sample_rate, wanted)
 
 
-def _format_of(request: CloneRequest) -> AudioFormat:
-    return AudioFormat(request.output_format.value)
-
-
-def _seconds_left(request: CloneRequest) -> float | None:
-    """Seconds until the request's deadline (negative once passed); None without one."""
-    if request.deadline is None:
-        return None
-    return (request.deadline - datetime.now(UTC)).total_seconds()
-
-
-def _retryable(exc: Exception) -> bool:
-    return isinstance(exc, CloneError) and exc.retryable
+def _transient(exc: Exception) -> bool:
+    return isinstance(exc, VoicecloneError) and exc.transient
 
 
 def _generation(request: CloneRequest) -> GenerationParams:
     """The request's generation parameters, checked against the engine's rules."""
-    params = request.generation
-    if params is None:
-        return GenerationParams()
-    try:
-        return GenerationParams(**params.model_dump())
-    except InvalidParameter as exc:
-        raise CloneError(ErrorCode.INVALID_REQUEST, str(exc)) from exc
+    record = request.generation
+    return GenerationParams() if record is None else record.params()

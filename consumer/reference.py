@@ -41,6 +41,8 @@ import numpy as np
 import soundfile as sf
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from schemas.vocabulary import ErrorCode, VoicecloneError
+
 __all__ = [
     "SUPPORTED_SCHEMES",
     "ObjectReader",
@@ -150,7 +152,7 @@ class ReferenceSettings(BaseModel):
         return self
 
 
-class ReferenceFetchError(Exception):
+class ReferenceFetchError(VoicecloneError):
     """The reference audio cannot be used.
 
     ``reason`` is a short code fit for metrics and outcome events; ``transient`` says whether
@@ -158,9 +160,8 @@ class ReferenceFetchError(Exception):
     """
 
     def __init__(self, message: str, *, reason: str, transient: bool = False) -> None:
-        super().__init__(message)
+        super().__init__(message, transient=transient)
         self.reason = reason
-        self.transient = transient
 
 
 class ReferenceUnavailable(ReferenceFetchError):
@@ -170,12 +171,16 @@ class ReferenceUnavailable(ReferenceFetchError):
     network, timeout, storage.
     """
 
+    code = ErrorCode.REFERENCE_AUDIO_UNAVAILABLE
+
 
 class ReferenceInvalid(ReferenceFetchError):
     """Fetched, but unusable: too large, too long, not audio, or not the expected checksum.
 
     Reasons: too_large, too_long, not_audio, checksum_mismatch, bad_checksum. Never transient.
     """
+
+    code = ErrorCode.REFERENCE_AUDIO_INVALID
 
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message, reason=reason, transient=False)

@@ -20,9 +20,9 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from consumer.errors import CloneError
 from schemas.codec import InHeaders as Headers
 from schemas.events import AudioReady, CloneFailed
+from schemas.vocabulary import VoicecloneError
 
 REQUEST_SPAN = "voiceclone.request"
 TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
@@ -80,7 +80,7 @@ def stage_span(name: str) -> Iterator[None]:
         try:
             yield
         except Exception as exc:
-            code = str(exc.code) if isinstance(exc, CloneError) else type(exc).__name__
+            code = str(exc.code) if isinstance(exc, VoicecloneError) else type(exc).__name__
             _failed(span, code)
             raise
 

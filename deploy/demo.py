@@ -47,7 +47,6 @@ PROGRESS_EVERY_SECONDS = 15.0
 # How long the hub may take to answer before the demo falls back to the synthetic model: long
 # enough for a slow network, short enough that an offline machine is not kept waiting.
 HUB_PROBE_SECONDS = 5.0
-DEMO_SIZE = "1.7B"  # the size the sample request asks for (the request's default)
 SAMPLE_RATE = 24_000
 START_HINT = (
     "With `make run`: MODEL=/path/to/model for your weights, or MODEL=synthetic (also "
@@ -111,10 +110,10 @@ def synthetic_model() -> Path:
 
 
 def official_weights() -> str:
-    """The official hub id of the demo's size (the worker's default; the project's environment)."""
-    from modal_app.profiles import PROFILES
+    """The official hub id of the model the sample request asks for (the request's default)."""
+    from schemas.vocabulary import DEFAULT_MODEL
 
-    return PROFILES[DEMO_SIZE].repo_id
+    return DEFAULT_MODEL.hub_id
 
 
 def download_command() -> str:

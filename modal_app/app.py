@@ -31,9 +31,9 @@ from typing import Any
 import modal
 
 from modal_app.contract import CloneInput, ContainerFacts, EngineOptions, ServiceResult
-from modal_app.params import GenerationParams
 from modal_app.profiles import DEFAULT_SIZE, PROFILES, ModelProfile, profile_for
 from modal_app.seed_compat import SeedCompatible
+from schemas.vocabulary import GenerationParams
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ image = (
             "TOKENIZERS_PARALLELISM": "false",
         }
     )
-    .add_local_python_source("modal_app")
+    # The service speaks the contract's vocabulary (schemas.vocabulary: standard library only).
+    .add_local_python_source("modal_app", "schemas")
 )
 app = modal.App(PROFILE.app_name, image=image)
 

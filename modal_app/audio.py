@@ -1,68 +1,24 @@
-"""Audio in and out: decode reference audio, encode results, join chunks.
+"""Audio in and out: decode reference audio, encode results (in the vocabulary's
+`AudioFormat`s), join chunks.
 
 numpy and soundfile only (no torch), so the worker can reuse the encoder without the engine.
 """
 
 import io
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Self
 
 import numpy as np
 import soundfile as sf
 
-from modal_app.errors import InvalidInput
+from schemas.vocabulary import AudioFormat, InvalidInput
 
-
-class AudioFormat(StrEnum):
-    """Output formats, all written by libsndfile; values are the product's schema symbols."""
-
-    WAV = "WAV"
-    FLAC = "FLAC"
-    OGG_OPUS = "OGG_OPUS"
-    MP3 = "MP3"
-
-    @classmethod
-    def parse(cls, value: "str | AudioFormat") -> "AudioFormat":
-        """Accept the value or the name in any case, plus the common aliases `ogg` and `opus`."""
-        key = str(value).strip().lower()
-        found = _FORMAT_ALIASES.get(key)
-        if found is None:
-            names = ", ".join(member.value for member in cls)
-            raise InvalidInput(f"Unsupported output format: {value}. Supported: {names}")
-        return found
-
-    @property
-    def content_type(self) -> str:
-        return _CONTENT_TYPES[self]
-
-    @property
-    def extension(self) -> str:
-        return _EXTENSIONS[self]
-
-
-_FORMAT_ALIASES = {member.value.lower(): member for member in AudioFormat} | {
-    "ogg": AudioFormat.OGG_OPUS,
-    "opus": AudioFormat.OGG_OPUS,
-}
 # (libsndfile container, subtype). 16-bit PCM matches the seed's WAV output.
 _SOUNDFILE_FORMATS = {
     AudioFormat.WAV: ("WAV", "PCM_16"),
     AudioFormat.FLAC: ("FLAC", "PCM_16"),
     AudioFormat.OGG_OPUS: ("OGG", "OPUS"),
     AudioFormat.MP3: ("MP3", "MPEG_LAYER_III"),
-}
-_CONTENT_TYPES = {
-    AudioFormat.WAV: "audio/wav",
-    AudioFormat.FLAC: "audio/flac",
-    AudioFormat.OGG_OPUS: "audio/ogg",
-    AudioFormat.MP3: "audio/mpeg",
-}
-_EXTENSIONS = {
-    AudioFormat.WAV: "wav",
-    AudioFormat.FLAC: "flac",
-    AudioFormat.OGG_OPUS: "ogg",
-    AudioFormat.MP3: "mp3",
 }
 # Opus only runs at these rates; libsndfile fails obscurely at others.
 _OPUS_SAMPLE_RATES = frozenset({8000, 12000, 16000, 24000, 48000})

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from modal_app.audio import AudioFormat, DecodedAudio
-from modal_app.params import GenerationParams
+from modal_app.audio import DecodedAudio
+from schemas.vocabulary import AudioFormat, GenerationParams
 
 GENERATION_MODES = ("stock", "fast")
 

@@ -28,7 +28,7 @@ import torch
 from qwen_tts import Qwen3TTSModel
 from qwen_tts.inference.qwen3_tts_model import VoiceClonePromptItem
 
-from modal_app.audio import AudioFormat, DecodedAudio, crossfade_join, encode_audio
+from modal_app.audio import DecodedAudio, crossfade_join, encode_audio
 from modal_app.contract import (
     BatchCloneInput,
     BatchCloneOutput,
@@ -39,12 +39,19 @@ from modal_app.contract import (
     VoiceRequest,
 )
 from modal_app.decode_masks import cache_decode_masks
-from modal_app.errors import EngineError, GenerationFailed, InvalidInput, RequestStopped
+from modal_app.errors import RequestStopped
 from modal_app.fastgen import FastTalker, GenerationStopped, LoopStats, RowOptions, row_options
 from modal_app.languages import SUPPORTED_LANGUAGES, normalize_language
-from modal_app.params import GenerationParams
 from modal_app.prompt_cache import PromptCache
 from modal_app.text import chunk_text
+from schemas.vocabulary import (
+    AudioFormat,
+    ErrorCode,
+    GenerationFailed,
+    GenerationParams,
+    InvalidInput,
+    VoicecloneError,
+)
 
 __all__ = [  # the engine's public API, in one import
     "BatchCloneInput",
@@ -277,7 +284,8 @@ class Engine:
         if len(text) > self.options.max_text_chars:
             raise InvalidInput(
                 f"Text too long: '{label}' has {len(text)} characters;"
-                f" the limit is {self.options.max_text_chars}"
+                f" the limit is {self.options.max_text_chars}",
+                code=ErrorCode.TEXT_TOO_LONG,
             )
         return text.strip()
 
@@ -446,7 +454,7 @@ def _generation_errors() -> Iterator[None]:
     """Model failures become `GenerationFailed`; our own errors pass through unchanged."""
     try:
         yield
-    except EngineError:
+    except VoicecloneError:
         raise
     except GenerationStopped as exc:
         raise RequestStopped(f"Generation stopped: {exc}") from exc

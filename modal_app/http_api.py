@@ -25,9 +25,8 @@ from modal_app.contract import (
     CloneOutput,
     EngineInfo,
 )
-from modal_app.errors import EngineError, InvalidInput
 from modal_app.languages import DEFAULT_LANGUAGE
-from modal_app.params import GenerationParams
+from schemas.vocabulary import GenerationParams, InvalidInput, VoicecloneError
 
 MAX_REFERENCE_BYTES = 50 * 1024 * 1024
 FETCH_TIMEOUT_SECONDS = 30.0
@@ -86,7 +85,7 @@ def create_http_app(engine: SpeechEngine, fetch_reference: ReferenceFetcher = fe
     api = FastAPI(title="Qwen3-TTS voice cloning")
     api.add_exception_handler(RequestValidationError, _validation_error)
     api.add_exception_handler(InvalidInput, _error_response(400))
-    api.add_exception_handler(EngineError, _error_response(500))
+    api.add_exception_handler(VoicecloneError, _error_response(500))
 
     @api.post("/clone")
     def clone(body: CloneBody) -> Response:

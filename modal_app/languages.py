@@ -1,23 +1,12 @@
-"""Language names the service accepts: the seed's capitalised words, matched case-insensitively."""
+"""Language names the service accepts: the seed's capitalised words (the vocabulary's
+`Language.engine_name`), matched case-insensitively."""
 
 from collections.abc import Sequence
 
-from modal_app.errors import InvalidInput
+from schemas.vocabulary import ErrorCode, InvalidInput, Language
 
-DEFAULT_LANGUAGE = "Auto"
-SUPPORTED_LANGUAGES: tuple[str, ...] = (
-    DEFAULT_LANGUAGE,
-    "Chinese",
-    "English",
-    "Japanese",
-    "Korean",
-    "German",
-    "French",
-    "Russian",
-    "Portuguese",
-    "Spanish",
-    "Italian",
-)
+DEFAULT_LANGUAGE = Language.AUTO.engine_name
+SUPPORTED_LANGUAGES: tuple[str, ...] = tuple(language.engine_name for language in Language)
 _BY_LOWER = {name.lower(): name for name in SUPPORTED_LANGUAGES}
 
 
@@ -27,5 +16,8 @@ def normalize_language(name: str | None, supported: Sequence[str] = SUPPORTED_LA
         return DEFAULT_LANGUAGE
     canonical = _BY_LOWER.get(name.strip().lower())
     if canonical is None or canonical not in supported:
-        raise InvalidInput(f"Unsupported language: {name}. Supported: {', '.join(supported)}")
+        raise InvalidInput(
+            f"Unsupported language: {name}. Supported: {', '.join(supported)}",
+            code=ErrorCode.UNSUPPORTED_LANGUAGE,
+        )
     return canonical

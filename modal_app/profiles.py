@@ -1,4 +1,5 @@
-"""The two model sizes and the Modal names the worker looks them up by.
+"""How each model size (`schemas.vocabulary.ModelSize`) is deployed, and the Modal names the
+worker looks them up by.
 
 Plain data with no Modal or torch import, so the worker can find a deployed service with
 `modal.Cls.from_name(profile.app_name, SERVICE_CLASS_NAME)`.
@@ -6,13 +7,14 @@ Plain data with no Modal or torch import, so the worker can find a deployed serv
 
 from dataclasses import dataclass
 
+from schemas.vocabulary import DEFAULT_MODEL, ModelName, ModelSize
+
 SERVICE_CLASS_NAME = "Qwen3TTSService"
 
 
 @dataclass(frozen=True)
 class ModelProfile:
-    size: str
-    repo_id: str
+    model: ModelName
     app_name: str
     gpus: tuple[str, ...]  # first choice first; Modal falls back along the list
     # Inputs one container serves at once (`@modal.concurrent`, fast generation only): Modal
@@ -23,13 +25,20 @@ class ModelProfile:
     target_inputs: int
     batch_rows: int
 
+    @property
+    def size(self) -> ModelSize:
+        return self.model.size
 
-PROFILES: dict[str, ModelProfile] = {
+    @property
+    def repo_id(self) -> str:
+        return self.model.hub_id
+
+
+PROFILES: dict[ModelSize, ModelProfile] = {
     profile.size: profile
     for profile in (
         ModelProfile(
-            size="1.7B",
-            repo_id="Qwen/Qwen3-TTS-12Hz-1.7B-Base",
+            model=ModelName.QWEN3_TTS_12HZ_1_7B_BASE,
             app_name="voiceclone-qwen3-tts-1-7b",
             gpus=("A10G", "L4"),
             max_inputs=32,
@@ -37,8 +46,7 @@ PROFILES: dict[str, ModelProfile] = {
             batch_rows=32,  # 7.5 GB of KV cache beside 3.4 GB of weights on a 24 GB GPU
         ),
         ModelProfile(
-            size="0.6B",
-            repo_id="Qwen/Qwen3-TTS-12Hz-0.6B-Base",
+            model=ModelName.QWEN3_TTS_12HZ_0_6B_BASE,
             app_name="voiceclone-qwen3-tts-0-6b",
             gpus=("T4", "L4"),
             max_inputs=16,
@@ -47,7 +55,7 @@ PROFILES: dict[str, ModelProfile] = {
         ),
     )
 }
-DEFAULT_SIZE = "1.7B"
+DEFAULT_SIZE = DEFAULT_MODEL.size
 
 
 def profile_for(size: str) -> ModelProfile:

@@ -129,4 +129,4 @@ async def retry_while(
 
 def codec_outage(exc: Exception) -> bool:
     """A codec error that is an outage (of the schema registry), not a bad record or event."""
-    return isinstance(exc, EventCodecError) and exc.retryable
+    return isinstance(exc, EventCodecError) and exc.transient

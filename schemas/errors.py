@@ -4,6 +4,8 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
+from schemas.vocabulary import ErrorCode, VoicecloneError
+
 
 class DecodeReason(StrEnum):
     """Why a record could not be decoded (a short code for logs, metrics and DLQ headers)."""
@@ -32,22 +34,18 @@ class EncodeReason(StrEnum):
     REGISTRY_UNAVAILABLE = "registry_unavailable"
 
 
-_RETRYABLE = frozenset({DecodeReason.REGISTRY_UNAVAILABLE, EncodeReason.REGISTRY_UNAVAILABLE})
+# The reasons that are an outage: the same bytes may decode (or the event encode) later.
+_TRANSIENT = frozenset({DecodeReason.REGISTRY_UNAVAILABLE, EncodeReason.REGISTRY_UNAVAILABLE})
 
 
-class EventCodecError(Exception):
-    """Base of both codec errors: `reason` is a short machine code, str(error) is for people."""
+class EventCodecError(VoicecloneError):
+    """Base of both codec errors: `reason` is a short machine code, str(error) is for people;
+    `transient` when the reason is an outage."""
 
     def __init__(self, reason: str, message: str, *, topic: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, transient=reason in _TRANSIENT)
         self.reason = reason
-        self.message = message
         self.topic = topic
-
-    @property
-    def retryable(self) -> bool:
-        """True when the same bytes may decode (or the event encode) later: an outage."""
-        return self.reason in _RETRYABLE
 
     def __repr__(self) -> str:
         return (
@@ -56,12 +54,15 @@ class EventCodecError(Exception):
 
 
 class EventDecodeError(EventCodecError):
-    """A record's bytes are not a valid event for its topic. Reasons: DecodeReason.
+    """A record's bytes are not a valid event for its topic. Reasons: DecodeReason. A request
+    that is read but invalid is answered with its code, INVALID_REQUEST.
 
     On INVALID_RECORD, `event_type` and `record` say what was read (the Avro record as fastavro
     returns it), so that a reader may still act on its valid parts: the worker answers a request
     whose ids are readable rather than dead-lettering it. None for every other reason.
     """
+
+    code = ErrorCode.INVALID_REQUEST
 
     def __init__(
         self,

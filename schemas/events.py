@@ -5,7 +5,7 @@ exactly (tests/schemas/test_agreement.py proves it) and add the checks Avro cann
 Field documentation lives in the .avsc files only, so it cannot drift.
 
 Conventions that keep the Avro mapping trivial:
-- an enum member's value is its Avro symbol (ModelName adds `hub_id` and `size`);
+- the enums are the vocabulary's (`schemas.vocabulary`): a member's value is its Avro symbol;
 - timestamps are UTC-aware datetimes cut to whole milliseconds (Avro timestamp-millis), so an
   event survives an encode/decode round trip unchanged;
 - models are frozen and reject unknown fields.
@@ -13,13 +13,20 @@ Conventions that keep the Avro mapping trivial:
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from enum import StrEnum
 from types import MappingProxyType
 from typing import Annotated, Any, ClassVar, Final, Self
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from schemas.topics import Topics
+from schemas.vocabulary import (
+    DEFAULT_MODEL,
+    AudioFormat,
+    ErrorCode,
+    GenerationParams,
+    Language,
+    ModelName,
+)
 
 AVRO_NAMESPACE: Final = "io.voiceclone.events"
 
@@ -71,75 +78,6 @@ def utc_now() -> datetime:
     return _utc_millis(datetime.now(UTC))
 
 
-class Language(StrEnum):
-    AUTO = "AUTO"
-    CHINESE = "CHINESE"
-    ENGLISH = "ENGLISH"
-    JAPANESE = "JAPANESE"
-    KOREAN = "KOREAN"
-    GERMAN = "GERMAN"
-    FRENCH = "FRENCH"
-    RUSSIAN = "RUSSIAN"
-    PORTUGUESE = "PORTUGUESE"
-    SPANISH = "SPANISH"
-    ITALIAN = "ITALIAN"
-
-
-class ModelName(StrEnum):
-    QWEN3_TTS_12HZ_1_7B_BASE = "QWEN3_TTS_12HZ_1_7B_BASE"
-    QWEN3_TTS_12HZ_0_6B_BASE = "QWEN3_TTS_12HZ_0_6B_BASE"
-
-    @property
-    def hub_id(self) -> str:
-        """The Hugging Face Hub repository of the weights."""
-        return _MODEL_HUB_IDS[self]
-
-    @property
-    def size(self) -> str:
-        """The size key backends deploy by: "1.7B" or "0.6B"."""
-        return _MODEL_SIZES[self]
-
-    @classmethod
-    def _missing_(cls, value: object) -> "ModelName | None":
-        # Lets settings and CLIs name a model by its hub id as well as by its symbol.
-        return _MODELS_BY_HUB_ID.get(value) if isinstance(value, str) else None
-
-
-_MODEL_HUB_IDS: Final[Mapping[ModelName, str]] = MappingProxyType(
-    {
-        ModelName.QWEN3_TTS_12HZ_1_7B_BASE: "Qwen/Qwen3-TTS-12Hz-1.7B-Base",
-        ModelName.QWEN3_TTS_12HZ_0_6B_BASE: "Qwen/Qwen3-TTS-12Hz-0.6B-Base",
-    }
-)
-_MODEL_SIZES: Final[Mapping[ModelName, str]] = MappingProxyType(
-    {ModelName.QWEN3_TTS_12HZ_1_7B_BASE: "1.7B", ModelName.QWEN3_TTS_12HZ_0_6B_BASE: "0.6B"}
-)
-_MODELS_BY_HUB_ID: Final[Mapping[str, ModelName]] = MappingProxyType(
-    {hub_id: model for model, hub_id in _MODEL_HUB_IDS.items()}
-)
-DEFAULT_MODEL: Final = ModelName.QWEN3_TTS_12HZ_1_7B_BASE
-
-
-class AudioFormat(StrEnum):
-    WAV = "WAV"
-    FLAC = "FLAC"
-    OGG_OPUS = "OGG_OPUS"
-    MP3 = "MP3"
-
-
-class ErrorCode(StrEnum):
-    INVALID_REQUEST = "INVALID_REQUEST"
-    UNSUPPORTED_LANGUAGE = "UNSUPPORTED_LANGUAGE"
-    REFERENCE_AUDIO_UNAVAILABLE = "REFERENCE_AUDIO_UNAVAILABLE"
-    REFERENCE_AUDIO_INVALID = "REFERENCE_AUDIO_INVALID"
-    TEXT_TOO_LONG = "TEXT_TOO_LONG"
-    INFERENCE_FAILED = "INFERENCE_FAILED"
-    INFERENCE_TIMEOUT = "INFERENCE_TIMEOUT"
-    STORAGE_FAILED = "STORAGE_FAILED"
-    EXPIRED = "EXPIRED"
-    CANCELLED = "CANCELLED"
-
-
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -168,13 +106,22 @@ class VoiceReference(_Record):
     reference_audio_sha256: Sha256Hex | None = None
 
 
-class GenerationParams(_Record):
+class GenerationRecord(_Record):
+    """The request's generation parameters as the wire carries them: what Avro can state
+    (finite numbers, int and long ranges). The engine's rules are checked by `params()`."""
+
+    model_config = ConfigDict(title="GenerationParams")  # the Avro record's name
+
     temperature: FiniteFloat | None = None
     top_k: Int32 | None = None
     top_p: FiniteFloat | None = None
     repetition_penalty: FiniteFloat | None = None
     max_new_tokens: Int32 | None = None
     seed: Int64 | None = None
+
+    def params(self) -> GenerationParams:
+        """The parameters the engine takes; InvalidInput if one breaks its rule."""
+        return GenerationParams.from_mapping(self.model_dump())
 
 
 class CloneRequest(EventModel):
@@ -187,7 +134,7 @@ class CloneRequest(EventModel):
     language: Language = Language.AUTO
     model: ModelName = DEFAULT_MODEL
     output_format: AudioFormat = AudioFormat.WAV
-    generation: GenerationParams | None = None
+    generation: GenerationRecord | None = None
     deadline: UtcDatetime | None = None
     created_at: UtcDatetime
     metadata: StrMap = {}  # pydantic copies it per instance

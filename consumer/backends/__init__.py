@@ -3,11 +3,10 @@
 Implementations: `modal` (the deployed GPU service, the default), `http` (a service speaking
 the seed's HTTP contract) and `local` (the same engine as the Modal service, run in this process;
 needs the `engine` extra, imported only when that backend is built). Every failure they report
-is a `BackendError`.
+is a `VoicecloneError` (`consumer.backends.errors`).
 """
 
 from consumer.backends.base import (
-    MODEL_SIZES,
     Backend,
     CloneJob,
     CloneResult,
@@ -32,7 +31,6 @@ from consumer.backends.settings import (
 
 __all__ = [
     "BACKENDS",
-    "MODEL_SIZES",
     "Backend",
     "BackendError",
     "BackendSettings",

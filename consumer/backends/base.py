@@ -1,7 +1,7 @@
 """The backend seam: what a clone call takes, what it returns, and the interface behind it."""
 
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Protocol
 
 # Errors and settings are re-exported so the seam's whole vocabulary imports from here.
 from consumer.backends.errors import (
@@ -14,12 +14,11 @@ from consumer.backends.errors import (
 )
 from consumer.backends.settings import BackendSettings
 
-# The engine's own parameters (torch-free): validated once, where the request is read, so every
-# backend receives values the engine accepts. Bad values raise `modal_app.errors.InvalidInput`.
-from modal_app.params import GenerationParams
+# The engine's parameters: checked once, where the request is read, so every backend receives
+# values the engine accepts. Bad values raise `InvalidInput`.
+from schemas.vocabulary import GenerationParams, ModelSize
 
 __all__ = [
-    "MODEL_SIZES",
     "Backend",
     "BackendError",
     "BackendSettings",
@@ -34,9 +33,6 @@ __all__ = [
     "call_budget",
 ]
 
-# Model size keys a request may name; each backend maps them to a deployment or weights.
-MODEL_SIZES: Final = ("1.7B", "0.6B")
-
 
 @dataclass(frozen=True)
 class CloneJob:
@@ -45,7 +41,7 @@ class CloneJob:
     request_id: str
     text: str
     language: str  # engine language name: "Auto", "English", "Chinese", ...
-    model: str  # model size key, one of MODEL_SIZES
+    model: ModelSize  # each backend maps it to a deployment or weights
     reference_audio: bytes = field(repr=False)  # as fetched; any format soundfile reads
     reference_sha256: str
     reference_text: str | None  # None: x-vector-only cloning
@@ -71,7 +67,7 @@ class CloneResult:
 class Backend(Protocol):
     """A voice-cloning engine behind one async call.
 
-    Every failure of `clone` is a `BackendError`; `asyncio.CancelledError` propagates untouched
+    Every failure of `clone` is a `VoicecloneError`; `asyncio.CancelledError` propagates untouched
     once the backend has cleaned up (closed the connection, cancelled the remote call).
     """
 

@@ -1,25 +1,25 @@
-"""Backend errors: one hierarchy that every vendor exception is translated into.
+"""Backend errors: every vendor exception is translated into a `VoicecloneError`.
 
-`transient` tells the worker whether trying again later may succeed; `code` is the clone-failed
-event's error code (`schemas.events.ErrorCode`).
+A backend raises the contract's `InvalidInput` (the request itself was refused) and
+`GenerationFailed` (no audio came back), and the two failures of its own below. Each knows its
+clone-failed error code (`code`) and whether trying again later may succeed (`transient`).
 """
 
-from schemas.events import ErrorCode
+from schemas.vocabulary import ErrorCode, GenerationFailed, InvalidInput, VoicecloneError
+
+__all__ = [
+    "BackendError",
+    "BackendTimeout",
+    "BackendUnavailable",
+    "ErrorCode",
+    "GenerationFailed",
+    "InvalidInput",
+    "invalid_input_from_message",
+]
 
 
-class BackendError(Exception):
-    """A clone call failed; see `transient` and `code`."""
-
-    transient: bool = False
-    code: ErrorCode = ErrorCode.INFERENCE_FAILED
-
-    def __init__(self, message: str, *, transient: bool | None = None) -> None:
-        super().__init__(message)
-        if transient is not None:
-            self.transient = transient
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self)!r}, code={self.code}, transient={self.transient})"
+class BackendError(VoicecloneError):
+    """The backend itself failed: no answer in time, or no service to answer."""
 
 
 class BackendTimeout(BackendError):
@@ -39,18 +39,6 @@ class BackendUnavailable(BackendError):
     transient = True
 
 
-class GenerationFailed(BackendError):
-    """The backend was reached but failed to produce audio."""
-
-
-class InvalidInput(BackendError):
-    """The backend rejected the request itself; never worth retrying."""
-
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> None:
-        super().__init__(message, transient=False)
-        self.code = code
-
-
 def invalid_input_from_message(message: str) -> InvalidInput:
     """An `InvalidInput` whose code is read from a backend's rejection message.
 
@@ -59,7 +47,7 @@ def invalid_input_from_message(message: str) -> InvalidInput:
     """
     lowered = message.lower()
     if lowered.startswith("unsupported language"):
-        return InvalidInput(message, ErrorCode.UNSUPPORTED_LANGUAGE)
+        return InvalidInput(message, code=ErrorCode.UNSUPPORTED_LANGUAGE)
     if "too long" in lowered:
-        return InvalidInput(message, ErrorCode.TEXT_TOO_LONG)
+        return InvalidInput(message, code=ErrorCode.TEXT_TOO_LONG)
     return InvalidInput(message)

@@ -13,7 +13,6 @@ import httpx
 from consumer.backends.audio import read_audio_facts
 from consumer.backends.base import CloneJob, CloneResult, call_budget
 from consumer.backends.errors import (
-    BackendError,
     BackendTimeout,
     BackendUnavailable,
     GenerationFailed,
@@ -21,6 +20,7 @@ from consumer.backends.errors import (
     invalid_input_from_message,
 )
 from consumer.backends.settings import BackendSettings
+from schemas.vocabulary import VoicecloneError
 
 # Statuses whose body describes what is wrong with the request.
 _REJECTED = frozenset({400, 413, 422})
@@ -131,7 +131,7 @@ def clone_request_body(job: CloneJob) -> dict[str, Any]:
     return body
 
 
-def error_for_response(response: httpx.Response) -> BackendError:
+def error_for_response(response: httpx.Response) -> VoicecloneError:
     """Our error for a non-2xx answer from `/clone`."""
     status, detail = response.status_code, _detail(response)
     if status in _REJECTED:
@@ -144,7 +144,7 @@ def error_for_response(response: httpx.Response) -> BackendError:
     return BackendUnavailable(f"HTTP {status} from {response.url}: {detail}", transient=False)
 
 
-def error_for_transport(url: str, exc: httpx.HTTPError) -> BackendError:
+def error_for_transport(url: str, exc: httpx.HTTPError) -> VoicecloneError:
     """Our error for a request that got no HTTP answer."""
     if isinstance(exc, httpx.ConnectTimeout):
         return BackendUnavailable(f"could not connect to {url} in time")

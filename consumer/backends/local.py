@@ -30,17 +30,16 @@ import structlog
 
 from consumer.backends.base import CloneJob, CloneResult, call_budget
 from consumer.backends.errors import (
-    BackendError,
     BackendTimeout,
     BackendUnavailable,
     GenerationFailed,
     InvalidInput,
-    invalid_input_from_message,
 )
 from consumer.backends.settings import BackendSettings, LocalBackendSettings
 from consumer.logs import output_logged
-from modal_app import errors as engine_errors
 from modal_app.contract import CloneInput, CloneOutput
+from modal_app.errors import RequestStopped
+from schemas.vocabulary import ModelName, ModelSize, VoicecloneError
 
 if TYPE_CHECKING:
     from modal_app.engine import Engine
@@ -49,12 +48,8 @@ log = structlog.get_logger(__name__)
 
 # Per size: the variable naming its weights and the official hub id, for error messages.
 _SIZE_VARIABLES = {
-    "1.7B": "VOICECLONE_BACKEND__LOCAL__MODEL_1_7B",
-    "0.6B": "VOICECLONE_BACKEND__LOCAL__MODEL_0_6B",
-}
-_OFFICIAL_WEIGHTS = {
-    "1.7B": str(LocalBackendSettings.model_fields["model_1_7b"].default),
-    "0.6B": str(LocalBackendSettings.model_fields["model_0_6b"].default),
+    ModelSize.LARGE: "VOICECLONE_BACKEND__LOCAL__MODEL_1_7B",
+    ModelSize.SMALL: "VOICECLONE_BACKEND__LOCAL__MODEL_0_6B",
 }
 
 
@@ -162,19 +157,12 @@ async def _run(model: _LoadedModel, request: CloneInput, budget: float) -> tuple
             f"the local engine gave no answer within {budget:.1f} s "
             "(the engine drops it from its batch, or finishes and discards it)"
         ) from exc
+    except RequestStopped as exc:  # its deadline passed in the engine
+        raise BackendTimeout(str(exc)) from exc
+    except VoicecloneError:
+        raise  # the engine's own errors already know their code
     except Exception as exc:
-        raise _translate(exc) from exc
-
-
-def _translate(exc: Exception) -> BackendError:
-    """The engine's errors → ours; anything else it raises is a failed generation."""
-    if isinstance(exc, engine_errors.InvalidInput):
-        return invalid_input_from_message(str(exc))
-    if isinstance(exc, engine_errors.GenerationFailed):
-        return GenerationFailed(str(exc))
-    if isinstance(exc, engine_errors.RequestStopped):  # its deadline passed in the engine
-        return BackendTimeout(str(exc))
-    return GenerationFailed(f"the local engine failed ({type(exc).__name__}: {exc})")
+        raise GenerationFailed(f"the local engine failed ({type(exc).__name__}: {exc})") from exc
 
 
 def _find_weights(settings: LocalBackendSettings) -> list[_Weights]:
@@ -319,7 +307,9 @@ def _weights_folder(weights: str, sizes: list[str]) -> str:
 def _unloadable(sizes: list[str], weights: str, problem: str) -> BackendUnavailable:
     """A permanent start failure that says how to point the worker at a model."""
     variables = " / ".join(f"{_SIZE_VARIABLES[size]}=/path/to/model" for size in sizes)
-    downloads = " / ".join(f"`uv run hf download {_OFFICIAL_WEIGHTS[size]}`" for size in sizes)
+    downloads = " / ".join(
+        f"`uv run hf download {ModelName.of_size(size).hub_id}`" for size in sizes
+    )
     return BackendUnavailable(
         f"the local backend cannot load the {' and '.join(sizes)} model from {weights!r}: "
         f"{problem}. Point {variables} at a model directory (set it empty to not serve that "

@@ -21,7 +21,6 @@ import structlog
 
 from consumer.backends.base import CloneJob, CloneResult, call_budget
 from consumer.backends.errors import (
-    BackendError,
     BackendTimeout,
     BackendUnavailable,
     GenerationFailed,
@@ -30,6 +29,7 @@ from consumer.backends.errors import (
 from consumer.backends.modal_errors import translate_modal_error
 from consumer.backends.settings import BackendSettings, ModalBackendSettings
 from modal_app.contract import ServiceResult
+from schemas.vocabulary import VoicecloneError
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +59,7 @@ class ModalBackend:
             *(look_up(self._modal, app) for app in apps), return_exceptions=True
         )
         for app, result in zip(apps, found, strict=True):
-            if isinstance(result, BackendError):
+            if isinstance(result, VoicecloneError):
                 raise BackendUnavailable(
                     f"the modal backend cannot look up the app {app!r}: {result}. "
                     f"{_start_hint(result)}",
@@ -190,14 +190,14 @@ class _Readiness:
     async def _look_up(self, app: str) -> bool:
         try:
             await look_up(self._modal, app)
-        except BackendError as exc:
+        except VoicecloneError as exc:
             log.warning("modal_lookup_failed", app=app, error=repr(exc))
             return False
         return True
 
 
 async def look_up(settings: ModalBackendSettings, app: str) -> None:
-    """Look up the service class of `app` within the ready timeout; `BackendError` if not."""
+    """Look up the service class of `app` within the ready timeout; `VoicecloneError` if not."""
     # A fresh reference each time: a hydrated one would answer from memory.
     cls = modal.Cls.from_name(app, settings.class_name, environment_name=settings.environment_name)
     try:
@@ -207,7 +207,7 @@ async def look_up(settings: ModalBackendSettings, app: str) -> None:
         raise translate_modal_error(exc) from exc
 
 
-def _start_hint(error: BackendError) -> str:
+def _start_hint(error: VoicecloneError) -> str:
     """What to do about a failed lookup at start, in one sentence."""
     cause = error.__cause__
     if isinstance(cause, modal.exception.AuthError | modal.exception.PermissionDeniedError):

@@ -15,7 +15,6 @@ from collections.abc import Callable
 import modal.exception as mx
 
 from consumer.backends.errors import (
-    BackendError,
     BackendTimeout,
     BackendUnavailable,
     ErrorCode,
@@ -23,6 +22,7 @@ from consumer.backends.errors import (
     InvalidInput,
     invalid_input_from_message,
 )
+from schemas.vocabulary import VoicecloneError
 
 _INVALID_INPUT_CLASS = "InvalidInput"
 _INVALID_INPUT_CODES = frozenset(
@@ -33,21 +33,21 @@ _INVALID_INPUT_PREFIXES = ("unsupported language", "text too long", "invalid ")
 # Last "…InvalidInput: message" line of a remote traceback Modal could not unpickle.
 _INVALID_INPUT_LINE = re.compile(rf"^(?:[\w.]+\.)?{_INVALID_INPUT_CLASS}: (.+)$", re.MULTILINE)
 
-Translate = Callable[[BaseException], BackendError]
+Translate = Callable[[BaseException], VoicecloneError]
 
 
-def _as(error: type[BackendError], what: str, *, transient: bool | None = None) -> Translate:
-    def translate(exc: BaseException) -> BackendError:
+def _as(error: type[VoicecloneError], what: str, *, transient: bool | None = None) -> Translate:
+    def translate(exc: BaseException) -> VoicecloneError:
         return error(f"{what} ({type(exc).__name__}: {exc})", transient=transient)
 
     return translate
 
 
-def _too_large(exc: BaseException) -> BackendError:
+def _too_large(exc: BaseException) -> VoicecloneError:
     return InvalidInput(f"the request is too large for Modal ({exc})")
 
 
-def _execution_error(exc: BaseException) -> BackendError:
+def _execution_error(exc: BaseException) -> VoicecloneError:
     matches = _INVALID_INPUT_LINE.findall(str(exc))
     if matches:
         return invalid_input_from_message(matches[-1])
@@ -89,7 +89,7 @@ _RULES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], Trans
 )
 
 
-def translate_modal_error(exc: BaseException) -> BackendError:
+def translate_modal_error(exc: BaseException) -> VoicecloneError:
     """Our error for `exc`, raised by a Modal lookup, spawn or result fetch.
 
     Anything that is not Modal's own (nor an `OSError` from the transport) is taken to be the
@@ -101,11 +101,11 @@ def translate_modal_error(exc: BaseException) -> BackendError:
     return _remote_exception(exc)
 
 
-def _remote_exception(exc: BaseException) -> BackendError:
+def _remote_exception(exc: BaseException) -> VoicecloneError:
     if _is_invalid_input(exc):
         code = getattr(exc, "code", None)
         if code in _INVALID_INPUT_CODES:
-            return InvalidInput(str(exc), ErrorCode(code))
+            return InvalidInput(str(exc), code=ErrorCode(code))
         return invalid_input_from_message(str(exc))
     return GenerationFailed(f"the voice-cloning service failed ({type(exc).__name__}: {exc})")
 

@@ -11,11 +11,12 @@ from pydantic import BaseModel, Field, field_validator
 
 from modal_app.profiles import PROFILES, SERVICE_CLASS_NAME
 from producer.caseless import CaseInsensitive
+from schemas.vocabulary import ModelSize
 
 
 def _size_table(one_seven: str | None, zero_six: str | None) -> dict[str, str]:
     """Model size key → configured value, leaving out sizes that are not served."""
-    table = {"1.7B": one_seven, "0.6B": zero_six}
+    table = {ModelSize.LARGE: one_seven, ModelSize.SMALL: zero_six}
     return {size: value for size, value in table.items() if value}
 
 
@@ -23,11 +24,11 @@ class ModalBackendSettings(BaseModel):
     """How to reach the deployed Modal GPU service."""
 
     app_1_7b: str | None = Field(
-        PROFILES["1.7B"].app_name,
+        PROFILES[ModelSize.LARGE].app_name,
         description="Modal app serving the 1.7B model; empty: the 1.7B model is not served.",
     )
     app_0_6b: str | None = Field(
-        PROFILES["0.6B"].app_name,
+        PROFILES[ModelSize.SMALL].app_name,
         description="Modal app serving the 0.6B model; empty: the 0.6B model is not served.",
     )
     class_name: str = Field(
@@ -97,12 +98,12 @@ class LocalBackendSettings(BaseModel):
     """The in-process engine (needs the `engine` extra: torch, qwen-tts)."""
 
     model_1_7b: str | None = Field(
-        PROFILES["1.7B"].repo_id,
+        PROFILES[ModelSize.LARGE].repo_id,
         description="Local directory of the 1.7B weights, or a hub id already in the Hugging "
         "Face cache (never downloaded); empty: not served.",
     )
     model_0_6b: str | None = Field(
-        PROFILES["0.6B"].repo_id,
+        PROFILES[ModelSize.SMALL].repo_id,
         description="Local directory of the 0.6B weights, or a hub id already in the Hugging "
         "Face cache (never downloaded); empty: not served.",
     )

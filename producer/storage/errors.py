@@ -4,13 +4,16 @@ Callers decide between retrying and dead-lettering from ``StorageError.transient
 backend exceptions (botocore, aiohttp, OSError) never leak past this package.
 """
 
+from schemas.vocabulary import ErrorCode, VoicecloneError
 
-class StorageError(Exception):
+
+class StorageError(VoicecloneError):
     """A storage operation failed; ``transient`` says whether retrying later may succeed."""
 
+    code = ErrorCode.STORAGE_FAILED
+
     def __init__(self, message: str, *, transient: bool, key: str | None = None) -> None:
-        super().__init__(message)
-        self.transient = transient
+        super().__init__(message, transient=transient)
         self.key = key
 
 
@@ -36,8 +39,11 @@ class UriNotAllowed(StorageError):
         super().__init__(message, transient=False, key=key)
 
 
-class InvalidKeyError(ValueError):
-    """An id, prefix or key that is empty, too long, or could escape the storage root."""
+class InvalidKeyError(VoicecloneError, ValueError):
+    """An id, prefix or key that is empty, too long, or could escape the storage root; a
+    request naming such an id is invalid."""
+
+    code = ErrorCode.INVALID_REQUEST
 
 
 class InvalidMetadataError(ValueError):

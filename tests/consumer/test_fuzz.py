@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from consumer.errors import CloneError
-from consumer.pipeline import check_deadline, check_request
+from consumer.deadline import Deadline
+from consumer.pipeline import check_request
 from consumer.reference import (
     ReferenceFetcher,
     ReferenceFetchError,
@@ -34,6 +34,7 @@ from schemas.codec import EVENT_TYPE_HEADER, FINGERPRINT_HEADER, Encoded, make_c
 from schemas.errors import DecodeReason, EventDecodeError
 from schemas.events import EVENT_TYPES, CloneRequest, Event
 from schemas.topics import Topics
+from schemas.vocabulary import VoicecloneError
 from tests.consumer.test_security import LocalDns
 from tests.fixtures.worker import clone_request
 from tests.schemas.samples import SAMPLE_IDS, SAMPLES
@@ -181,7 +182,7 @@ async def test_every_single_bit_flip_decodes_validly_or_raises_the_typed_error(
 
 BASE_REQUEST = clone_request("https://voices.example.com/voice.wav")
 LIMIT = LimitSettings(max_text_chars=64)
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
+NOW = datetime.now(UTC)  # the deadline is read on the real clock: moments around the run's
 
 ids = mostly(
     # The storage key alphabet, a little past its length limit: mostly safe ids.
@@ -204,19 +205,19 @@ deadlines = st.none() | st.builds(
 )
 
 
-def refusal(request: CloneRequest) -> CloneError | None:
+def refusal(request: CloneRequest) -> VoicecloneError | None:
     """What the checks before any work make of `request`, in the pipeline's order."""
     try:
         check_request(request, LIMIT)
-        check_deadline(request, NOW)
-    except CloneError as exc:
+        Deadline.of(request.deadline).check()
+    except VoicecloneError as exc:
         return exc
     return None
 
 
 @settings(FUZZ, max_examples=3000)
 @given(request_id=ids, tenant_id=ids, text=texts, deadline=deadlines)
-def test_the_checks_before_work_return_or_raise_clone_error(
+def test_the_checks_before_work_return_or_raise_a_voiceclone_error(
     request_id: str, tenant_id: str, text: str, deadline: datetime | None
 ) -> None:
     # model_copy does not validate: the checks must cope with whatever decoding lets through.
@@ -231,7 +232,7 @@ def test_the_checks_before_work_return_or_raise_clone_error(
     refused = refusal(request)
     if refused is not None:
         event(f"refused: {refused.code}")
-        assert not refused.retryable  # the same request can never pass later
+        assert not refused.transient  # the same request can never pass later
         return
     event("accepted")
     # What the checks promise the stages after them.

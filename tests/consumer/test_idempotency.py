@@ -15,7 +15,7 @@ from schemas.events import (
     AudioFormat,
     AudioReady,
     CloneRequest,
-    GenerationParams,
+    GenerationRecord,
     Language,
     ModelName,
 )
@@ -160,7 +160,7 @@ async def test_a_redelivery_past_the_deadline_still_gets_the_audio_it_produced(
     assert len(seed_server.requests) == 1
 
 
-BASE = clone_request("s3://voices/a.wav", generation=GenerationParams(seed=1))
+BASE = clone_request("s3://voices/a.wav", generation=GenerationRecord(seed=1))
 
 
 @pytest.mark.parametrize(
@@ -173,7 +173,7 @@ BASE = clone_request("s3://voices/a.wav", generation=GenerationParams(seed=1))
         {"language": Language.GERMAN},
         {"model": ModelName.QWEN3_TTS_12HZ_0_6B_BASE},
         {"output_format": AudioFormat.FLAC},
-        {"generation": GenerationParams(seed=2)},
+        {"generation": GenerationRecord(seed=2)},
         {"generation": None},
     ],
 )

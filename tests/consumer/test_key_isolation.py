@@ -92,5 +92,5 @@ async def test_another_tenants_audio_cannot_be_a_voice(
         await pipeline.process(clone_request(info.storage_uri, tenant_id="tenant-a"))
 
     assert raised.value.code == ErrorCode.REFERENCE_AUDIO_UNAVAILABLE
-    assert not raised.value.retryable
+    assert not raised.value.transient
     assert len(seed_server.requests) == 1  # theirs only

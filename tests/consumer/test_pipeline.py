@@ -14,15 +14,15 @@ import soundfile
 
 from consumer.backends import BackendSettings, CloneResult
 from consumer.backends.http import HttpBackend
+from consumer.deadline import Deadline, Expired
 from consumer.errors import CloneError
 from consumer.metrics import Metrics
-from consumer.pipeline import Pipeline, check_deadline, check_request
+from consumer.pipeline import Pipeline, check_request
 from consumer.reference import ReferenceFetcher, ReferenceSettings
 from consumer.settings import LimitSettings, RetrySettings
-from modal_app.audio import AudioFormat as EngineFormat
 from modal_app.audio import encode_audio
 from producer.storage import LocalStorage, Storage, object_key
-from schemas.events import AudioFormat, ErrorCode
+from schemas.vocabulary import AudioFormat, ErrorCode, GenerationFailed, VoicecloneError
 from tests.consumer.backends.conftest import make_wav
 from tests.fixtures.seed import SECONDS_PER_CHARACTER, SeedServer
 from tests.fixtures.worker import clone_request
@@ -67,8 +67,10 @@ def pipeline(make_pipeline: MakePipeline) -> Pipeline:
     return make_pipeline()
 
 
-def code_of(error: pytest.ExceptionInfo[CloneError]) -> tuple[ErrorCode, bool]:
-    return error.value.code, error.value.retryable
+def code_of(
+    error: pytest.ExceptionInfo[CloneError] | pytest.ExceptionInfo[VoicecloneError],
+) -> tuple[ErrorCode, bool]:
+    return error.value.code, error.value.transient
 
 
 @pytest.mark.parametrize(
@@ -88,29 +90,34 @@ def code_of(error: pytest.ExceptionInfo[CloneError]) -> tuple[ErrorCode, bool]:
 def test_check_request_rejects(overrides: dict[str, object], code: ErrorCode) -> None:
     request = clone_request("file:///voice.wav", **overrides)
 
-    with pytest.raises(CloneError) as raised:
+    with pytest.raises(VoicecloneError) as raised:
         check_request(request, LimitSettings(max_text_chars=100))
 
     assert code_of(raised) == (code, False)
 
 
-@pytest.mark.parametrize("deadline", [NOW, NOW - timedelta(seconds=1)])
-def test_check_deadline_rejects_a_passed_deadline(deadline: datetime) -> None:
-    request = clone_request("file:///voice.wav", deadline=deadline)
+@pytest.mark.parametrize("ago", [timedelta(0), timedelta(seconds=1)])
+def test_a_passed_deadline_is_expired(ago: timedelta) -> None:
+    deadline = Deadline.of(datetime.now(UTC) - ago)
 
-    with pytest.raises(CloneError) as raised:
-        check_deadline(request, NOW)
+    with pytest.raises(Expired) as raised:
+        deadline.check()
 
+    assert deadline.expired
     assert code_of(raised) == (ErrorCode.EXPIRED, False)
+    assert raised.value.message == "the request's deadline passed"
 
 
 def test_checks_accept_text_at_the_limit_and_a_future_deadline() -> None:
     request = clone_request(
-        "file:///voice.wav", text="a" * 100, deadline=NOW + timedelta(milliseconds=1)
+        "file:///voice.wav", text="a" * 100, deadline=datetime.now(UTC) + timedelta(minutes=1)
     )
+    deadline = Deadline.of(request.deadline)
 
     check_request(request, LimitSettings(max_text_chars=100))
-    check_deadline(request, NOW)
+    deadline.check()
+    assert 59 < (deadline.remaining() or 0) <= 60
+    assert Deadline.of(None).remaining() is None
 
 
 async def test_an_unsafe_id_never_reaches_storage(
@@ -141,12 +148,12 @@ async def test_audio_ready_describes_the_stored_file_in_every_format(
 
     ready = await pipeline.process(request)
 
-    extension = EngineFormat(fmt).extension
+    extension = AudioFormat(fmt).extension
     path = storage.path_for(object_key(request.tenant_id, request.request_id, extension))
     data = path.read_bytes()
     samples, sample_rate = soundfile.read(io.BytesIO(data))
     assert ready.audio_url == path.as_uri()
-    assert (ready.size_bytes, ready.content_type) == (len(data), EngineFormat(fmt).content_type)
+    assert (ready.size_bytes, ready.content_type) == (len(data), AudioFormat(fmt).content_type)
     assert (ready.sample_rate, ready.duration_ms) == (
         sample_rate,
         round(len(samples) / sample_rate * 1000),
@@ -184,6 +191,7 @@ async def test_a_deadline_that_cuts_inference_short_is_expired(
         await pipeline.process(request)
 
     assert code_of(raised) == (ErrorCode.EXPIRED, False)
+    assert raised.value.message == "the request's deadline passed"
 
 
 @pytest.mark.parametrize(
@@ -220,14 +228,14 @@ def backend_result(audio: bytes) -> CloneResult:
 @pytest.mark.parametrize(
     ("audio", "wanted"),
     [
-        (make_wav(1.0, sample_rate=44_100), EngineFormat.OGG_OPUS),  # Opus has no 44.1 kHz
-        (b"not audio at all", EngineFormat.WAV),
+        (make_wav(1.0, sample_rate=44_100), AudioFormat.OGG_OPUS),  # Opus has no 44.1 kHz
+        (b"not audio at all", AudioFormat.WAV),
     ],
 )
 async def test_audio_that_cannot_be_encoded_is_a_failed_inference(
-    pipeline: Pipeline, audio: bytes, wanted: EngineFormat
+    pipeline: Pipeline, audio: bytes, wanted: AudioFormat
 ) -> None:
-    with pytest.raises(CloneError) as raised:
+    with pytest.raises(GenerationFailed) as raised:
         await pipeline.encode(backend_result(audio), wanted)
 
     assert code_of(raised) == (ErrorCode.INFERENCE_FAILED, False)
@@ -238,7 +246,7 @@ async def test_audio_that_cannot_be_encoded_is_a_failed_inference(
     [
         (make_wav(1.0, sample_rate=24_000), "WAV"),  # 48 kB as sent, 96 kB decoded
         # Ten seconds of silence: a few kB of FLAC, 960 kB once decoded for transcoding.
-        (encode_audio(np.zeros(240_000, dtype=np.float32), 24_000, EngineFormat.FLAC), "FLAC"),
+        (encode_audio(np.zeros(240_000, dtype=np.float32), 24_000, AudioFormat.FLAC), "FLAC"),
     ],
 )
 async def test_audio_over_the_size_limit_is_refused_before_transcoding_or_storing(
@@ -247,9 +255,9 @@ async def test_audio_over_the_size_limit_is_refused_before_transcoding_or_storin
     result = replace(backend_result(audio), format=declared)
     decoded = 96_000 if declared == "WAV" else 960_000
 
-    with pytest.raises(CloneError) as raised:
-        await make_pipeline(max_audio_bytes=decoded - 1).encode(result, EngineFormat.WAV)
-    encoded = await make_pipeline(max_audio_bytes=decoded).encode(result, EngineFormat.WAV)
+    with pytest.raises(GenerationFailed) as raised:
+        await make_pipeline(max_audio_bytes=decoded - 1).encode(result, AudioFormat.WAV)
+    encoded = await make_pipeline(max_audio_bytes=decoded).encode(result, AudioFormat.WAV)
 
     assert code_of(raised) == (ErrorCode.INFERENCE_FAILED, False)
     assert f"{decoded} bytes decoded" in raised.value.message

@@ -204,7 +204,7 @@ async def test_a_backend_that_stays_down_fails_after_the_last_attempt(
         await make_pipeline().process(request_for(flaky))
 
     error = raised.value
-    assert (error.code, error.retryable, error.attempts) == (
+    assert (error.code, error.transient, error.attempts) == (
         ErrorCode.INFERENCE_FAILED,
         True,  # resubmitting later may succeed
         FAST.max_attempts,
@@ -222,7 +222,7 @@ async def test_a_rejected_request_is_not_retried(
         await make_pipeline().process(request_for(flaky))
 
     error = raised.value
-    assert (error.code, error.retryable, error.attempts) == (
+    assert (error.code, error.transient, error.attempts) == (
         ErrorCode.UNSUPPORTED_LANGUAGE,
         False,
         1,

@@ -19,7 +19,7 @@ from consumer.observability.settings import HttpServerSettings
 from consumer.reference import ReferenceSettings
 from consumer.settings import WorkerSettings
 from producer.storage import StorageSettings, reference_key
-from schemas.events import AudioFormat, AudioReady, GenerationParams, Language, ModelName
+from schemas.events import AudioFormat, AudioReady, GenerationRecord, Language, ModelName
 from tests.fixtures.model import SAMPLE_RATE, frames_to_samples
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.worker import (
@@ -102,7 +102,7 @@ async def test_fifty_mixed_requests_each_give_one_playable_audio_ready(
             output_format=next(formats),
             language=next(languages),
             model=next(models),
-            generation=GenerationParams(max_new_tokens=next(tokens)),
+            generation=GenerationRecord(max_new_tokens=next(tokens)),
         )
         for _ in range(REQUESTS)
     ]

@@ -4,6 +4,7 @@ The module is imported afresh under each environment; `App.cls` is wrapped (and 
 to see the snapshot options, which Modal keeps only in the definition it sends at deploy time.
 """
 
+import ast
 import importlib
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 
 import modal
 import pytest
+from modal._utils.async_utils import synchronizer
 
 from modal_app.profiles import PROFILES, SERVICE_CLASS_NAME, profile_for
 
@@ -213,3 +215,26 @@ def test_profiles_give_the_worker_stable_names() -> None:
         size: expected[0] for size, expected in EXPECTED.items()
     }
     assert profile_for(" 0.6b ").size == "0.6B"
+
+
+def _our_imports(path: Path) -> set[str]:
+    """The modules of this repository's packages that `path` imports."""
+    ours = {"bench", "consumer", "deploy", "modal_app", "producer", "schemas", "tests"}
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return {name for name in found if name.split(".")[0] in ours}
+
+
+def test_the_service_speaks_the_contracts_vocabulary_and_ships_it(load_app: LoadApp) -> None:
+    """Besides itself the service imports only the vocabulary (standard library only), and its
+    image carries every package it imports."""
+    imported = set().union(*map(_our_imports, (REPO_ROOT / "modal_app").glob("*.py")))
+    app, _ = load_app()
+    shipped = synchronizer._translate_in(app.image)._added_python_source_set
+
+    assert {name for name in imported if not name.startswith("modal_app")} == {"schemas.vocabulary"}
+    assert {name.split(".")[0] for name in imported} <= shipped

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from modal_app.audio import AudioFormat, DecodedAudio, crossfade_join, encode_audio
-from modal_app.errors import InvalidInput
+from modal_app.audio import DecodedAudio, crossfade_join, encode_audio
+from schemas.vocabulary import AudioFormat, InvalidInput
 from tests.fixtures.model import SAMPLE_RATE, synthetic_voice, wav_bytes
 
 ONE_LSB = 1 / 32768

@@ -27,7 +27,7 @@ from modal_app.fastgen import (  # noqa: E402
     RowOptions,
     stock_talker_kwargs,
 )
-from modal_app.params import GenerationParams  # noqa: E402
+from schemas.vocabulary import GenerationParams  # noqa: E402
 from tests.fixtures.model import REFERENCE_TRANSCRIPT, SAMPLES_PER_FRAME  # noqa: E402
 from tests.modal_app.test_fastgen import GREEDY, talker_inputs  # noqa: E402
 

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("qwen_tts", reason="needs the engine extra")
 
-from modal_app.audio import AudioFormat, DecodedAudio
+from modal_app.audio import DecodedAudio
 from modal_app.engine import (
     BatchCloneInput,
     CloneInput,
@@ -16,10 +16,15 @@ from modal_app.engine import (
     EngineOptions,
     pick_dtype,
 )
-from modal_app.errors import GenerationFailed, InvalidInput
 from modal_app.languages import SUPPORTED_LANGUAGES
-from modal_app.params import GenerationParams
 from modal_app.prompt_cache import PromptCache
+from schemas.vocabulary import (
+    AudioFormat,
+    ErrorCode,
+    GenerationFailed,
+    GenerationParams,
+    InvalidInput,
+)
 from tests.fixtures.model import (
     REFERENCE_TRANSCRIPT,
     SAMPLE_RATE,
@@ -259,6 +264,15 @@ def test_bad_requests_fail_before_generating(
         engine.clone(clone_input(reference_wav, **overrides))
 
     assert generate.calls == []
+
+
+def test_a_text_too_long_is_refused_with_its_error_code(
+    engine: Engine, reference_wav: bytes
+) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        engine.clone(clone_input(reference_wav, text="x" * 50_001))
+
+    assert caught.value.code == ErrorCode.TEXT_TOO_LONG
 
 
 @pytest.mark.parametrize(

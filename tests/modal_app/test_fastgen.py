@@ -23,8 +23,8 @@ from modal_app.fastgen import (  # noqa: E402
     batch_bucket,
     stock_talker_kwargs,
 )
-from modal_app.params import GenerationParams  # noqa: E402
 from modal_app.synthetic import CODE_GROUPS, CODEBOOK_SIZE  # noqa: E402
+from schemas.vocabulary import GenerationParams  # noqa: E402
 from tests.fixtures.model import (  # noqa: E402
     REFERENCE_TRANSCRIPT,
     SAMPLE_RATE,

@@ -1,7 +1,7 @@
 import pytest
 
-from modal_app.errors import InvalidInput
 from modal_app.languages import SUPPORTED_LANGUAGES, normalize_language
+from schemas.vocabulary import ErrorCode, InvalidInput
 
 
 def test_the_seeds_eleven_names() -> None:
@@ -38,6 +38,7 @@ def test_unsupported_language_lists_the_supported_ones() -> None:
         "Unsupported language: Klingon. Supported: Auto, Chinese, English, Japanese, Korean, "
         "German, French, Russian, Portuguese, Spanish, Italian"
     )
+    assert caught.value.code == ErrorCode.UNSUPPORTED_LANGUAGE
 
 
 def test_a_model_may_support_fewer_languages() -> None:

@@ -16,9 +16,9 @@ pytest.importorskip("qwen_tts", reason="needs the engine extra")
 from modal_app.app import Qwen3TTSService
 from modal_app.audio import DecodedAudio
 from modal_app.engine import Engine
-from modal_app.errors import InvalidInput
 from modal_app.http_api import create_http_app, fetch_url
 from modal_app.languages import SUPPORTED_LANGUAGES
+from schemas.vocabulary import InvalidInput
 from tests.fixtures.model import REFERENCE_TRANSCRIPT, SAMPLE_RATE, frames_to_samples
 
 pytestmark = [

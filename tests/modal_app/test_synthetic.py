@@ -10,8 +10,8 @@ pytest.importorskip("qwen_tts", reason="needs the engine extra")
 from transformers import AutoTokenizer
 
 from modal_app.engine import BatchCloneInput, Engine
-from modal_app.params import GenerationParams
 from modal_app.synthetic import CODEBOOK_SIZE, HIDDEN, SAMPLES_PER_FRAME, main
+from schemas.vocabulary import GenerationParams
 
 pytestmark = pytest.mark.engine
 

@@ -12,7 +12,7 @@ from schemas.events import (
     CloneRequest,
     ErrorCode,
     Event,
-    GenerationParams,
+    GenerationRecord,
     Language,
     ModelName,
     VoiceReference,
@@ -37,7 +37,7 @@ def full_request() -> CloneRequest:
         language=Language.CHINESE,
         model=ModelName.QWEN3_TTS_12HZ_0_6B_BASE,
         output_format=AudioFormat.OGG_OPUS,
-        generation=GenerationParams(
+        generation=GenerationRecord(
             temperature=0.7,
             top_k=50,
             top_p=0.95,

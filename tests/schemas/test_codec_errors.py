@@ -274,7 +274,7 @@ async def test_unknown_schema_id(schema_registry_url: str) -> None:
     value = b"\x00" + (2**31 - 5).to_bytes(4, "big") + encoded.value[5:]
     error = await _decode_error(codec, value, encoded.headers)
     assert error.reason == DecodeReason.UNKNOWN_SCHEMA
-    assert not error.retryable
+    assert not error.transient
 
 
 async def test_schema_id_of_a_non_event_schema(schema_registry_url: str) -> None:
@@ -294,11 +294,11 @@ async def test_registry_outage_is_retryable(registry: FakeSchemaRegistry) -> Non
     registry.fail_with = 503
     decode_error = await _decode_error(make_codec(registry.url, topics=TOPICS), encoded.value, [])
     assert decode_error.reason == DecodeReason.REGISTRY_UNAVAILABLE
-    assert decode_error.retryable
+    assert decode_error.transient
     with pytest.raises(EventEncodeError) as caught:
         await make_codec(registry.url, topics=TOPICS).encode(REQUESTS, full_request())
     assert caught.value.reason == EncodeReason.REGISTRY_UNAVAILABLE
-    assert caught.value.retryable
+    assert caught.value.transient
 
 
 async def test_registry_down_is_retryable() -> None:
@@ -317,7 +317,7 @@ async def test_registry_rejecting_the_schema_is_not_retryable(registry: FakeSche
     with pytest.raises(EventEncodeError) as caught:
         await make_codec(registry.url, topics=TOPICS).encode(REQUESTS, full_request())
     assert caught.value.reason == EncodeReason.SCHEMA_REJECTED
-    assert not caught.value.retryable
+    assert not caught.value.transient
 
 
 # -- encoding ---------------------------------------------------------------------------------
@@ -347,7 +347,7 @@ async def test_encode_invalid_event(codecs: CodecPair, changes: dict[str, object
     with pytest.raises(EventEncodeError) as caught:
         await codecs.writer.encode(REQUESTS, event)
     assert caught.value.reason == EncodeReason.INVALID_EVENT
-    assert not caught.value.retryable
+    assert not caught.value.transient
 
 
 async def test_encode_something_that_is_not_an_event(codecs: CodecPair) -> None:

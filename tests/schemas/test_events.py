@@ -12,7 +12,7 @@ from schemas.events import (
     CloneCancel,
     CloneFailed,
     CloneRequest,
-    GenerationParams,
+    GenerationRecord,
     Language,
     ModelName,
     RequestHeader,
@@ -127,7 +127,7 @@ def test_defaults() -> None:
     assert event.deadline is None
     assert event.metadata == {}
     assert minimal_request().metadata is not event.metadata  # not one shared dict
-    assert GenerationParams().model_dump() == dict.fromkeys(GenerationParams.model_fields)
+    assert GenerationRecord().model_dump() == dict.fromkeys(GenerationRecord.model_fields)
 
 
 def test_model_names_map_to_hub_ids() -> None:

@@ -22,7 +22,6 @@ import soundfile
 from modal._serialization import serialize
 
 from consumer.backends import (
-    BackendError,
     BackendSettings,
     BackendTimeout,
     BackendUnavailable,
@@ -34,6 +33,7 @@ from consumer.backends import (
 from consumer.backends.base import CloneResult
 from consumer.backends.modal import ModalBackend
 from modal_app.contract import ContainerFacts, ServiceResult
+from schemas.vocabulary import VoicecloneError
 from tests.consumer.backends.conftest import CloneJobFactory, make_wav
 
 APP_LARGE = "voiceclone-qwen3-tts-1-7b"
@@ -378,7 +378,7 @@ async def test_call_failures_map_to_backend_errors(
     fake_modal: FakeModal,
     clone_job: CloneJobFactory,
     exc: BaseException,
-    error: type[BackendError],
+    error: type[VoicecloneError],
     transient: bool,
     code: str,
 ) -> None:
