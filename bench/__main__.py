@@ -23,7 +23,7 @@ from bench import scenarios
 from bench.measure import load_average, machine
 from bench.profile import profile_worker
 from bench.report import read_json, table, write_json
-from consumer.logs import LogFormat, LogLevel, configure_logging
+from producer.logs import LogFormat, LogLevel, configure_logging
 
 _RESULTS = Path(__file__).resolve().parent / "results"
 _TMPFS = Path("/dev/shm")

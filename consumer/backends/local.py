@@ -38,9 +38,9 @@ from consumer.backends.errors import (
     invalid_input_from_message,
 )
 from consumer.backends.settings import BackendSettings, LocalBackendSettings
-from consumer.logs import output_logged
 from modal_app import errors as engine_errors
 from modal_app.contract import CloneInput, CloneOutput
+from producer.logs import output_logged
 
 if TYPE_CHECKING:
     from modal_app.engine import Engine
