@@ -57,7 +57,9 @@ SCENARIOS: dict[str, tuple[Scenario, Any, Any]] = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=(__doc__ or "").split("\n")[0]
+    )
     parser.add_argument(
         "--bootstrap",
         default=os.environ.get("VOICECLONE_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092"),

@@ -1,6 +1,11 @@
 """The one error a pipeline stage raises: it becomes a clone-failed event."""
 
+from typing import TYPE_CHECKING
+
 from schemas.events import ErrorCode
+
+if TYPE_CHECKING:
+    from consumer.metrics import Stage
 
 
 class CloneError(Exception):
@@ -16,4 +21,4 @@ class CloneError(Exception):
         self.message = message
         self.retryable = retryable
         self.attempts = attempts
-        self.stage_ms: dict[str, int] = {}
+        self.stage_ms: dict[Stage, int] = {}

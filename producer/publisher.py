@@ -32,7 +32,8 @@ from schemas.topics import Topics
 
 log = structlog.get_logger(__name__)
 
-Headers = Sequence[tuple[str, bytes]]
+# Kafka header values may be null (a dead letter copies its request's headers as they came).
+Headers = Sequence[tuple[str, bytes | None]]
 
 # aiokafka's default bound on one record, plus room for the dlq.* headers: a dead letter copies
 # a request record, which may itself be as large as an upstream producer's default allows.
@@ -170,7 +171,7 @@ class OutcomePublisher:
         topic: str,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes]],
+        headers: list[tuple[str, bytes | None]],
     ) -> None:
         """At least once: each record is sent on its own and acknowledged before we return."""
         await self._send(topic, key, value, headers)
@@ -191,7 +192,11 @@ class OutcomePublisher:
         self._hooks.connected(True)
 
     async def _enqueue(
-        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes | None]],
     ) -> asyncio.Future[object]:
         """Hand one record to the producer; the returned future resolves on its ack."""
         if key is not None or value is not None:

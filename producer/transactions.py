@@ -56,7 +56,7 @@ class _Staged:
     topic: str
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]]
+    headers: list[tuple[str, bytes | None]]
 
 
 class TransactionalPublisher(OutcomePublisher):
@@ -85,7 +85,7 @@ class TransactionalPublisher(OutcomePublisher):
         topic: str,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes]],
+        headers: list[tuple[str, bytes | None]],
     ) -> None:
         if source is None:
             raise ValueError("a transactional outcome needs the request record it answers")

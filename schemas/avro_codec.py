@@ -8,7 +8,7 @@ format) and `registry.py` (the Schema Registry's), each import it rather than ea
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.read import SchemaResolutionError
@@ -197,7 +197,7 @@ def _check_route(routes: Mapping[str, type[Event]], topic: str, event: Event) ->
         )
 
 
-def _read_record(topic: str, writer: WriterSchema, value: bytes, offset: int) -> object:
+def _read_record(topic: str, writer: WriterSchema, value: bytes, offset: int) -> Mapping[str, Any]:
     """Read one Avro record at value[offset:], which it must span exactly."""
     buffer = BytesIO(value)
     buffer.seek(offset)
@@ -219,4 +219,4 @@ def _read_record(topic: str, writer: WriterSchema, value: bytes, offset: int) ->
             f"{len(value) - buffer.tell()} bytes left after the {writer.fullname} record",
             topic=topic,
         )
-    return record
+    return cast("dict[str, Any]", record)  # what fastavro reads with a record schema
