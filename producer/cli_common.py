@@ -156,7 +156,7 @@ def explain(
 
     registry = f"schema registry at {settings.schema_registry_url}"
     match exc:
-        case TimeoutError():  # before OSError, its base
+        case TimeoutError():  # its own code, though OSError (expected) is its base
             return str(exc) or "timed out", Exit.TIMEOUT
         case KafkaConnectionError():
             return (
@@ -168,9 +168,11 @@ def explain(
             )
         case KafkaError():
             return f"Kafka at {settings.kafka.bootstrap_servers}: {describe(exc)}", Exit.UNAVAILABLE
-        case httpx.HTTPError():  # only the registry client's: downloads raise DownloadError
+        # Only the registry client lets these out: downloads raise DownloadError, the backends
+        # and the reference fetcher their own errors.
+        case httpx.HTTPError() if settings.schema_registry_url:
             return f"cannot reach the {registry}: {describe(exc)}", Exit.UNAVAILABLE
-        case RegistryClientError():
+        case RegistryClientError() if settings.schema_registry_url:
             code = Exit.INCOMPATIBLE if exc.http_code == 409 else Exit.UNAVAILABLE
             return f"{registry}: {exc.message}: {exc.server_traceback}", code
     if isinstance(exc, expected):
