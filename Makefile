@@ -31,9 +31,11 @@ setup: ## Install uv if missing, then the locked environment with every extra
 test: setup deploy-tools ## Set up and run the whole suite; it starts and stops the broker itself
 	$(UV) run --frozen pytest
 
-lint: setup ## ruff: lint and formatting
+lint: setup ## ruff (lint and formatting), import-linter (pyproject's import contracts), pyright (types)
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
+	$(UV) run --frozen lint-imports
+	$(UV) run --frozen pyright
 
 docs: setup ## Build the docs site into site/, failing on broken links (docs/development.md)
 	NO_MKDOCS_2_WARNING=1 $(UV) run --frozen mkdocs build --strict

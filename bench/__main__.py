@@ -23,7 +23,7 @@ from bench import scenarios
 from bench.measure import load_average, machine
 from bench.profile import profile_worker
 from bench.report import read_json, table, write_json
-from consumer.logs import LogFormat, LogLevel, configure_logging
+from producer.logs import LogFormat, LogLevel, configure_logging
 
 _RESULTS = Path(__file__).resolve().parent / "results"
 _TMPFS = Path("/dev/shm")
@@ -57,7 +57,9 @@ SCENARIOS: dict[str, tuple[Scenario, Any, Any]] = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=(__doc__ or "").split("\n")[0]
+    )
     parser.add_argument(
         "--bootstrap",
         default=os.environ.get("VOICECLONE_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092"),

@@ -86,7 +86,9 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def build_talker(size: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+def build_talker(
+    size: str, device: str, dtype: torch.dtype
+) -> Qwen3TTSTalkerForConditionalGeneration:
     """A randomly initialised talker (with code predictor) of `size`, end token masked."""
     config = Qwen3TTSTalkerConfig(**SIZES[size])
     config._attn_implementation = "sdpa"
@@ -99,12 +101,16 @@ def build_talker(size: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     finally:
         torch.set_default_dtype(default_dtype)
     eos = config.codec_eos_token_id
-    talker.generation_config.pad_token_id = eos
-    talker.generation_config.sequence_bias = [[[eos], -1e9]]  # never ends: fixed frame counts
+    generation = talker.generation_config
+    assert generation is not None  # a generative model makes one from its config
+    generation.pad_token_id = eos
+    generation.sequence_bias = [[[eos], -1e9]]  # never ends: fixed frame counts
     return talker
 
 
-def talker_inputs(talker: torch.nn.Module, rows: int, prompt: int) -> dict[str, torch.Tensor]:
+def talker_inputs(
+    talker: Qwen3TTSTalkerForConditionalGeneration, rows: int, prompt: int
+) -> dict[str, torch.Tensor]:
     """A prompt like qwen-tts builds for a short voice-clone request (random values)."""
     width, device = talker.config.hidden_size, talker.device
     kw = {"device": device, "dtype": talker.dtype}
@@ -129,7 +135,10 @@ def timed(run: Callable[[], Any], device: str, repeats: int) -> float:
 
 
 def measure(
-    talker: torch.nn.Module, batch: int, frames: int, args: argparse.Namespace
+    talker: Qwen3TTSTalkerForConditionalGeneration,
+    batch: int,
+    frames: int,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     inputs = talker_inputs(talker, batch, args.prompt)
     kwargs = stock_talker_kwargs(talker.config, frames + 1)
@@ -137,7 +146,9 @@ def measure(
     fast = FastTalker(talker)
     # (timed run, warm-up run): the fast loop warms up at full length, which captures a graph
     # for every attention length it will use; the stock loop has nothing to capture.
-    loops = {"fast": (lambda: fast.generate(**inputs, **kwargs),) * 2}
+    loops: dict[str, tuple[Callable[[], object], ...]] = {
+        "fast": (lambda: fast.generate(**inputs, **kwargs),) * 2
+    }
     if not args.no_stock:
         loops["stock"] = (
             lambda: talker.generate(**inputs, **kwargs),
@@ -187,7 +198,7 @@ def table(results: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.engine", description=__doc__.split("\n")[0]
+        prog="python -m bench.engine", description=(__doc__ or "").split("\n")[0]
     )
     parser.add_argument(
         "--size", default="1.7B,0.6B", help=f"comma-separated, of {', '.join(SIZES)}"

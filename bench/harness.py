@@ -12,6 +12,7 @@ from pathlib import Path
 
 import consumer.app
 from consumer.backends import Backend
+from consumer.observability.settings import HttpServerSettings
 from consumer.reference import ReferenceSettings
 from consumer.settings import WorkerSettings
 from producer.settings import KafkaSettings
@@ -39,7 +40,7 @@ def worker_settings(
         max_in_flight=max_in_flight,
         storage=StorageSettings(kind="local", local_root=storage_root or workdir / "audio"),
         reference=ReferenceSettings(allowed_schemes=["file"], file_root=workdir),
-        http={"enabled": False},
+        http=HttpServerSettings(enabled=False),
     )
 
 

@@ -40,7 +40,9 @@ async def fresh_topics(bootstrap: str, partitions: int) -> AsyncIterator[Topics]
         response = await admin.create_topics(
             [NewTopic(name, partitions, replication_factor=1) for name in topics.all()]
         )
-        for name, error_code, *message in response.topic_errors:
+        # aiokafka types the answer as a bare Response; its fields are made from its schema.
+        errors = response.topic_errors  # pyright: ignore[reportAttributeAccessIssue]
+        for name, error_code, *message in errors:
             if error_code:
                 raise for_code(error_code)(f"creating topic {name}: {message}")
         for name in topics.all():

@@ -17,7 +17,8 @@ async def profile_worker(env: Env, params: OverheadParams) -> tuple[dict[str, An
     """Warm up, then profile one worker run of `params.messages` requests: its results and
     pyinstrument's call tree."""
     try:
-        from pyinstrument import Profiler
+        # Not a dependency: brought in for the run (the message below says how).
+        from pyinstrument import Profiler  # pyright: ignore[reportMissingImports]
     except ImportError as exc:
         raise SystemExit(
             "--profile needs pyinstrument: uv run --frozen --with pyinstrument "

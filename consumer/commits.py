@@ -20,14 +20,17 @@ from producer.transactions import TransactionalPublisher
 class Commits(Protocol):
     async def assigned(self, consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> None:
         """Make newly assigned partitions ready to read; they are paused until this returns."""
+        ...
 
     async def commit(
         self, consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, int]
     ) -> Mapping[TopicPartition, int]:
         """Commit `offsets`; returns those committed. Raises KafkaError when it failed."""
+        ...
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         """Let go of revoked partitions, after their last commit."""
+        ...
 
 
 class PlainCommits:

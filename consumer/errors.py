@@ -1,8 +1,12 @@
 """A request's failure, as its clone-failed event and log line report it."""
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from schemas.vocabulary import ErrorCode, VoicecloneError
+
+if TYPE_CHECKING:
+    from consumer.metrics import Stage
 
 
 class CloneError(Exception):
@@ -16,7 +20,7 @@ class CloneError(Exception):
         error: VoicecloneError,
         *,
         attempts: int = 1,
-        stage_ms: Mapping[str, int] | None = None,
+        stage_ms: "Mapping[Stage, int] | None" = None,
     ) -> None:
         super().__init__(error.message)
         self.error = error

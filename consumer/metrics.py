@@ -33,6 +33,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 
 from consumer.backends.base import CloneResult
 from producer.retry import BROKER_OUTAGE, SCHEMA_REGISTRY_OUTAGE
@@ -83,16 +84,20 @@ class MetricDoc:
     @property
     def name(self) -> str:
         """The name queries use: counters with `_total`, info metrics with `_info`."""
-        (family,) = self.metric.describe()
+        family = self._family()
         return family.name + {"counter": "_total", "info": "_info"}.get(family.type, "")
 
     @property
     def kind(self) -> str:
-        return self.metric.describe()[0].type
+        return self._family().type
 
     @property
     def documentation(self) -> str:
-        return self.metric.describe()[0].documentation
+        return self._family().documentation
+
+    def _family(self) -> Metric:
+        (family,) = self.metric.describe()  # one per metric object
+        return family
 
 
 @dataclass

@@ -76,53 +76,53 @@ class ReferenceSettings(BaseModel):
     """Where reference voice audio may come from, and how much of it is accepted."""
 
     allowed_schemes: list[str] = Field(
-        ["https", "s3"],
+        default=["https", "s3"],
         description="URI schemes a reference may use, of http, https, s3 and file. `file` also "
         "needs `file_root`; plain `http` is off by default.",
     )
     allowed_hosts: list[str] = Field(
-        [],
+        default=[],
         description='Hosts http(s) references may name: exact names or "*.example.com" for any '
         "subdomain. Empty: any host whose addresses are all public.",
     )
     allowed_buckets: list[str] = Field(
-        [],
+        default=[],
         description="Buckets s3:// references may name. Empty: any bucket the worker's "
         "credentials can read.",
     )
     file_root: Path | None = Field(
-        None,
+        default=None,
         description="Directory that file:// references must resolve inside (symlinks followed). "
         "Unset: no file references.",
     )
     max_bytes: int = Field(
-        20_000_000, ge=1, description="Largest reference file accepted, in bytes."
+        default=20_000_000, ge=1, description="Largest reference file accepted, in bytes."
     )
     max_duration_seconds: float = Field(
-        60.0, gt=0, description="Longest reference audio accepted, in seconds."
+        default=60.0, gt=0, description="Longest reference audio accepted, in seconds."
     )
     timeout_seconds: float = Field(
-        15.0,
+        default=15.0,
         gt=0,
         description="Time allowed for one reference download, redirects and DNS included.",
     )
     max_redirects: int = Field(
-        3, ge=0, description="HTTP redirects followed per download; each hop is re-checked."
+        default=3, ge=0, description="HTTP redirects followed per download; each hop is re-checked."
     )
     cache_entries: int = Field(
-        256, ge=0, description="References kept in memory per worker; 0 disables the cache."
+        default=256, ge=0, description="References kept in memory per worker; 0 disables the cache."
     )
     cache_max_bytes: int = Field(
-        256 * 1024 * 1024, ge=0, description="Total size of cached references, in bytes."
+        default=256 * 1024 * 1024, ge=0, description="Total size of cached references, in bytes."
     )
     cache_ttl_seconds: float = Field(
-        3600.0,
+        default=3600.0,
         gt=0,
         description="How long a reference fetched without a checksum stays cached (its URI may "
         "be overwritten). References pinned by sha256 stay until evicted.",
     )
     allow_private_networks: bool = Field(
-        False,
+        default=False,
         description="Allow http(s) references on loopback, private and link-local addresses. "
         "Only for development and tests: it disables the SSRF protection.",
     )

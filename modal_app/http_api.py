@@ -83,7 +83,8 @@ def fetch_url(url: str) -> bytes:
 
 def create_http_app(engine: SpeechEngine, fetch_reference: ReferenceFetcher = fetch_url) -> FastAPI:
     api = FastAPI(title="Qwen3-TTS voice cloning")
-    api.add_exception_handler(RequestValidationError, _validation_error)
+    # Starlette types every handler as taking any Exception, not the class it is added for.
+    api.add_exception_handler(RequestValidationError, _validation_error)  # pyright: ignore[reportArgumentType]
     api.add_exception_handler(InvalidInput, _error_response(400))
     api.add_exception_handler(VoicecloneError, _error_response(500))
 

@@ -13,7 +13,7 @@ import hashlib
 import mimetypes
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from types import TracebackType
@@ -184,7 +184,7 @@ class VoiceCloneClient:
 
     async def _decode(
         self, consumer: AIOKafkaConsumer, request_id: str | None
-    ) -> AsyncIterator[Outcome]:
+    ) -> AsyncGenerator[Outcome]:
         async for record in consumer:
             try:
                 event = await self._codec.decode(record.topic, record.value, record.headers)

@@ -35,7 +35,8 @@ from schemas.topics import Topics
 
 log = structlog.get_logger(__name__)
 
-Headers = Sequence[tuple[str, bytes]]
+# Kafka header values may be null (a dead letter copies its request's headers as they came).
+Headers = Sequence[tuple[str, bytes | None]]
 
 # aiokafka's default bound on one record, plus room for the dlq.* headers: a dead letter copies
 # a request record, which may itself be as large as an upstream producer's default allows.
@@ -124,7 +125,7 @@ async def enqueue(
     topic: str,
     key: bytes | None,
     value: bytes | None,
-    headers: list[tuple[str, bytes]],
+    headers: Headers,
 ) -> asyncio.Future[object]:
     """Hand one record to `producer`; the returned future resolves on its ack."""
     if key is not None or value is not None:
@@ -189,7 +190,7 @@ class OutcomeSink:
         topic: str,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes]],
+        headers: list[tuple[str, bytes | None]],
     ) -> None:
         raise NotImplementedError
 

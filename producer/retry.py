@@ -3,6 +3,11 @@
 An operation is repeated while its error says a later attempt may succeed (`transient`), with
 exponentially growing, jittered waits, until a `RetryPolicy` bound says stop: attempts, total
 time, or the caller's deadline. What is raised is always the operation's own last error.
+
+Why here, in producer/: the worker's stages (consumer/pipeline.py), its handler, settings and
+metrics use it, and so does the outcome publisher (producer/publisher.py), which the client
+library shares. Imports flow consumer -> producer -> schemas, so the lowest package among its
+users is its home; schemas/ holds the contracts and their codecs, with no I/O to retry.
 """
 
 import asyncio

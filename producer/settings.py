@@ -72,62 +72,64 @@ class KafkaSettings(BaseModel):
     model_config = ConfigDict(hide_input_in_errors=True)
 
     bootstrap_servers: str = Field(
-        "127.0.0.1:9092", description="Comma-separated host:port list of Kafka brokers."
+        default="127.0.0.1:9092", description="Comma-separated host:port list of Kafka brokers."
     )
-    client_id: str = Field("voiceclone", description="Client id reported to the brokers.")
+    client_id: str = Field(default="voiceclone", description="Client id reported to the brokers.")
     topic_partitions: int = Field(
-        6, ge=1, description="Partitions for topics created by `voiceclone topics create`."
+        default=6, ge=1, description="Partitions for topics created by `voiceclone topics create`."
     )
     topic_replication_factor: int = Field(
-        1, ge=1, description="Replication factor for topics created by `voiceclone topics create`."
+        default=1,
+        ge=1,
+        description="Replication factor for topics created by `voiceclone topics create`.",
     )
     security_protocol: Annotated[SecurityProtocol, CaseInsensitive()] = Field(
-        SecurityProtocol.PLAINTEXT,
+        default=SecurityProtocol.PLAINTEXT,
         description="`PLAINTEXT`, `SSL` (TLS), `SASL_PLAINTEXT` or `SASL_SSL` (SASL over TLS).",
     )
     sasl_mechanism: Annotated[SaslMechanism, CaseInsensitive()] | None = Field(
-        None,
+        default=None,
         description="`PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`; required with the SASL "
         "protocols, like `sasl_username` and a password.",
     )
-    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_username: str | None = Field(default=None, description="SASL user name.")
     sasl_password: SecretStr | None = Field(
-        None, description="SASL password; never logged. Or use `sasl_password_file`."
+        default=None, description="SASL password; never logged. Or use `sasl_password_file`."
     )
     sasl_password_file: FilePath | None = Field(
-        None,
+        default=None,
         description="File holding the SASL password (a mounted secret, say), read once at start; "
         "a trailing newline is ignored.",
     )
     ssl_cafile: FilePath | None = Field(
-        None,
+        default=None,
         description="PEM file of the CA certificates that signed the brokers' certificates. "
         "Unset: the system's trusted CAs.",
     )
     ssl_certfile: FilePath | None = Field(
-        None,
+        default=None,
         description="PEM client certificate (chain), for brokers that require TLS client "
         "authentication.",
     )
     ssl_keyfile: FilePath | None = Field(
-        None,
+        default=None,
         description="PEM private key (unencrypted) of `ssl_certfile`. Unset: the key is in "
         "`ssl_certfile`.",
     )
     retry_backoff_ms: int = Field(
-        100,
+        default=100,
         ge=1,
         description="aiokafka's wait before it tries a failed request again (finding the "
         "group coordinator, a fetch, a produce request).",
     )
     reconnect_backoff_ms: int = Field(
-        100,
+        default=100,
         ge=1,
         description="Wait after a failed metadata refresh (no broker answers) before the next; "
         "doubled after each further failure, up to `reconnect_backoff_max_ms`.",
     )
     reconnect_backoff_max_ms: int = Field(
-        2000,
+        default=2000,
         ge=1,
         description="Longest wait between metadata refreshes while no broker answers: how long "
         "a worker may take to notice that the cluster is back.",
@@ -251,42 +253,42 @@ class ClientSettings(BaseSettings):
     )
 
     log_format: Annotated[LogFormat, CaseInsensitive()] = Field(
-        LogFormat.JSON,
+        default=LogFormat.JSON,
         description="Logs on stderr: `json` lines, or `console` for people; `--log-format` "
         "overrides it.",
     )
     log_level: Annotated[LogLevel, CaseInsensitive()] = Field(
-        LogLevel.INFO,
+        default=LogLevel.INFO,
         description="Lowest level logged: `debug`, `info`, `warning` or `error`; `--log-level` "
         "overrides it.",
     )
     kafka: KafkaSettings = KafkaSettings()
     topics: Topics = Topics()
     schema_registry_url: str | None = Field(
-        None,
+        default=None,
         description="Confluent-compatible Schema Registry URL. Unset: schemaless Avro, each "
         "record naming its writer schema by fingerprint.",
     )
     schema_registry_auto_register: bool = Field(
-        False,
+        default=False,
         description="Registry mode: register an event schema the registry lacks when first "
         "writing it. Off: only look it up (`unknown_schema` when absent), as production "
         "registries are usually write-protected; register with `voiceclone schemas register`.",
     )
     schema_registry_compatibility: Annotated[Compatibility, CaseInsensitive()] = Field(
-        Compatibility.BACKWARD,
+        default=Compatibility.BACKWARD,
         description="The compatibility level `voiceclone schemas register` sets on each "
         "subject: `BACKWARD`, `BACKWARD_TRANSITIVE`, `FORWARD`, `FORWARD_TRANSITIVE`, `FULL`, "
         "`FULL_TRANSITIVE` or `NONE`.",
     )
     schemaless_form: SchemalessForm = Field(
-        SchemalessForm.SINGLE_OBJECT,
+        default=SchemalessForm.SINGLE_OBJECT,
         description="Schemaless mode: how events are written (both are read). `single_object`: "
         "Avro single-object encoding; `header`: bare Avro with the fingerprint in the "
         "`voiceclone-schema` header, the only form releases before it read.",
     )
     extra_schemas_dir: DirectoryPath | None = Field(
-        None,
+        default=None,
         description="Schemaless mode: a folder of `.avsc` files, newer versions of the event "
         "schemas, whose records are then read too (by Avro schema resolution).",
     )

@@ -73,7 +73,7 @@ class _Staged:
     topic: str
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]]
+    headers: list[tuple[str, bytes | None]]
 
 
 class TransactionalPublisher(OutcomeSink):
@@ -141,7 +141,7 @@ class TransactionalPublisher(OutcomeSink):
         topic: str,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes]],
+        headers: list[tuple[str, bytes | None]],
     ) -> None:
         if source is None:
             raise ValueError("a transactional outcome needs the request record it answers")

@@ -18,7 +18,7 @@ from typing import Any, Final
 from schema_registry.client import AsyncSchemaRegistryClient
 from schema_registry.client.errors import ClientError
 
-from schemas.codec import DEFAULT_MAX_VALUE_BYTES, AvroCodec, Encoded, InHeaders
+from schemas.avro_codec import DEFAULT_MAX_VALUE_BYTES, AvroCodec, Encoded, InHeaders
 from schemas.errors import DecodeReason, EncodeReason, EventDecodeError, EventEncodeError
 from schemas.events import Event
 from schemas.store import RawSchema, SchemaStore, WriterSchema

@@ -38,7 +38,7 @@ class WriterSchema:
     resolve_into: dict[str, Any] | None
 
 
-def schema_fingerprint(parsed: Mapping[str, Any]) -> bytes:
+def schema_fingerprint(parsed: dict[str, Any]) -> bytes:
     """CRC-64-AVRO fingerprint of a parsed schema's Parsing Canonical Form (8 bytes)."""
     canonical = to_parsing_canonical_form(parsed)
     return bytes.fromhex(_fingerprint_hex(canonical, "CRC-64-AVRO"))
@@ -52,7 +52,8 @@ def load_schema_file(path: Path) -> dict[str, Any]:
 def _parse(raw: RawSchema | str) -> tuple[RawSchema, dict[str, Any], str]:
     """Parse a record schema on its own (no shared named types); returns raw, parsed, name."""
     try:
-        schema = json.loads(raw) if isinstance(raw, str) else raw
+        # fastavro reads dicts (and strings, lists), not every Mapping.
+        schema = json.loads(raw) if isinstance(raw, str) else dict(raw)
         # A fresh named-types table per schema: variants of one record must not clash.
         parsed = fastavro.parse_schema(schema, named_schemas={})
     except Exception as exc:  # fastavro raises many types for bad schemas

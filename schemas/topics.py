@@ -6,14 +6,16 @@ from pydantic import BaseModel, Field
 class Topics(BaseModel):
     """Names of the topics the product reads and writes."""
 
-    requests: str = Field("voice.clone.requests", description="Clone requests (CloneRequest).")
-    audio_ready: str = Field(
-        "voice.clone.audio-ready", description="Successful outcomes (AudioReady)."
+    requests: str = Field(
+        default="voice.clone.requests", description="Clone requests (CloneRequest)."
     )
-    failed: str = Field("voice.clone.failed", description="Failed outcomes (CloneFailed).")
-    cancel: str = Field("voice.clone.cancel", description="Cancellations (CloneCancel).")
+    audio_ready: str = Field(
+        default="voice.clone.audio-ready", description="Successful outcomes (AudioReady)."
+    )
+    failed: str = Field(default="voice.clone.failed", description="Failed outcomes (CloneFailed).")
+    cancel: str = Field(default="voice.clone.cancel", description="Cancellations (CloneCancel).")
     dlq: str = Field(
-        "voice.clone.requests.dlq",
+        default="voice.clone.requests.dlq",
         description="Requests that could not be read, with their original bytes.",
     )
 

@@ -36,9 +36,9 @@ from consumer.backends.errors import (
     InvalidInput,
 )
 from consumer.backends.settings import BackendSettings, LocalBackendSettings
-from consumer.logs import output_logged
 from modal_app.contract import CloneInput, CloneOutput
 from modal_app.errors import RequestStopped
+from producer.logs import output_logged
 from schemas.vocabulary import ModelName, ModelSize, VoicecloneError
 
 if TYPE_CHECKING:
@@ -306,7 +306,7 @@ def _weights_folder(weights: str, sizes: list[str]) -> str:
 
 def _unloadable(sizes: list[str], weights: str, problem: str) -> BackendUnavailable:
     """A permanent start failure that says how to point the worker at a model."""
-    variables = " / ".join(f"{_SIZE_VARIABLES[size]}=/path/to/model" for size in sizes)
+    variables = " / ".join(f"{_SIZE_VARIABLES[ModelSize(size)]}=/path/to/model" for size in sizes)
     downloads = " / ".join(
         f"`uv run hf download {ModelName.of_size(size).hub_id}`" for size in sizes
     )

@@ -24,32 +24,35 @@ class ModalBackendSettings(BaseModel):
     """How to reach the deployed Modal GPU service."""
 
     app_1_7b: str | None = Field(
-        PROFILES[ModelSize.LARGE].app_name,
+        default=PROFILES[ModelSize.LARGE].app_name,
         description="Modal app serving the 1.7B model; empty: the 1.7B model is not served.",
     )
     app_0_6b: str | None = Field(
-        PROFILES[ModelSize.SMALL].app_name,
+        default=PROFILES[ModelSize.SMALL].app_name,
         description="Modal app serving the 0.6B model; empty: the 0.6B model is not served.",
     )
     class_name: str = Field(
-        SERVICE_CLASS_NAME,
+        default=SERVICE_CLASS_NAME,
         description="Name of the Modal class (in each app) that has the `clone` method.",
     )
     environment_name: str | None = Field(
-        None, description="Modal environment of the apps. Unset: the client's default environment."
+        default=None,
+        description="Modal environment of the apps. Unset: the client's default environment.",
     )
     cancel_timeout_seconds: float = Field(
-        10.0,
+        default=10.0,
         gt=0,
         description="Upper bound on cancelling a remote call after a deadline or cancellation.",
     )
     ready_timeout_seconds: float = Field(
-        10.0,
+        default=10.0,
         gt=0,
         description="Upper bound on each app lookup, at start and by the readiness check.",
     )
     ready_cache_seconds: float = Field(
-        30.0, ge=0, description="How long a readiness answer is reused before looking up again."
+        default=30.0,
+        ge=0,
+        description="How long a readiness answer is reused before looking up again.",
     )
 
     def apps(self) -> dict[str, str]:
@@ -61,22 +64,27 @@ class HttpBackendSettings(BaseModel):
     """How to reach a service speaking the seed's HTTP contract (`POST /clone`)."""
 
     base_url: str = Field(
-        "http://127.0.0.1:8000", description="Base URL of the service, for every model size."
+        default="http://127.0.0.1:8000",
+        description="Base URL of the service, for every model size.",
     )
     base_url_1_7b: str | None = Field(
-        None, description="Base URL for the 1.7B model, overriding `base_url`."
+        default=None, description="Base URL for the 1.7B model, overriding `base_url`."
     )
     base_url_0_6b: str | None = Field(
-        None, description="Base URL for the 0.6B model, overriding `base_url`."
+        default=None, description="Base URL for the 0.6B model, overriding `base_url`."
     )
     max_connections: int = Field(
-        16, ge=1, description="Most concurrent connections to the service (all sizes together)."
+        default=16,
+        ge=1,
+        description="Most concurrent connections to the service (all sizes together).",
     )
     connect_timeout_seconds: float = Field(
-        10.0, gt=0, description="Upper bound on opening one connection to the service."
+        default=10.0, gt=0, description="Upper bound on opening one connection to the service."
     )
     ready_timeout_seconds: float = Field(
-        5.0, gt=0, description="Upper bound on the `GET /health` done by the readiness check."
+        default=5.0,
+        gt=0,
+        description="Upper bound on the `GET /health` done by the readiness check.",
     )
 
     @field_validator("base_url", "base_url_1_7b", "base_url_0_6b")
@@ -98,32 +106,32 @@ class LocalBackendSettings(BaseModel):
     """The in-process engine (needs the `engine` extra: torch, qwen-tts)."""
 
     model_1_7b: str | None = Field(
-        PROFILES[ModelSize.LARGE].repo_id,
+        default=PROFILES[ModelSize.LARGE].repo_id,
         description="Local directory of the 1.7B weights, or a hub id already in the Hugging "
         "Face cache (never downloaded); empty: not served.",
     )
     model_0_6b: str | None = Field(
-        PROFILES[ModelSize.SMALL].repo_id,
+        default=PROFILES[ModelSize.SMALL].repo_id,
         description="Local directory of the 0.6B weights, or a hub id already in the Hugging "
         "Face cache (never downloaded); empty: not served.",
     )
     device: str = Field(
-        "auto",
+        default="auto",
         pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
         description='Torch device for inference: "auto" (CUDA when present, else CPU), "cpu", '
         '"cuda", "cuda:1", "mps".',
     )
     threads: int | None = Field(
-        None, ge=1, description="CPU threads for torch. Unset: torch's default."
+        default=None, ge=1, description="CPU threads for torch. Unset: torch's default."
     )
     generation: Annotated[Literal["stock", "fast"], CaseInsensitive()] = Field(
-        "stock",
+        default="stock",
         description='Generation loop: "stock" (qwen-tts\'s, one request at a time) or "fast" '
         "(all in-flight requests' sentences generated in one continuous batch; static caches, "
         "CUDA graphs; same inputs and outputs).",
     )
     max_concurrent: int = Field(
-        16,
+        default=16,
         ge=1,
         description="Requests one engine takes at once (each on a thread of its own); with "
         '"fast" generation they share its batch, with "stock" they queue for it.',
@@ -138,12 +146,12 @@ class BackendSettings(BaseModel):
     """Which backend runs the voice cloning, and its options."""
 
     kind: Annotated[Literal["modal", "http", "local"], CaseInsensitive()] = Field(
-        "modal",
+        default="modal",
         description="Backend: `modal` (deployed GPU service), `http` (a service speaking the "
         "seed's HTTP contract) or `local` (in-process engine).",
     )
     timeout_seconds: float = Field(
-        600.0,
+        default=600.0,
         gt=0,
         description="Upper bound on one clone call; a request's own deadline may cut it shorter.",
     )

@@ -6,19 +6,22 @@ from pydantic import BaseModel, Field
 class HttpServerSettings(BaseModel):
     """The worker's own HTTP server: `/metrics`, `/healthz`, `/readyz`."""
 
-    enabled: bool = Field(True, description="Serve `/metrics`, `/healthz` and `/readyz`.")
+    enabled: bool = Field(default=True, description="Serve `/metrics`, `/healthz` and `/readyz`.")
     host: str = Field(
-        "0.0.0.0",  # scraped and probed from outside the container or pod
+        default="0.0.0.0",  # scraped and probed from outside the container or pod
         description="Address the HTTP server listens on.",
     )
     port: int = Field(
-        8080, ge=0, le=65535, description="Port of the HTTP server; 0: any free port (logged)."
+        default=8080,
+        ge=0,
+        le=65535,
+        description="Port of the HTTP server; 0: any free port (logged).",
     )
     progress_timeout_seconds: float = Field(
-        60.0,
+        default=60.0,
         gt=0,
         description="`/readyz` fails when the consume loop has not polled for this long.",
     )
     backend_check_timeout_seconds: float = Field(
-        5.0, gt=0, description="Upper bound on the backend check done by `/readyz`."
+        default=5.0, gt=0, description="Upper bound on the backend check done by `/readyz`."
     )

@@ -17,39 +17,43 @@ class StorageSettings(BaseModel):
     """Where generated audio is written and how subscribers download it."""
 
     kind: Annotated[Literal["local", "s3"], CaseInsensitive()] = Field(
-        "local",
+        default="local",
         description="Storage backend: `local` (files under `local_root`, no server needed) or "
         "`s3` (any S3-compatible object store).",
     )
     local_root: Path = Field(
-        Path("./var/audio"), description="Directory that holds objects when `kind` is `local`."
+        default=Path("./var/audio"),
+        description="Directory that holds objects when `kind` is `local`.",
     )
     public_base_url: str | None = Field(
-        None,
+        default=None,
         description="Base URL that serves `local_root` (local) or the bucket root (s3). Set: "
         "audio URLs are this plus the object key and never expire. Unset: `file://` paths "
         "(local) or presigned GET URLs (s3).",
     )
     endpoint_url: str | None = Field(
-        None,
+        default=None,
         description="S3 endpoint, e.g. `http://127.0.0.1:9000` for MinIO. Unset: AWS S3 for "
         "`region`.",
     )
-    bucket: str | None = Field(None, description="S3 bucket for generated audio (s3: required).")
-    prefix: str = Field(
-        "", description="Key prefix inside the bucket, e.g. `voiceclone/audio`; empty for none."
+    bucket: str | None = Field(
+        default=None, description="S3 bucket for generated audio (s3: required)."
     )
-    region: str = Field("us-east-1", description="S3 region, also used to sign requests.")
+    prefix: str = Field(
+        default="",
+        description="Key prefix inside the bucket, e.g. `voiceclone/audio`; empty for none.",
+    )
+    region: str = Field(default="us-east-1", description="S3 region, also used to sign requests.")
     access_key_id: str | None = Field(
-        None,
+        default=None,
         description="S3 access key id. Unset: botocore's default chain (AWS_* environment "
         "variables, ~/.aws files, instance role).",
     )
     secret_access_key: SecretStr | None = Field(
-        None, description="S3 secret access key, paired with `access_key_id`."
+        default=None, description="S3 secret access key, paired with `access_key_id`."
     )
     presign_expiry_seconds: int = Field(
-        3600,
+        default=3600,
         ge=1,
         le=MAX_PRESIGN_EXPIRY_SECONDS,
         description="Lifetime of presigned download URLs in seconds (at most 7 days).",
@@ -61,18 +65,18 @@ class StorageSettings(BaseModel):
         "keys under `<prefix>/references/` are readable: the rest is the tenants' audio.",
     )
     addressing_style: Annotated[AddressingStyle, CaseInsensitive()] = Field(
-        "auto",
+        default="auto",
         description="S3 URL style: `path` (bucket in the path; MinIO by hostname), `virtual` "
         "(bucket in the hostname) or `auto`.",
     )
     connect_timeout_seconds: float = Field(
-        5.0, gt=0, description="Timeout for opening a connection to S3."
+        default=5.0, gt=0, description="Timeout for opening a connection to S3."
     )
     read_timeout_seconds: float = Field(
-        60.0, gt=0, description="Timeout for reading an S3 response."
+        default=60.0, gt=0, description="Timeout for reading an S3 response."
     )
     max_attempts: int = Field(
-        3,
+        default=3,
         ge=1,
         description="Attempts per S3 request, first included; throttling, 5xx and connection "
         "errors are retried with backoff.",

@@ -293,6 +293,22 @@ async def test_client_commands_without_kafka_print_only_one_line(
     )
 
 
+@pytest.mark.parametrize("command", [["schemas", "register"], ["schemas", "check"]])
+async def test_schemas_commands_without_a_registry_print_only_one_line(
+    settings: ClientSettings, command: list[str]
+) -> None:
+    url = f"http://127.0.0.1:{closed_port()}"
+
+    code, out, err = await run_cli(cli_env(settings, SCHEMA_REGISTRY_URL=url), *command)
+
+    assert (code, out, err) == (
+        3,
+        "",
+        f"voiceclone: error: cannot reach the schema registry at {url}: ConnectError: All "
+        "connection attempts failed\n",
+    )
+
+
 async def test_watch_for_a_request_prints_its_outcome_and_saves_its_audio(
     settings: ClientSettings, tmp_path: Path
 ) -> None:

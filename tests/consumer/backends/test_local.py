@@ -93,7 +93,7 @@ def test_importing_the_engine_writes_only_json_log_lines() -> None:
     a handler of its own: in a worker's process all of it comes out as JSON lines."""
     code = (
         "import logging\n"
-        "from consumer.logs import LogFormat, LogLevel, configure_logging\n"
+        "from producer.logs import LogFormat, LogLevel, configure_logging\n"
         "from consumer.backends.local import _import_engine\n"
         "configure_logging(LogFormat.JSON, LogLevel.DEBUG)\n"
         "_import_engine()\n"

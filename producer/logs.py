@@ -58,7 +58,7 @@ def drop_request_text(_: WrappedLogger, __: str, event_dict: EventDict) -> Event
 def lead_with_essentials(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     """Put timestamp, level and event first, so lines read alike whatever else they carry."""
     lead = {key: event_dict.pop(key) for key in _LEADING_KEYS if key in event_dict}
-    return lead | event_dict
+    return {**lead, **event_dict}
 
 
 def configure_logging(

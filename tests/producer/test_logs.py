@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from consumer.logs import (
+from producer.logs import (
     REPEAT_INTERVAL_SECONDS,
     REPEATS_PER_INTERVAL,
     LogFormat,
@@ -101,7 +101,7 @@ def test_output_logged_turns_prints_and_child_output_into_one_debug_line() -> No
     script = textwrap.dedent(
         """
         import subprocess, structlog
-        from consumer.logs import LogFormat, LogLevel, configure_logging, output_logged
+        from producer.logs import LogFormat, LogLevel, configure_logging, output_logged
 
         configure_logging(LogFormat.JSON, LogLevel.DEBUG)
         with output_logged("chatter"):
