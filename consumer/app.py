@@ -9,7 +9,6 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer
 
 from consumer.backends import Backend, make_backend
 from consumer.cancels import CancelRegistry, CancelWatcher
@@ -22,8 +21,8 @@ from consumer.reference import ReferenceFetcher
 from consumer.settings import ProcessingGuarantee, WorkerSettings
 from consumer.tracing import RequestTracing
 from consumer.worker import Worker
+from producer.kafka_clients import cancel_consumer, worker_consumer
 from producer.publisher import OutcomePublisher, PublisherHooks
-from producer.reconnects import pace_reconnects
 from producer.storage import make_storage
 from producer.transactions import TransactionalPublisher
 from schemas.codec import Codec
@@ -69,7 +68,7 @@ async def serve(
 
         cancels = CancelRegistry(ttl_seconds=settings.cancel_lookback_seconds)
         watcher = CancelWatcher(
-            functools.partial(_cancel_consumer, settings),
+            functools.partial(cancel_consumer, settings.kafka),
             settings.topics.cancel,
             codec,
             cancels,
@@ -84,7 +83,13 @@ async def serve(
             codec, pipeline, publisher, cancels, metrics=metrics, tracing=tracing
         )
         transactions = publisher if isinstance(publisher, TransactionalPublisher) else None
-        worker = Worker(settings, handler, metrics, health, transactions)
+        consumer = worker_consumer(
+            settings.kafka,
+            settings.group_id,
+            settings.max_poll_interval_ms,
+            settings.revoke_grace_seconds,
+        )
+        worker = Worker(settings, consumer, handler, metrics, health, transactions)
         stack.enter_context(_stop_on_signals(worker.stop))
         log.info("worker_started", backend=backend.name, max_in_flight=settings.max_in_flight)
         if ready is not None:
@@ -132,19 +137,6 @@ async def _run_to_completion(worker: Worker) -> None:
         worker.stop()
         await running
         raise
-
-
-def _cancel_consumer(settings: WorkerSettings) -> AIOKafkaConsumer:
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        **settings.kafka.client_options(),
-        **settings.kafka.backoff_options(),
-        client_id=f"{settings.kafka.client_id}-cancels",
-        group_id=None,
-        enable_auto_commit=False,
-    )
-    pace_reconnects(consumer, settings.kafka)
-    return consumer
 
 
 @contextlib.contextmanager

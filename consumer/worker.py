@@ -26,19 +26,16 @@ from consumer.observability.health import Health
 from consumer.observability.lag import LagMonitor
 from consumer.offsets import OffsetTracker
 from consumer.settings import WorkerSettings
-from producer.reconnects import pace_reconnects
 from producer.transactions import TransactionalPublisher
 
 log = structlog.get_logger(__name__)
-
-_SESSION_TIMEOUT_MS = 10_000  # aiokafka's default: how long a silent member stays in the group
-# Time a rebalance allows beyond the revoke grace: committing and sending the rejoin request.
-_REJOIN_MARGIN_MS = 10_000
 
 
 class Worker:
     """Runs clone requests from the requests topic until `stop()` is called.
 
+    `consumer` is the group member to read them with, not started: `run` starts, subscribes
+    and stops it (`producer.kafka_clients.worker_consumer`; tests give an in-memory one).
     `metrics` and `health` default to ones nobody serves, for callers that do not look at them.
     With `transactions` (exactly once), offsets are committed by it, in the transaction that
     publishes the outcomes staged below them; else by the consumer, outcomes being already
@@ -48,6 +45,7 @@ class Worker:
     def __init__(
         self,
         settings: WorkerSettings,
+        consumer: AIOKafkaConsumer,
         handler: RecordHandler,
         metrics: Metrics | None = None,
         health: Health | None = None,
@@ -66,7 +64,7 @@ class Worker:
         # A record that starts waiting for its tenant's turn gives its slot back.
         handler.when_waiting(self._slot_freed.set)
         self._stopping = asyncio.Event()
-        self._consumer: AIOKafkaConsumer | None = None
+        self._consumer = consumer
         self._last_commit = 0.0  # time.monotonic() of the loop's last commit
         # One commit at a time: a revocation's (run by aiokafka's group task) waits for the
         # loop's. A transaction cannot begin while another is open, and the revoked partitions'
@@ -82,8 +80,7 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
-        consumer = self._make_consumer()
-        self._consumer = consumer
+        consumer = self._consumer
         lag: asyncio.Task[None] | None = None
         try:
             await consumer.start()
@@ -101,29 +98,6 @@ class Worker:
             finally:
                 await consumer.stop()
                 log.info("worker_stopped")
-
-    def _make_consumer(self) -> AIOKafkaConsumer:
-        kafka = self._settings.kafka
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=kafka.bootstrap_servers,
-            **kafka.client_options(),
-            **kafka.backoff_options(),
-            client_id=f"{kafka.client_id}-worker",
-            group_id=self._settings.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-            max_poll_interval_ms=self._settings.max_poll_interval_ms,
-            session_timeout_ms=_SESSION_TIMEOUT_MS,
-            # The revocation callback waits up to the revoke grace for in-flight work; the group
-            # must wait that long for us to rejoin, or it would evict us before we commit.
-            rebalance_timeout_ms=max(
-                _SESSION_TIMEOUT_MS,
-                round(self._settings.revoke_grace_seconds * 1000) + _REJOIN_MARGIN_MS,
-            ),
-        )
-        pace_reconnects(consumer, kafka)
-        return consumer
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         while not self._stopping.is_set():
@@ -327,8 +301,7 @@ class Worker:
         log.info("partitions_revoked", partitions=_names(revoked), in_flight=len(mine))
         try:
             await self._settle(mine, self._settings.revoke_grace_seconds)
-            if self._consumer is not None:
-                await self._commit(self._consumer, only=revoked)
+            await self._commit(self._consumer, only=revoked)
         finally:
             # Whatever the commit did, the partitions are no longer ours: nothing of theirs may
             # go into a later commit, which would repeat what their next owner redoes.
@@ -346,7 +319,7 @@ class Worker:
             self._metrics.rebalanced("assigned", assigned)
             self._health.assigned(assigned)
         # New partitions start unpaused; while full, a poll would fetch past the bound.
-        if self._consumer is not None and self._free_slots() <= 0:
+        if self._free_slots() <= 0:
             self._consumer.pause(*assigned)
 
 

@@ -23,7 +23,8 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
-from producer.reconnects import pace_reconnects
+from producer.kafka_clients import MAX_RECORD_BYTES as MAX_RECORD_BYTES
+from producer.kafka_clients import outcome_producer
 from producer.retry import BROKER_OUTAGE, SCHEMA_REGISTRY_OUTAGE, codec_outage, retry_while
 from producer.settings import KafkaSettings
 from schemas.codec import Codec
@@ -33,11 +34,6 @@ from schemas.topics import Topics
 log = structlog.get_logger(__name__)
 
 Headers = Sequence[tuple[str, bytes]]
-
-# aiokafka's default bound on one record, plus room for the dlq.* headers: a dead letter copies
-# a request record, which may itself be as large as an upstream producer's default allows.
-# The DLQ topic must allow it too (max.message.bytes; `voiceclone topics create` sets it).
-MAX_RECORD_BYTES = 1024 * 1024 + 64 * 1024
 
 
 def _ignore(_: object) -> None:
@@ -98,7 +94,11 @@ class DeadLetter:
 
 
 class OutcomePublisher:
-    """Sends outcome events and dead letters, retrying broker errors until acknowledged."""
+    """Sends outcome events and dead letters, retrying broker errors until acknowledged.
+
+    `producer` is the one to send with (not started: `start` starts it); by default the
+    worker's outcome producer (`producer.kafka_clients`) for `kafka`.
+    """
 
     def __init__(
         self,
@@ -108,26 +108,18 @@ class OutcomePublisher:
         retry_backoff_seconds: float = 0.5,
         hooks: PublisherHooks | None = None,
         ack_timeout_seconds: float = 10.0,
+        producer: AIOKafkaProducer | None = None,
     ) -> None:
         self._topics = topics
         self._codec = codec
         self._backoff = retry_backoff_seconds
         self._ack_timeout = ack_timeout_seconds
         self._hooks = hooks if hooks is not None else PublisherHooks()
-        self._producer = AIOKafkaProducer(
-            **self._producer_options(),
-            bootstrap_servers=kafka.bootstrap_servers,
-            **kafka.client_options(),
-            client_id=f"{kafka.client_id}-publisher",
-            acks="all",
-            enable_idempotence=True,
-            # Send at once: `publish` awaits the ack, so a linger adds to every request; sends made
-            # while a request is in flight still batch (bench latency p50 5.6 ms, 6.3-7.9 at 2).
-            linger_ms=0,
-            max_request_size=MAX_RECORD_BYTES,
-            **kafka.backoff_options(),
+        self._producer = (
+            producer
+            if producer is not None
+            else outcome_producer(kafka, **self._producer_options())
         )
-        pace_reconnects(self._producer, kafka)
 
     def _producer_options(self) -> dict[str, object]:
         """Options a subclass adds to the producer's (a transactional id)."""

@@ -65,9 +65,8 @@ def member_consumer() -> AIOKafkaConsumer:
 async def test_a_revocation_waits_for_the_loops_transaction_then_forgets_its_partitions() -> None:
     transactions = HeldTransactions()
     handler = cast(Any, IdleHandler())
-    worker = Worker(WorkerSettings(), handler, transactions=cast(Any, transactions))
     consumer = member_consumer()
-    worker._consumer = consumer
+    worker = Worker(WorkerSettings(), consumer, handler, transactions=cast(Any, transactions))
     for tp in (REVOKED, KEPT):
         worker._tracker.track(tp, 0)
         worker._tracker.done(tp, 0)
