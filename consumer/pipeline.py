@@ -14,14 +14,15 @@ produced (a redelivery) is described again instead of regenerated (`consumer.ide
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
 import structlog
 
+from consumer.admission import UNLIMITED, TenantAdmission
 from consumer.backends.audio import AudioFacts, read_audio_facts
 from consumer.backends.base import (
     Backend,
@@ -151,8 +152,7 @@ class Pipeline:
     """Turns a request into stored audio and the audio-ready event describing it.
 
     Also what bounds the work: one request per object key at a time (a duplicate waits, then
-    finds the audio), and at most `limits.max_in_flight_per_tenant` requests per tenant; the
-    rest of a tenant's requests wait without holding a place of other tenants' (`waiting`).
+    finds the audio), and within the tenant admission the caller gives (`consumer.admission`).
     `metrics` default to ones nobody exports, for callers that do not look at them.
     """
 
@@ -171,24 +171,19 @@ class Pipeline:
         self._storage = storage
         self._metrics = metrics if metrics is not None else Metrics.unexported()
         self._retry = (retry if retry is not None else RetrySettings()).policy()
-        per_tenant = limits.max_in_flight_per_tenant
-        self._tenants = KeyedSemaphores(per_tenant) if per_tenant is not None else None
         self._objects = KeyedSemaphores(1)
 
-    @property
-    def waiting(self) -> int:
-        """Requests waiting for their tenant's turn now."""
-        return 0 if self._tenants is None else self._tenants.waiting
-
-    def when_waiting(self, callback: Callable[[], None]) -> None:
-        """Call `callback` each time a request starts waiting for its tenant's turn."""
-        if self._tenants is not None:
-            self._tenants.on_wait = callback
-
-    async def process(self, request: CloneRequest) -> AudioReady:
+    async def process(
+        self, request: CloneRequest, admission: TenantAdmission = UNLIMITED
+    ) -> AudioReady:
+        """The request's audio, made once `admission` (the consume loop's) gives its tenant a
+        turn."""
         check_request(request, self._limits)
         key = object_key(request.tenant_id, request.request_id, _format_of(request).extension)
-        async with self._tenant_turn(request), self._objects.hold(key):
+        async with (
+            admission.turn(request.tenant_id, _seconds_left(request)),
+            self._objects.hold(key),
+        ):
             return await self._produce(request, key)
 
     async def _produce(self, request: CloneRequest, key: str) -> AudioReady:
@@ -219,26 +214,6 @@ class Pipeline:
             )
         output = Output(stored, facts, cold_start=bool(result.cold_start))
         return self._audio_ready(request, output, clock, received)
-
-    @asynccontextmanager
-    async def _tenant_turn(self, request: CloneRequest) -> AsyncIterator[None]:
-        """Hold one of the tenant's places, waiting while it has none free (not past the
-        request's deadline)."""
-        if self._tenants is None:
-            yield
-            return
-        try:
-            await self._tenants.acquire(request.tenant_id, timeout=_seconds_left(request))
-        except TimeoutError:
-            raise CloneError(
-                ErrorCode.EXPIRED,
-                "the request's deadline passed while its tenant was at its limit of requests "
-                "in flight",
-            ) from None
-        try:
-            yield
-        finally:
-            self._tenants.release(request.tenant_id)
 
     async def _retried(
         self,

@@ -20,6 +20,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.protocol.commit import OffsetCommitRequest
 
+from consumer.admission import TenantAdmission
 from consumer.handler import RecordHandler
 from consumer.metrics import Metrics
 from consumer.observability.health import Health
@@ -61,8 +62,11 @@ class Worker:
         self._unreadable: set[TopicPartition] = set()
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
         self._slot_freed = asyncio.Event()
-        # A record that starts waiting for its tenant's turn gives its slot back.
-        handler.when_waiting(self._slot_freed.set)
+        # Which started records run and which wait for their tenant's turn; one that starts
+        # waiting gives its slot back.
+        self._admission = TenantAdmission(
+            settings.limits.max_in_flight_per_tenant, on_wait=self._slot_freed.set
+        )
         self._stopping = asyncio.Event()
         self._consumer = consumer
         self._last_commit = 0.0  # time.monotonic() of the loop's last commit
@@ -133,7 +137,7 @@ class Worker:
         the others; up to `max_waiting` of them are held, in memory and uncommitted, beyond it.
         """
         settings = self._settings
-        running = self.in_flight - self._handler.waiting
+        running = self.in_flight - self._admission.waiting
         held_at_most = settings.max_in_flight + settings.max_waiting
         return min(settings.max_in_flight - running, held_at_most - self.in_flight)
 
@@ -211,7 +215,7 @@ class Worker:
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         with self._metrics.in_flight():
-            await self._handler.handle(record)
+            await self._handler.handle(record, self._admission)
             # Only reached once the outcome (or dead letter) is acknowledged by the broker.
             self._tracker.done(tp, record.offset)
 

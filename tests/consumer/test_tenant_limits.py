@@ -1,7 +1,7 @@
 """One tenant cannot starve the others: at most `max_in_flight_per_tenant` of its requests run
 at once, the rest wait without holding a worker slot. The semaphores by key alone, the
-pipeline, and the worker on the real broker with a seed-contract service that counts how many
-calls of each tenant it serves at once."""
+pipeline within the loop's admission, and the worker on the real broker with a seed-contract
+service that counts how many calls of each tenant it serves at once."""
 
 import asyncio
 from collections import Counter
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from consumer.admission import TenantAdmission
 from consumer.backends import BackendSettings
 from consumer.concurrency import KeyedSemaphores
 from consumer.errors import CloneError
@@ -115,7 +116,7 @@ async def test_a_waiter_that_times_out_or_is_cancelled_takes_no_place() -> None:
     await asyncio.wait_for(gate.acquire("a"), 1)  # free again
 
 
-# -- the pipeline -----------------------------------------------------------------------------
+# -- the pipeline, within the loop's admission ----------------------------------------------------
 
 
 @pytest.fixture
@@ -132,24 +133,25 @@ async def test_a_tenant_at_its_limit_waits_while_another_tenant_goes_ahead(
     counting: CountingSeed,
     voice: str,
 ) -> None:
-    pipeline = make_pipeline(max_in_flight_per_tenant=1)
+    pipeline = make_pipeline()
+    admission = TenantAdmission(limit=1)
     counting.delay_seconds = 0.5
     finished: list[str] = []  # names, in the order they finished
 
     async def run(request: CloneRequest, name: str) -> None:
-        await pipeline.process(request)
+        await pipeline.process(request, admission)
         finished.append(name)
 
     flood = [asyncio.create_task(run(of("a", voice), f"a{i}")) for i in range(3)]
     await asyncio.sleep(0.1)
-    assert pipeline.waiting == 2
+    assert admission.waiting == 2
     await run(of("b", voice), "b")
     await asyncio.gather(*flood)
 
     assert finished.index("b") < finished.index("a1")  # not behind a's backlog
     assert finished[-2:] == ["a1", "a2"]
     assert counting.most == Counter({"a": 1, "b": 1})
-    assert pipeline.waiting == 0
+    assert admission.waiting == 0
 
 
 async def test_a_request_whose_deadline_passes_while_waiting_expires_without_a_backend_call(
@@ -157,14 +159,15 @@ async def test_a_request_whose_deadline_passes_while_waiting_expires_without_a_b
     counting: CountingSeed,
     voice: str,
 ) -> None:
-    pipeline = make_pipeline(max_in_flight_per_tenant=1)
+    pipeline = make_pipeline()
+    admission = TenantAdmission(limit=1)
     counting.delay_seconds = 1.0
-    first = asyncio.create_task(pipeline.process(of("a", voice)))
+    first = asyncio.create_task(pipeline.process(of("a", voice), admission))
     await asyncio.sleep(0.1)
     hurried = of("a", voice, deadline=datetime.now(UTC) + timedelta(seconds=0.3))
 
     with pytest.raises(CloneError) as raised:
-        await pipeline.process(hurried)
+        await pipeline.process(hurried, admission)
 
     assert raised.value.code == ErrorCode.EXPIRED
     assert "tenant" in raised.value.message
