@@ -2,13 +2,14 @@
 
 import asyncio
 import contextlib
-import functools
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from consumer.backends import Backend, make_backend
 from consumer.cancels import CancelRegistry, CancelWatcher
@@ -21,7 +22,7 @@ from consumer.reference import ReferenceFetcher
 from consumer.settings import ProcessingGuarantee, WorkerSettings
 from consumer.tracing import RequestTracing
 from consumer.worker import Worker
-from producer.kafka_clients import cancel_consumer, worker_consumer
+from producer.kafka_clients import cancel_consumer, outcome_producer, worker_consumer
 from producer.publisher import OutcomePublisher, PublisherHooks
 from producer.storage import make_storage
 from producer.transactions import TransactionalPublisher
@@ -30,10 +31,41 @@ from schemas.codec import Codec
 log = structlog.get_logger(__name__)
 
 
+class KafkaClients(Protocol):
+    """The Kafka clients serve() opens, not started: built from the settings by default
+    (`producer.kafka_clients`); tests give in-memory ones. The outcome producer is the at
+    least once publisher's: exactly once's transactional one is built by its publisher."""
+
+    def requests_consumer(self) -> AIOKafkaConsumer: ...
+    def cancel_consumer(self) -> AIOKafkaConsumer: ...
+    def outcome_producer(self) -> AIOKafkaProducer: ...
+
+
+@dataclass(frozen=True)
+class _ClientsFromSettings:
+    settings: WorkerSettings
+
+    def requests_consumer(self) -> AIOKafkaConsumer:
+        settings = self.settings
+        return worker_consumer(
+            settings.kafka,
+            settings.group_id,
+            settings.max_poll_interval_ms,
+            settings.revoke_grace_seconds,
+        )
+
+    def cancel_consumer(self) -> AIOKafkaConsumer:
+        return cancel_consumer(self.settings.kafka)
+
+    def outcome_producer(self) -> AIOKafkaProducer:
+        return outcome_producer(self.settings.kafka)
+
+
 async def serve(
     settings: WorkerSettings,
     ready: asyncio.Event | None = None,
     backend: Backend | None = None,
+    clients: KafkaClients | None = None,
 ) -> None:
     """Run one worker until SIGTERM/SIGINT or cancellation: stop fetching, drain in-flight
     requests within the grace period, commit, close. Cancellation is re-raised once drained.
@@ -44,7 +76,10 @@ async def serve(
     `backend` replaces the one `settings.backend` describes (a benchmark's or test's own).
     serve() owns it either way: it starts it and closes it on the way out, so pass one not
     started and do not use it after.
+
+    `clients` replaces where its Kafka clients come from (a test's in-memory ones).
     """
+    clients = clients if clients is not None else _ClientsFromSettings(settings)
     codec = settings.make_codec()
     metrics = Metrics()
     health = Health.from_settings(settings.http)
@@ -61,14 +96,14 @@ async def serve(
         fetcher = ReferenceFetcher(settings.reference, object_reader=storage)
         stack.push_async_callback(fetcher.close)
         hooks = PublisherHooks(retried=metrics.retried, connected=health.set_producer_connected)
-        publisher = _publisher(settings, codec, hooks)
+        publisher = _publisher(settings, codec, hooks, clients)
         # Before start: a start that fails (Kafka unreachable) leaves a client to close.
         stack.push_async_callback(publisher.stop)
         await publisher.start()
 
         cancels = CancelRegistry(ttl_seconds=settings.cancel_lookback_seconds)
         watcher = CancelWatcher(
-            functools.partial(cancel_consumer, settings.kafka),
+            clients.cancel_consumer,
             settings.topics.cancel,
             codec,
             cancels,
@@ -83,12 +118,7 @@ async def serve(
             codec, pipeline, publisher, cancels, metrics=metrics, tracing=tracing
         )
         transactions = publisher if isinstance(publisher, TransactionalPublisher) else None
-        consumer = worker_consumer(
-            settings.kafka,
-            settings.group_id,
-            settings.max_poll_interval_ms,
-            settings.revoke_grace_seconds,
-        )
+        consumer = clients.requests_consumer()
         worker = Worker(settings, consumer, handler, metrics, health, transactions)
         stack.enter_context(_stop_on_signals(worker.stop))
         log.info("worker_started", backend=backend.name, max_in_flight=settings.max_in_flight)
@@ -97,7 +127,9 @@ async def serve(
         await _run_to_completion(worker)
 
 
-def _publisher(settings: WorkerSettings, codec: Codec, hooks: PublisherHooks) -> OutcomePublisher:
+def _publisher(
+    settings: WorkerSettings, codec: Codec, hooks: PublisherHooks, clients: KafkaClients
+) -> OutcomePublisher:
     """The outcome publisher of the processing guarantee the settings ask for."""
     if settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE:
         transactional_id = settings.effective_transactional_id()
@@ -111,6 +143,7 @@ def _publisher(settings: WorkerSettings, codec: Codec, hooks: PublisherHooks) ->
         codec,
         hooks=hooks,
         ack_timeout_seconds=settings.broker_timeout_seconds,
+        producer=clients.outcome_producer(),
     )
 
 
