@@ -66,6 +66,7 @@ async def serve(
     ready: asyncio.Event | None = None,
     backend: Backend | None = None,
     clients: KafkaClients | None = None,
+    until_idle: bool = False,
 ) -> None:
     """Run one worker until SIGTERM/SIGINT or cancellation: stop fetching, drain in-flight
     requests within the grace period, commit, close. Cancellation is re-raised once drained.
@@ -78,6 +79,9 @@ async def serve(
     started and do not use it after.
 
     `clients` replaces where its Kafka clients come from (a test's in-memory ones).
+
+    `until_idle`: a one-shot batch job, which also returns once every request of its
+    partitions is answered and committed (`Worker.run_until_idle`).
     """
     clients = clients if clients is not None else _ClientsFromSettings(settings)
     codec = settings.make_codec()
@@ -124,7 +128,7 @@ async def serve(
         log.info("worker_started", backend=backend.name, max_in_flight=settings.max_in_flight)
         if ready is not None:
             ready.set()
-        await _run_to_completion(worker)
+        await _run_to_completion(worker, until_idle)
 
 
 def _publisher(
@@ -157,13 +161,13 @@ async def _serve_http(
         stack.push_async_callback(server.stop)
 
 
-async def _run_to_completion(worker: Worker) -> None:
+async def _run_to_completion(worker: Worker, until_idle: bool) -> None:
     """Run the worker; when we are cancelled, stop it and wait for its drain, then re-raise.
 
     The worker runs in a task of its own so that its drain is not itself cancelled; a second
     cancellation while waiting does cut the drain short.
     """
-    running = asyncio.create_task(worker.run(), name="worker")
+    running = asyncio.create_task(worker.run(until_idle), name="worker")
     try:
         await asyncio.shield(running)
     except asyncio.CancelledError:

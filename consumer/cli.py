@@ -149,7 +149,17 @@ def check_reference(reference: str) -> str:
 
 
 @app.command()
-def worker(log_format: LogFormatOption = None, log_level: LogLevelOption = None) -> None:
+def worker(
+    log_format: LogFormatOption = None,
+    log_level: LogLevelOption = None,
+    until_idle: Annotated[
+        bool,
+        typer.Option(
+            help="A one-shot batch job: also stop once every request of the worker's "
+            "partitions is answered and committed. Run it as its group's only member."
+        ),
+    ] = False,
+) -> None:
     """Run a worker until SIGTERM/SIGINT: consume clone requests, publish their outcomes.
 
     Exits 0 after draining in-flight requests; 3 with a one-line reason when it cannot start
@@ -157,7 +167,7 @@ def worker(log_format: LogFormatOption = None, log_level: LogLevelOption = None)
     """
     settings = load_settings(WorkerSettings)
     configure_command_logging(settings, log_format, log_level, client=False)
-    run_or_exit(serve(settings), settings)
+    run_or_exit(serve(settings, until_idle=until_idle), settings)
 
 
 @app.command()

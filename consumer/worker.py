@@ -83,7 +83,14 @@ class Worker:
         """Ask the loop to drain and exit; safe to call more than once, from a signal handler."""
         self._stopping.set()
 
-    async def run(self) -> None:
+    async def run_until_idle(self) -> None:
+        """Run until every partition assigned is read to its end and nothing is in flight,
+        then commit and return, as after `stop()`: a one-shot batch job, or a test's "records
+        in, outcomes out". Meant for a group's only member: it ends when its own partitions
+        are done, whatever the others' are."""
+        await self.run(until_idle=True)
+
+    async def run(self, until_idle: bool = False) -> None:
         consumer = self._consumer
         lag: asyncio.Task[None] | None = None
         try:
@@ -92,7 +99,7 @@ class Worker:
                 LagMonitor(self._metrics).run(consumer, self._tracker.in_flight), name="lag"
             )
             consumer.subscribe([self._settings.topics.requests], listener=_Rebalances(self))
-            await self._consume(consumer)
+            await self._consume(consumer, until_idle)
         finally:
             if lag is not None:
                 lag.cancel()
@@ -103,7 +110,7 @@ class Worker:
                 await consumer.stop()
                 log.info("worker_stopped")
 
-    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+    async def _consume(self, consumer: AIOKafkaConsumer, until_idle: bool) -> None:
         while not self._stopping.is_set():
             free = self._free_slots()
             self._apply_backpressure(consumer, free)
@@ -128,6 +135,18 @@ class Worker:
                 for record in records:
                     self._start(record)
             await self._commit_if_due(consumer)
+            if until_idle and not batch and await self._idle(consumer):
+                log.info("worker_idle")
+                return
+
+    async def _idle(self, consumer: AIOKafkaConsumer) -> bool:
+        """Nothing in flight, and every partition of ours that can be read is read to its end
+        (its last stable offset, reading committed transactions only)."""
+        readable = consumer.assignment() - self._unreadable
+        if self._tasks or not consumer.assignment():  # not joined yet: nothing is known
+            return False
+        ends = await consumer.end_offsets(list(readable)) if readable else {}
+        return all([await consumer.position(tp) >= end for tp, end in ends.items()])
 
     def _free_slots(self) -> int:
         """How many more records to start now.
