@@ -1,7 +1,7 @@
 """One tenant cannot starve the others: at most `max_in_flight_per_tenant` of its requests run
 at once, the rest wait without holding a worker slot. The semaphores by key alone, the
-pipeline within the loop's admission, and the worker on the real broker with a seed-contract
-service that counts how many calls of each tenant it serves at once."""
+pipeline within the loop's admission, and a running worker (on Kafka in memory) with a
+seed-contract service that counts how many calls of each tenant it serves at once."""
 
 import asyncio
 from collections import Counter
@@ -20,7 +20,8 @@ from consumer.errors import CloneError
 from schemas.events import AudioReady, CloneRequest, ErrorCode
 from tests.consumer.test_pipeline import MakePipeline, make_pipeline, storage  # noqa: F401
 from tests.consumer.test_retries import serving
-from tests.consumer.test_worker import assert_all_committed
+from tests.consumer.test_worker import assert_all_committed_in
+from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
@@ -175,13 +176,16 @@ async def test_a_request_whose_deadline_passes_while_waiting_expires_without_a_b
     assert len(counting.requests) == 1
 
 
-# -- the worker -------------------------------------------------------------------------------
+# -- the worker, its consume loop admitting -------------------------------------------------------
 
 
 async def test_a_flooding_tenant_does_not_hold_back_another_tenants_request(
-    make_worker_settings: WorkerSettingsFactory, counting: CountingSeed, voice: str
+    make_memory_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
+    counting: CountingSeed,
+    voice: str,
 ) -> None:
-    settings = make_worker_settings(
+    settings = make_memory_settings(
         backend=BackendSettings(kind="http", http={"base_url": counting.url}),
         max_in_flight=2,
         max_waiting=16,
@@ -192,9 +196,9 @@ async def test_a_flooding_tenant_does_not_hold_back_another_tenants_request(
     other = of("b", voice)
 
     async with (
-        Requests(settings) as requests,
-        Outcomes(settings) as outcomes,
-        running_worker(settings),
+        Requests(settings, memory_kafka) as requests,
+        Outcomes(settings, memory_kafka) as outcomes,
+        running_worker(settings, memory_kafka),
     ):
         await requests.send(*flood)
         await requests.send(other)
@@ -207,4 +211,4 @@ async def test_a_flooding_tenant_does_not_hold_back_another_tenants_request(
     assert published_before_b <= 1
     assert counting.most == Counter({"a": 1, "b": 1})
     assert all(isinstance(outcomes.first(r.request_id), AudioReady) for r in [*flood, other])
-    await assert_all_committed(settings)
+    assert_all_committed_in(memory_kafka, settings)
