@@ -2,8 +2,11 @@
 
 One loop, read top to bottom: make room (pause/resume), fetch, start a task per record, commit
 what is contiguous (at most every `commit_interval_seconds`; at once on drain and revocation).
-Each record's task always ends in a published outcome or a dead letter before its offset is
-marked done; nothing is committed on cancellation.
+The loop's tenant admission (`consumer.admission`), handed to each record it starts, decides
+which of them run and which wait for their tenant's turn, holding no slot. Each record's task
+always ends in a published outcome or a dead letter before its offset is marked done; nothing
+is committed on cancellation. Run until idle, the loop also ends once its partitions are read
+to their end and nothing is in flight.
 
 Beside the loop it keeps the readiness facts (`Health`) and the consume-side metrics up to
 date, and runs the lag monitor as a task of its own, started and stopped with the consumer.
@@ -142,11 +145,14 @@ class Worker:
     async def _idle(self, consumer: AIOKafkaConsumer) -> bool:
         """Nothing in flight, and every partition of ours that can be read is read to its end
         (its last stable offset, reading committed transactions only)."""
-        readable = consumer.assignment() - self._unreadable
         if self._tasks or not consumer.assignment():  # not joined yet: nothing is known
             return False
-        ends = await consumer.end_offsets(list(readable)) if readable else {}
-        return all([await consumer.position(tp) >= end for tp, end in ends.items()])
+        readable = list(consumer.assignment() - self._unreadable)
+        ends = await consumer.end_offsets(readable) if readable else {}
+        for tp, end in ends.items():
+            if await consumer.position(tp) < end:
+                return False
+        return True
 
     def _free_slots(self) -> int:
         """How many more records to start now.
