@@ -74,7 +74,7 @@ async def test_a_dead_letter_keeps_the_record_and_says_why(
 
 async def test_sends_the_broker_fails_are_retried_until_acknowledged_and_reported() -> None:
     kafka = MemoryKafka()
-    topics = kafka.create_topics(Topics())
+    topics = kafka.create_worker_topics()
     producer = kafka.producer()
     retried: list[str] = []
     connected: list[bool] = []
