@@ -1,7 +1,7 @@
 """The in-memory Kafka of tests/fixtures/memory_kafka.py behaves as aiokafka's clients do where
 our code relies on it: polls bounded by max_records and paused partitions, a wait that an
-append ends, a group member's first join and later rebalances, `assign_since`, and a producer
-whose failed sends write nothing."""
+append ends, a group member's first join and later rebalances (no poll returns records while
+one is under way), `assign_since`, and a producer whose failed sends write nothing."""
 
 import asyncio
 import time
@@ -96,6 +96,31 @@ async def test_a_member_joins_at_its_first_poll_and_a_rebalance_resumes_from_com
     assert kafka.lag("g", "t") == {0: 2, 1: 3, 2: 3}
     with pytest.raises(IllegalStateError):
         await consumer.position(T1)
+
+
+async def test_a_poll_during_a_rebalance_returns_only_after_the_new_assignment() -> None:
+    kafka = three_partitions()
+    consumer = kafka.consumer(group_id="g")
+    revoking = asyncio.Event()
+    finish_revoking = asyncio.Event()
+
+    class SlowRevocation(Listener):
+        async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+            if revoked:
+                revoking.set()
+                await finish_revoking.wait()
+
+    consumer.subscribe(["t"], listener=SlowRevocation())
+    await consumer.getmany(T0)  # joined: every partition, T0 read to its end
+    rebalance = asyncio.create_task(consumer.rebalance([T1]))
+    await revoking.wait()
+    poll = asyncio.create_task(consumer.getmany(timeout_ms=0))
+    await asyncio.sleep(0.05)
+    assert not poll.done()  # T1's and T2's records are not handed out while being revoked
+    finish_revoking.set()
+    await rebalance
+
+    assert list(await asyncio.wait_for(poll, 1)) == [T1]
 
 
 async def test_assign_since_positions_each_partition_at_its_first_record_from_then() -> None:

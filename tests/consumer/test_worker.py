@@ -287,6 +287,40 @@ async def test_a_joining_worker_gets_partitions_after_the_first_commits_its_fini
     await assert_all_committed(settings)
 
 
+async def test_a_revocation_finishes_and_commits_the_revoked_work_before_handing_it_over(
+    memory_http_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
+    seed_server: SeedServer,
+    voice_uri: str,
+) -> None:
+    settings = memory_http_settings(max_in_flight=4)
+    seed_server.delay_seconds = 1.0
+    batch = [clone_request(voice_uri) for _ in range(6)]  # two in each partition
+    partitions = memory_kafka.partitions(settings.topics.requests)
+
+    async with (
+        Requests(settings, memory_kafka) as requests,
+        Outcomes(settings, memory_kafka) as outcomes,
+        running_worker(settings, memory_kafka),
+    ):
+        for tp in partitions:
+            await requests.send(
+                *batch[2 * tp.partition : 2 * tp.partition + 2], partition=tp.partition
+            )
+        await wait_for_backend_calls(seed_server, settings.max_in_flight)  # the first two's
+        member = memory_kafka.member(settings.group_id)
+        # Eager, as aiokafka's: every partition is revoked, then the last one alone assigned.
+        await member.rebalance(partitions[-1:])
+        committed_at_handover = dict(memory_kafka.committed[settings.group_id])
+        await outcomes.wait_for([r.request_id for r in batch])
+
+    assert committed_at_handover == {partitions[0]: 2, partitions[1]: 2}
+    assert all(isinstance(outcomes.first(r.request_id), AudioReady) for r in batch)
+    assert outcomes.duplicates() == {}
+    assert len(seed_server.requests) == len(batch)
+    assert_all_committed_in(memory_kafka, settings)
+
+
 async def wait_for_backend_calls(server: SeedServer, count: int, within_s: float = 30.0) -> None:
     async with asyncio.timeout(within_s):
         while len(server.requests) < count:
