@@ -1,7 +1,8 @@
 """One tenant cannot starve the others: at most `max_in_flight_per_tenant` of its requests run
-at once, the rest wait without holding a worker slot. The semaphores by key alone, the
-pipeline within the loop's admission, and a running worker (on Kafka in memory) with a
-seed-contract service that counts how many calls of each tenant it serves at once."""
+at once, the rest wait without holding a worker slot (up to what the worker may hold). The
+semaphores by key alone, the pipeline within the loop's admission, and a running worker (on
+Kafka in memory) with a seed-contract service that counts how many calls of each tenant it
+serves at once."""
 
 import asyncio
 from collections import Counter
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from consumer.admission import TenantAdmission
 from consumer.backends import BackendSettings
@@ -211,4 +213,37 @@ async def test_a_flooding_tenant_does_not_hold_back_another_tenants_request(
     assert published_before_b <= 1
     assert counting.most == Counter({"a": 1, "b": 1})
     assert all(isinstance(outcomes.first(r.request_id), AudioReady) for r in [*flood, other])
+    assert_all_committed_in(memory_kafka, settings)
+
+
+async def test_a_backlog_of_one_tenant_holds_at_most_max_in_flight_plus_max_waiting_records(
+    make_memory_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
+    counting: CountingSeed,
+    voice: str,
+) -> None:
+    settings = make_memory_settings(
+        backend=BackendSettings(kind="http", http={"base_url": counting.url}),
+        max_in_flight=2,
+        max_waiting=3,
+        limits={"max_in_flight_per_tenant": 1},
+    )
+    counting.delay_seconds = 0.2
+    flood = [of("a", voice) for _ in range(10)]
+
+    with capture_logs() as logs:
+        async with (
+            Requests(settings, memory_kafka) as requests,
+            Outcomes(settings, memory_kafka) as outcomes,
+            running_worker(settings, memory_kafka),
+        ):
+            await requests.send(*flood, partition=0)
+            await outcomes.wait_for([r.request_id for r in flood], within_s=60)
+
+    # Its waiting records take no slot, so the worker fetches past them, up to the bound on
+    # what it holds; then it pauses until one of them finishes.
+    held = [entry["in_flight"] for entry in logs if entry["event"] == "record_started"]
+    assert max(held) == settings.max_in_flight + settings.max_waiting
+    assert counting.most == Counter({"a": 1})
+    assert all(isinstance(outcomes.first(r.request_id), AudioReady) for r in flood)
     assert_all_committed_in(memory_kafka, settings)
