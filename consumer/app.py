@@ -2,14 +2,14 @@
 
 import asyncio
 import contextlib
-import functools
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from consumer.backends import Backend, make_backend
 from consumer.cancels import CancelRegistry, CancelWatcher
@@ -23,8 +23,8 @@ from consumer.reference import ReferenceFetcher
 from consumer.settings import ProcessingGuarantee, WorkerSettings
 from consumer.tracing import RequestTracing
 from consumer.worker import Worker
+from producer.kafka_clients import cancel_consumer, outcome_producer, worker_consumer
 from producer.publisher import OutcomePublisher, OutcomeSink, PublisherHooks
-from producer.reconnects import pace_reconnects
 from producer.storage import make_storage
 from producer.transactions import TransactionalPublisher
 from schemas.codec import Codec
@@ -32,10 +32,42 @@ from schemas.codec import Codec
 log = structlog.get_logger(__name__)
 
 
+class KafkaClients(Protocol):
+    """The Kafka clients serve() opens, not started: built from the settings by default
+    (`producer.kafka_clients`); tests give in-memory ones. The outcome producer is the at
+    least once publisher's: exactly once's transactional one is built by its publisher."""
+
+    def requests_consumer(self) -> AIOKafkaConsumer: ...
+    def cancel_consumer(self) -> AIOKafkaConsumer: ...
+    def outcome_producer(self) -> AIOKafkaProducer: ...
+
+
+@dataclass(frozen=True)
+class _ClientsFromSettings:
+    settings: WorkerSettings
+
+    def requests_consumer(self) -> AIOKafkaConsumer:
+        settings = self.settings
+        return worker_consumer(
+            settings.kafka,
+            settings.group_id,
+            settings.max_poll_interval_ms,
+            settings.revoke_grace_seconds,
+        )
+
+    def cancel_consumer(self) -> AIOKafkaConsumer:
+        return cancel_consumer(self.settings.kafka)
+
+    def outcome_producer(self) -> AIOKafkaProducer:
+        return outcome_producer(self.settings.kafka)
+
+
 async def serve(
     settings: WorkerSettings,
     ready: asyncio.Event | None = None,
     backend: Backend | None = None,
+    clients: KafkaClients | None = None,
+    until_idle: bool = False,
 ) -> None:
     """Run one worker until SIGTERM/SIGINT or cancellation: stop fetching, drain in-flight
     requests within the grace period, commit, close. Cancellation is re-raised once drained.
@@ -46,7 +78,13 @@ async def serve(
     `backend` replaces the one `settings.backend` describes (a benchmark's or test's own).
     serve() owns it either way: it starts it and closes it on the way out, so pass one not
     started and do not use it after.
+
+    `clients` replaces where its Kafka clients come from (a test's in-memory ones).
+
+    `until_idle`: a one-shot batch job, which also returns once every request of its
+    partitions is answered and committed (`Worker.run_until_idle`).
     """
+    clients = clients if clients is not None else _ClientsFromSettings(settings)
     codec = settings.make_codec()
     metrics = Metrics()
     health = Health.from_settings(settings.http)
@@ -63,14 +101,14 @@ async def serve(
         fetcher = ReferenceFetcher(settings.reference, object_reader=storage)
         stack.push_async_callback(fetcher.close)
         hooks = PublisherHooks(retried=metrics.retried, connected=health.set_producer_connected)
-        publisher, commits = _guarantee(settings, codec, hooks)
+        publisher, commits = _guarantee(settings, codec, hooks, clients)
         # Before start: a start that fails (Kafka unreachable) leaves a client to close.
         stack.push_async_callback(publisher.stop)
         await publisher.start()
 
         cancels = CancelRegistry(ttl_seconds=settings.cancel_lookback_seconds)
         watcher = CancelWatcher(
-            functools.partial(_cancel_consumer, settings),
+            clients.cancel_consumer,
             settings.topics.cancel,
             codec,
             cancels,
@@ -84,16 +122,17 @@ async def serve(
         handler = RecordHandler(
             codec, pipeline, publisher, cancels, metrics=metrics, tracing=tracing
         )
-        worker = Worker(settings, handler, metrics, health, commits)
+        consumer = clients.requests_consumer()
+        worker = Worker(settings, consumer, handler, metrics, health, commits)
         stack.enter_context(_stop_on_signals(worker.stop))
         log.info("worker_started", backend=backend.name, max_in_flight=settings.max_in_flight)
         if ready is not None:
             ready.set()
-        await _run_to_completion(worker)
+        await _run_to_completion(worker, until_idle)
 
 
 def _guarantee(
-    settings: WorkerSettings, codec: Codec, hooks: PublisherHooks
+    settings: WorkerSettings, codec: Codec, hooks: PublisherHooks, clients: KafkaClients
 ) -> tuple[OutcomeSink, Commits]:
     """The outcome publisher and the commits of the processing guarantee the settings ask for."""
     if settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE:
@@ -116,6 +155,7 @@ def _guarantee(
         codec,
         hooks=hooks,
         ack_timeout_seconds=settings.broker_timeout_seconds,
+        producer=clients.outcome_producer(),
     )
     return publisher, PlainCommits(settings.broker_timeout_seconds)
 
@@ -130,32 +170,19 @@ async def _serve_http(
         stack.push_async_callback(server.stop)
 
 
-async def _run_to_completion(worker: Worker) -> None:
+async def _run_to_completion(worker: Worker, until_idle: bool) -> None:
     """Run the worker; when we are cancelled, stop it and wait for its drain, then re-raise.
 
     The worker runs in a task of its own so that its drain is not itself cancelled; a second
     cancellation while waiting does cut the drain short.
     """
-    running = asyncio.create_task(worker.run(), name="worker")
+    running = asyncio.create_task(worker.run(until_idle), name="worker")
     try:
         await asyncio.shield(running)
     except asyncio.CancelledError:
         worker.stop()
         await running
         raise
-
-
-def _cancel_consumer(settings: WorkerSettings) -> AIOKafkaConsumer:
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        **settings.kafka.client_options(),
-        **settings.kafka.backoff_options(),
-        client_id=f"{settings.kafka.client_id}-cancels",
-        group_id=None,
-        enable_auto_commit=False,
-    )
-    pace_reconnects(consumer, settings.kafka)
-    return consumer
 
 
 @contextlib.contextmanager

@@ -3,6 +3,8 @@
 Exit codes, and the one-line errors of every command: producer/cli_common.py.
 """
 
+from typing import Annotated
+
 import typer
 
 from consumer.app import serve
@@ -28,7 +30,17 @@ app = typer.Typer(
 
 
 @app.command()
-def worker(log_format: LogFormatOption = None, log_level: LogLevelOption = None) -> None:
+def worker(
+    log_format: LogFormatOption = None,
+    log_level: LogLevelOption = None,
+    until_idle: Annotated[
+        bool,
+        typer.Option(
+            help="A one-shot batch job: also stop once every request of the worker's "
+            "partitions is answered and committed. Run it as its group's only member."
+        ),
+    ] = False,
+) -> None:
     """Run a worker until SIGTERM/SIGINT: consume clone requests, publish their outcomes.
 
     Exits 0 after draining in-flight requests; 3 with a one-line reason when it cannot start
@@ -36,7 +48,11 @@ def worker(log_format: LogFormatOption = None, log_level: LogLevelOption = None)
     """
     settings = load_settings(WorkerSettings)
     configure_command_logging(settings, log_format, log_level, client=False)
-    run_or_exit(serve(settings), settings, expected=(*EXPECTED_ERRORS, BackendError))
+    run_or_exit(
+        serve(settings, until_idle=until_idle),
+        settings,
+        expected=(*EXPECTED_ERRORS, BackendError),
+    )
 
 
 app.add_typer(client_cli.app)  # no name: its commands join the worker's, after it

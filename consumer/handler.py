@@ -35,6 +35,7 @@ from aiokafka import ConsumerRecord
 from opentelemetry.trace import INVALID_SPAN, Span
 from pydantic import ValidationError
 
+from consumer.admission import UNLIMITED, TenantAdmission
 from consumer.cancels import Cancelled, CancelRegistry
 from consumer.errors import CloneError
 from consumer.metrics import HANDLER_ERROR, Metrics
@@ -75,16 +76,8 @@ class RecordHandler:
         self._metrics = metrics if metrics is not None else Metrics.unexported()
         self._tracing = tracing
 
-    @property
-    def waiting(self) -> int:
-        """Records waiting for their tenant's turn now; they hold no slot of the worker's."""
-        return self._pipeline.waiting
-
-    def when_waiting(self, callback: Callable[[], None]) -> None:
-        """Call `callback` each time a record starts waiting for its tenant's turn."""
-        self._pipeline.when_waiting(callback)
-
-    async def handle(self, record: ConsumerRecord) -> None:
+    async def handle(self, record: ConsumerRecord, admission: TenantAdmission = UNLIMITED) -> None:
+        """Answer `record`; its request runs when `admission` (the consume loop's) lets it."""
         log_ = log.bind(partition=record.partition, offset=record.offset)
         try:
             request = await self._decode(record)
@@ -98,7 +91,8 @@ class RecordHandler:
                 return
             await self._answer(record, header, functools.partial(_refuse, exc), log_)
             return
-        await self._answer(record, request, lambda: self._cancellable(request), log_)
+        work = lambda: self._cancellable(request, admission)  # noqa: E731
+        await self._answer(record, request, work, log_)
 
     async def _answer(
         self,
@@ -151,11 +145,12 @@ class RecordHandler:
             )
         return event
 
-    async def _cancellable(self, request: CloneRequest) -> AudioReady:
-        """Run the pipeline in a task that a cancel event for this request cancels."""
+    async def _cancellable(self, request: CloneRequest, admission: TenantAdmission) -> AudioReady:
+        """Run the pipeline in a task that a cancel event for this request cancels, waiting
+        for its tenant's turn included."""
         if self._cancels.is_cancelled(request.tenant_id, request.request_id):
             raise _cancelled()  # cancelled while queued: never start the work
-        work = asyncio.ensure_future(self._pipeline.process(request))
+        work = asyncio.ensure_future(self._pipeline.process(request, admission))
         with self._cancels.watch(request.tenant_id, request.request_id, on_cancel=work.cancel):
             try:
                 # Our own cancellation (shutdown) cancels the work too, and waits for it.

@@ -16,18 +16,19 @@ import asyncio
 import functools
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
 import structlog
 
+from consumer.admission import UNLIMITED, TenantAdmission
 from consumer.backends.audio import AudioFacts, read_audio_facts
 from consumer.backends.base import Backend, BackendTimeout, CloneJob, CloneResult
 from consumer.concurrency import KeyedSemaphores
-from consumer.deadline import Deadline, Expired
+from consumer.deadline import Deadline
 from consumer.errors import CloneError
 from consumer.idempotency import StoredFacts, object_metadata, request_fingerprint, reusable_facts
 from consumer.metrics import Metrics, RetriedStage, Stage
@@ -145,8 +146,7 @@ class Pipeline:
     """Turns a request into stored audio and the audio-ready event describing it.
 
     Also what bounds the work: one request per object key at a time (a duplicate waits, then
-    finds the audio), and at most `limits.max_in_flight_per_tenant` requests per tenant; the
-    rest of a tenant's requests wait without holding a place of other tenants' (`waiting`).
+    finds the audio), and within the tenant admission the caller gives (`consumer.admission`).
     `metrics` default to ones nobody exports, for callers that do not look at them.
     """
 
@@ -165,28 +165,22 @@ class Pipeline:
         self._storage = storage
         self._metrics = metrics if metrics is not None else Metrics.unexported()
         self._retry = (retry if retry is not None else RetrySettings()).policy()
-        per_tenant = limits.max_in_flight_per_tenant
-        self._tenants = KeyedSemaphores(per_tenant) if per_tenant is not None else None
         self._objects = KeyedSemaphores(1)
 
-    @property
-    def waiting(self) -> int:
-        """Requests waiting for their tenant's turn now."""
-        return 0 if self._tenants is None else self._tenants.waiting
-
-    def when_waiting(self, callback: Callable[[], None]) -> None:
-        """Call `callback` each time a request starts waiting for its tenant's turn."""
-        if self._tenants is not None:
-            self._tenants.on_wait = callback
-
-    async def process(self, request: CloneRequest) -> AudioReady:
-        """The request's audio, stored, and the event describing it; raises `CloneError`."""
+    async def process(
+        self, request: CloneRequest, admission: TenantAdmission = UNLIMITED
+    ) -> AudioReady:
+        """The request's audio, stored, and the event describing it, made once `admission` (the
+        consume loop's) gives its tenant a turn; raises `CloneError`."""
         progress = Progress()
         try:
             check_request(request, self._limits)
             deadline = Deadline.of(request.deadline)
             key = object_key(request.tenant_id, request.request_id, request.output_format.extension)
-            async with self._tenant_turn(request, deadline), self._objects.hold(key):
+            async with (
+                admission.turn(request.tenant_id, deadline.remaining()),
+                self._objects.hold(key),
+            ):
                 return await self._produce(request, key, deadline, progress)
         except VoicecloneError as exc:
             # The one place a failure becomes the request's: its code is the error's own.
@@ -219,22 +213,6 @@ class Pipeline:
             )
         output = Output(stored, facts, cold_start=bool(result.cold_start))
         return self._audio_ready(request, output, clock, received)
-
-    @asynccontextmanager
-    async def _tenant_turn(self, request: CloneRequest, deadline: Deadline) -> AsyncIterator[None]:
-        """Hold one of the tenant's places, waiting while it has none free (not past the
-        request's deadline)."""
-        if self._tenants is None:
-            yield
-            return
-        try:
-            await self._tenants.acquire(request.tenant_id, timeout=deadline.remaining())
-        except TimeoutError:
-            raise Expired() from None
-        try:
-            yield
-        finally:
-            self._tenants.release(request.tenant_id)
 
     async def _retried(
         self,

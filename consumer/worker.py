@@ -2,8 +2,11 @@
 
 One loop, read top to bottom: make room (pause/resume), fetch, start a task per record, commit
 what is contiguous (at most every `commit_interval_seconds`; at once on drain and revocation).
-Each record's task always ends in a published outcome or a dead letter before its offset is
-marked done; nothing is committed on cancellation.
+The loop's tenant admission (`consumer.admission`), handed to each record it starts, decides
+which of them run and which wait for their tenant's turn, holding no slot. Each record's task
+always ends in a published outcome or a dead letter before its offset is marked done; nothing
+is committed on cancellation. Run until idle, the loop also ends once its partitions are read
+to their end and nothing is in flight.
 
 Beside the loop it keeps the readiness facts (`Health`) and the consume-side metrics up to
 date, and runs the lag monitor as a task of its own, started and stopped with the consumer.
@@ -19,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
+from consumer.admission import TenantAdmission
 from consumer.commits import Commits, PlainCommits
 from consumer.handler import RecordHandler
 from consumer.metrics import Metrics
@@ -26,18 +30,15 @@ from consumer.observability.health import Health
 from consumer.observability.lag import LagMonitor
 from consumer.offsets import OffsetTracker
 from consumer.settings import WorkerSettings
-from producer.reconnects import pace_reconnects
 
 log = structlog.get_logger(__name__)
-
-_SESSION_TIMEOUT_MS = 10_000  # aiokafka's default: how long a silent member stays in the group
-# Time a rebalance allows beyond the revoke grace: committing and sending the rejoin request.
-_REJOIN_MARGIN_MS = 10_000
 
 
 class Worker:
     """Runs clone requests from the requests topic until `stop()` is called.
 
+    `consumer` is the group member to read them with, not started: `run` starts, subscribes
+    and stops it (`producer.kafka_clients.worker_consumer`; tests give an in-memory one).
     `metrics` and `health` default to ones nobody serves, for callers that do not look at them.
     `commits` is how finished offsets are committed (consumer/commits.py); by default by the
     consumer, outcomes being already acknowledged (`at_least_once`).
@@ -46,6 +47,7 @@ class Worker:
     def __init__(
         self,
         settings: WorkerSettings,
+        consumer: AIOKafkaConsumer,
         handler: RecordHandler,
         metrics: Metrics | None = None,
         health: Health | None = None,
@@ -65,10 +67,13 @@ class Worker:
         self._not_ready: set[TopicPartition] = set()
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
         self._slot_freed = asyncio.Event()
-        # A record that starts waiting for its tenant's turn gives its slot back.
-        handler.when_waiting(self._slot_freed.set)
+        # Which started records run and which wait for their tenant's turn; one that starts
+        # waiting gives its slot back.
+        self._admission = TenantAdmission(
+            settings.limits.max_in_flight_per_tenant, on_wait=self._slot_freed.set
+        )
         self._stopping = asyncio.Event()
-        self._consumer: AIOKafkaConsumer | None = None
+        self._consumer = consumer
         self._last_commit = 0.0  # time.monotonic() of the loop's last commit
         # One commit at a time: a revocation's (run by aiokafka's group task) waits for the
         # loop's. A partition's transaction cannot begin while another is open, and the revoked
@@ -83,9 +88,15 @@ class Worker:
         """Ask the loop to drain and exit; safe to call more than once, from a signal handler."""
         self._stopping.set()
 
-    async def run(self) -> None:
-        consumer = self._make_consumer()
-        self._consumer = consumer
+    async def run_until_idle(self) -> None:
+        """Run until every partition assigned is read to its end and nothing is in flight,
+        then commit and return, as after `stop()`: a one-shot batch job, or a test's "records
+        in, outcomes out". Meant for a group's only member: it ends when its own partitions
+        are done, whatever the others' are."""
+        await self.run(until_idle=True)
+
+    async def run(self, until_idle: bool = False) -> None:
+        consumer = self._consumer
         lag: asyncio.Task[None] | None = None
         try:
             await consumer.start()
@@ -93,7 +104,7 @@ class Worker:
                 LagMonitor(self._metrics).run(consumer, self._tracker.in_flight), name="lag"
             )
             consumer.subscribe([self._settings.topics.requests], listener=_Rebalances(self))
-            await self._consume(consumer)
+            await self._consume(consumer, until_idle)
         finally:
             if lag is not None:
                 lag.cancel()
@@ -104,30 +115,7 @@ class Worker:
                 await consumer.stop()
                 log.info("worker_stopped")
 
-    def _make_consumer(self) -> AIOKafkaConsumer:
-        kafka = self._settings.kafka
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=kafka.bootstrap_servers,
-            **kafka.client_options(),
-            **kafka.backoff_options(),
-            client_id=f"{kafka.client_id}-worker",
-            group_id=self._settings.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-            max_poll_interval_ms=self._settings.max_poll_interval_ms,
-            session_timeout_ms=_SESSION_TIMEOUT_MS,
-            # The revocation callback waits up to the revoke grace for in-flight work; the group
-            # must wait that long for us to rejoin, or it would evict us before we commit.
-            rebalance_timeout_ms=max(
-                _SESSION_TIMEOUT_MS,
-                round(self._settings.revoke_grace_seconds * 1000) + _REJOIN_MARGIN_MS,
-            ),
-        )
-        pace_reconnects(consumer, kafka)
-        return consumer
-
-    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+    async def _consume(self, consumer: AIOKafkaConsumer, until_idle: bool) -> None:
         while not self._stopping.is_set():
             free = self._free_slots()
             self._apply_backpressure(consumer, free)
@@ -152,6 +140,21 @@ class Worker:
                 for record in records:
                     self._start(record)
             await self._commit_if_due(consumer)
+            if until_idle and not batch and await self._idle(consumer):
+                log.info("worker_idle")
+                return
+
+    async def _idle(self, consumer: AIOKafkaConsumer) -> bool:
+        """Nothing in flight, and every partition of ours that can be read is read to its end
+        (its last stable offset, reading committed transactions only)."""
+        if self._tasks or not consumer.assignment():  # not joined yet: nothing is known
+            return False
+        readable = list(consumer.assignment() - self._unreadable)
+        ends = await consumer.end_offsets(readable) if readable else {}
+        for tp, end in ends.items():
+            if await consumer.position(tp) < end:
+                return False
+        return True
 
     def _free_slots(self) -> int:
         """How many more records to start now.
@@ -161,7 +164,7 @@ class Worker:
         the others; up to `max_waiting` of them are held, in memory and uncommitted, beyond it.
         """
         settings = self._settings
-        running = self.in_flight - self._handler.waiting
+        running = self.in_flight - self._admission.waiting
         held_at_most = settings.max_in_flight + settings.max_waiting
         return min(settings.max_in_flight - running, held_at_most - self.in_flight)
 
@@ -239,7 +242,7 @@ class Worker:
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         with self._metrics.in_flight():
-            await self._handler.handle(record)
+            await self._handler.handle(record, self._admission)
             # Only reached once the outcome (or dead letter) is acknowledged by the broker.
             self._tracker.done(tp, record.offset)
 
@@ -306,8 +309,7 @@ class Worker:
         log.info("partitions_revoked", partitions=_names(revoked), in_flight=len(mine))
         try:
             await self._settle(mine, self._settings.revoke_grace_seconds)
-            if self._consumer is not None:
-                await self._commit(self._consumer, only=revoked)
+            await self._commit(self._consumer, only=revoked)
         finally:
             # Whatever the commit did, the partitions are no longer ours: nothing of theirs may
             # go into a later commit, which would repeat what their next owner redoes.
@@ -324,7 +326,7 @@ class Worker:
         if assigned:  # more workers than partitions: this one gets none
             self._metrics.rebalanced("assigned", assigned)
             self._health.assigned(assigned)
-        if self._consumer is None or not assigned:
+        if not assigned:
             return
         # New partitions start unpaused, and the loop polls while this runs: paused until
         # ready (exactly_once: the earlier owner fenced, the position read after), and

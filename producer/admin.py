@@ -2,10 +2,10 @@
 
 import contextlib
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from producer.publisher import MAX_RECORD_BYTES
+from producer.kafka_clients import MAX_RECORD_BYTES, admin_client
 from producer.settings import ClientSettings
 
 
@@ -15,11 +15,7 @@ async def create_topics(settings: ClientSettings, partitions: int | None = None)
     Safe to run repeatedly: topics that already exist are left as they are.
     """
     kafka = settings.kafka
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=kafka.bootstrap_servers,
-        client_id=kafka.client_id,
-        **kafka.client_options(),
-    )
+    admin = admin_client(kafka)
     try:
         await admin.start()  # inside: a start that fails leaves a client to close
         existing = set(await admin.list_topics())

@@ -25,6 +25,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from producer.follow import assign_since
+from producer.kafka_clients import client_producer, follower_consumer
 from producer.settings import ClientSettings
 from producer.storage import Storage, make_storage, reference_key
 from schemas.codec import Codec, EventDecodeError
@@ -45,19 +46,22 @@ _DOWNLOAD_TIMEOUT: Final = httpx.Timeout(60.0, connect=10.0)
 
 
 class VoiceCloneClient:
-    """Sends clone requests and cancels, and follows their outcomes."""
+    """Sends clone requests and cancels, and follows their outcomes.
 
-    def __init__(self, settings: ClientSettings, storage: Storage | None = None) -> None:
+    `producer` sends them (not started: entering starts it); by default the client producer
+    of `producer.kafka_clients`.
+    """
+
+    def __init__(
+        self,
+        settings: ClientSettings,
+        storage: Storage | None = None,
+        producer: AIOKafkaProducer | None = None,
+    ) -> None:
         self._settings = settings
         self._codec: Codec = settings.make_codec()
         self._storage = storage
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka.bootstrap_servers,
-            **settings.kafka.client_options(),
-            client_id=f"{settings.kafka.client_id}-client",
-            acks="all",
-            enable_idempotence=True,
-        )
+        self._producer = producer if producer is not None else client_producer(settings.kafka)
 
     async def __aenter__(self) -> Self:
         try:
@@ -161,14 +165,7 @@ class VoiceCloneClient:
     ) -> AsyncIterator[AsyncIterator[Outcome]]:
         """Like `outcomes`, but positioned on entry: nothing published after entering is missed,
         even with `since` = now. `async with client.follow() as outcomes: async for ...`"""
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._settings.kafka.bootstrap_servers,
-            **self._settings.kafka.client_options(),
-            client_id=f"{self._settings.kafka.client_id}-watch",
-            group_id=None,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-        )
+        consumer = follower_consumer(self._settings.kafka)
         try:
             await consumer.start()  # inside: a start that fails leaves a consumer to stop
             topics = [self._settings.topics.audio_ready, self._settings.topics.failed]

@@ -20,13 +20,12 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
-from producer.reconnects import pace_reconnects
+from producer.kafka_clients import outcome_producer
 from producer.retry import BROKER_OUTAGE, SCHEMA_REGISTRY_OUTAGE, codec_outage, retry_while
 from producer.settings import KafkaSettings
 from schemas.codec import Codec
@@ -37,11 +36,6 @@ log = structlog.get_logger(__name__)
 
 # Kafka header values may be null (a dead letter copies its request's headers as they came).
 Headers = Sequence[tuple[str, bytes | None]]
-
-# aiokafka's default bound on one record, plus room for the dlq.* headers: a dead letter copies
-# a request record, which may itself be as large as an upstream producer's default allows.
-# The DLQ topic must allow it too (max.message.bytes; `voiceclone topics create` sets it).
-MAX_RECORD_BYTES = 1024 * 1024 + 64 * 1024
 
 
 def _ignore(_: object) -> None:
@@ -99,25 +93,6 @@ class DeadLetter:
             ("dlq.attempts", str(self.attempts).encode()),
             ("dlq.timestamp", str(int(time.time() * 1000)).encode()),
         ]
-
-
-def outcome_producer(kafka: KafkaSettings, **options: Any) -> AIOKafkaProducer:
-    """A producer for outcomes and dead letters (`options`: a transactional id)."""
-    producer = AIOKafkaProducer(
-        **options,
-        bootstrap_servers=kafka.bootstrap_servers,
-        **kafka.client_options(),
-        client_id=f"{kafka.client_id}-publisher",
-        acks="all",
-        enable_idempotence=True,
-        # Send at once: `publish` awaits the ack, so a linger adds to every request; sends made
-        # while a request is in flight still batch (bench latency p50 5.6 ms, 6.3-7.9 at 2).
-        linger_ms=0,
-        max_request_size=MAX_RECORD_BYTES,
-        **kafka.backoff_options(),
-    )
-    pace_reconnects(producer, kafka)
-    return producer
 
 
 async def enqueue(
@@ -196,7 +171,11 @@ class OutcomeSink:
 
 
 class OutcomePublisher(OutcomeSink):
-    """Sends outcome events and dead letters, retrying broker errors until acknowledged."""
+    """Sends outcome events and dead letters, retrying broker errors until acknowledged.
+
+    `producer` is the one to send with (not started: `start` starts it); by default the
+    worker's outcome producer (`producer.kafka_clients`) for `kafka`.
+    """
 
     def __init__(
         self,
@@ -206,10 +185,11 @@ class OutcomePublisher(OutcomeSink):
         retry_backoff_seconds: float = 0.5,
         hooks: PublisherHooks | None = None,
         ack_timeout_seconds: float = 10.0,
+        producer: AIOKafkaProducer | None = None,
     ) -> None:
         super().__init__(topics, codec, retry_backoff_seconds, hooks)
         self._ack_timeout = ack_timeout_seconds
-        self._producer = outcome_producer(kafka)
+        self._producer = producer if producer is not None else outcome_producer(kafka)
 
     async def start(self) -> None:
         await self._producer.start()

@@ -36,14 +36,13 @@ from aiokafka.errors import (
 )
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from producer.kafka_clients import MAX_RECORD_BYTES, outcome_producer
 from producer.publisher import (
-    MAX_RECORD_BYTES,
     OutcomeSink,
     PublisherHooks,
     RecordSource,
     enqueue,
     is_broker_outage,
-    outcome_producer,
 )
 from producer.settings import KafkaSettings
 from schemas.codec import Codec

@@ -1,8 +1,8 @@
 """How the record handler reads requests in the Schema Registry wire format, through a running
-worker on a real registry (Apicurio): twenty requests answered through registered schemas, an
-unknown language symbol resolved to the schema's default, and a registry outage (its process
-stopped) waited out rather than dead-lettered (the bytes are fine; only the schema lookup
-failed), whether it hits reading the request or publishing the outcome.
+worker (on Kafka in memory) on a real registry (Apicurio): twenty requests answered through
+registered schemas, an unknown language symbol resolved to the schema's default, and a
+registry outage (its process stopped) waited out rather than dead-lettered (the bytes are fine;
+only the schema lookup failed), whether it hits reading the request or publishing the outcome.
 
 The worker registers nothing (VOICECLONE_SCHEMA_REGISTRY_AUTO_REGISTER is off): each test
 registers the product's schemas for its topics first, as `voiceclone schemas register` does.
@@ -22,6 +22,7 @@ from schemas.codec import make_codec
 from schemas.compatibility import Compatibility
 from schemas.events import AudioReady, CloneFailed, ErrorCode, Language
 from schemas.registry import subject_for
+from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.registry import OwnRegistry
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
@@ -40,10 +41,10 @@ OUTAGE_S = 3.0
 
 
 async def registry_settings(
-    make_worker_settings: WorkerSettingsFactory, seed_server: SeedServer, url: str
+    make_memory_settings: WorkerSettingsFactory, seed_server: SeedServer, url: str
 ) -> WorkerSettings:
     """A worker in registry mode at `url`, its topics' schemas registered."""
-    settings = make_worker_settings(
+    settings = make_memory_settings(
         backend=BackendSettings(kind="http", http={"base_url": seed_server.url}),
         schema_registry_url=url,
     )
@@ -55,27 +56,27 @@ async def registry_settings(
 
 @pytest.fixture
 async def shared_settings(
-    make_worker_settings: WorkerSettingsFactory, seed_server: SeedServer, schema_registry_url: str
+    make_memory_settings: WorkerSettingsFactory, seed_server: SeedServer, schema_registry_url: str
 ) -> WorkerSettings:
-    return await registry_settings(make_worker_settings, seed_server, schema_registry_url)
+    return await registry_settings(make_memory_settings, seed_server, schema_registry_url)
 
 
 @pytest.fixture
 async def own_settings(
-    make_worker_settings: WorkerSettingsFactory, seed_server: SeedServer, own_registry: OwnRegistry
+    make_memory_settings: WorkerSettingsFactory, seed_server: SeedServer, own_registry: OwnRegistry
 ) -> WorkerSettings:
-    return await registry_settings(make_worker_settings, seed_server, own_registry.url)
+    return await registry_settings(make_memory_settings, seed_server, own_registry.url)
 
 
 async def test_twenty_requests_twenty_audio_ready_through_the_registry(
-    shared_settings: WorkerSettings, voice_uri: str
+    shared_settings: WorkerSettings, memory_kafka: MemoryKafka, voice_uri: str
 ) -> None:
     settings = shared_settings
     sent = [clone_request(voice_uri) for _ in range(20)]
     async with (
-        Requests(settings) as requests,
-        Outcomes(settings) as outcomes,  # registry-aware: it decodes by schema id
-        running_worker(settings),
+        Requests(settings, memory_kafka) as requests,
+        Outcomes(settings, memory_kafka) as outcomes,  # registry-aware: it decodes by schema id
+        running_worker(settings, memory_kafka),
     ):
         await requests.send(*sent)
         await outcomes.wait_for([request.request_id for request in sent], within_s=90)
@@ -86,7 +87,7 @@ async def test_twenty_requests_twenty_audio_ready_through_the_registry(
 
 
 async def test_a_language_added_after_this_worker_was_built_is_served_as_auto(
-    shared_settings: WorkerSettings, voice_uri: str
+    shared_settings: WorkerSettings, memory_kafka: MemoryKafka, voice_uri: str
 ) -> None:
     settings = shared_settings
     request = clone_request(voice_uri)
@@ -98,9 +99,9 @@ async def test_a_language_added_after_this_worker_was_built_is_served_as_auto(
     written = registry_record(schema_id, newer, record)
 
     async with (
-        Requests(settings) as requests,
-        Outcomes(settings) as outcomes,
-        running_worker(settings),
+        Requests(settings, memory_kafka) as requests,
+        Outcomes(settings, memory_kafka) as outcomes,
+        running_worker(settings, memory_kafka),
     ):
         await requests.send_raw(written.value, written.headers, key=b"newer")
         await outcomes.wait_for([request.request_id])
@@ -112,16 +113,19 @@ async def test_a_language_added_after_this_worker_was_built_is_served_as_auto(
 
 
 async def test_a_registry_outage_is_waited_out_not_dead_lettered(
-    own_settings: WorkerSettings, own_registry: OwnRegistry, voice_uri: str
+    own_settings: WorkerSettings,
+    memory_kafka: MemoryKafka,
+    own_registry: OwnRegistry,
+    voice_uri: str,
 ) -> None:
     settings = own_settings
     request = clone_request(voice_uri)
     written = await make_codec(own_registry.url).encode(settings.topics.requests, request)
 
     async with (
-        Requests(settings) as requests,
-        Outcomes(settings) as outcomes,
-        running_worker(settings),
+        Requests(settings, memory_kafka) as requests,
+        Outcomes(settings, memory_kafka) as outcomes,
+        running_worker(settings, memory_kafka),
     ):
         own_registry.stop()
         try:
@@ -139,6 +143,7 @@ async def test_a_registry_outage_is_waited_out_not_dead_lettered(
 
 async def test_a_registry_outage_while_publishing_the_outcome_is_waited_out(
     own_settings: WorkerSettings,
+    memory_kafka: MemoryKafka,
     own_registry: OwnRegistry,
     voice_uri: str,
     reference_root: Path,
@@ -149,9 +154,9 @@ async def test_a_registry_outage_while_publishing_the_outcome_is_waited_out(
     failing = clone_request((reference_root / "missing.wav").as_uri())
 
     async with (
-        Requests(settings) as requests,
-        Outcomes(settings) as outcomes,
-        running_worker(settings),
+        Requests(settings, memory_kafka) as requests,
+        Outcomes(settings, memory_kafka) as outcomes,
+        running_worker(settings, memory_kafka),
     ):
         await requests.send(first)  # the request schema is now known to the worker
         await outcomes.wait_for([first.request_id])

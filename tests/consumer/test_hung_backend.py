@@ -1,6 +1,6 @@
 """A backend call that never answers: abandoned at the request's deadline (EXPIRED), the call
 cancelled (the server sees its client go), the slot freed; other requests keep flowing meanwhile
-on the worker's other slot."""
+on the worker's other slot. Kafka in memory: the broker adds nothing here."""
 
 import asyncio
 import time
@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from consumer.backends import BackendSettings
 from schemas.events import AudioReady, CloneFailed, ErrorCode
+from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
@@ -24,10 +25,13 @@ SLOW_S = 1.0  # the calls that show both slots free again
 
 
 async def test_a_hung_call_expires_at_the_deadline_and_frees_its_slot(
-    make_worker_settings: WorkerSettingsFactory, seed_server: SeedServer, voice_uri: str
+    make_memory_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
+    seed_server: SeedServer,
+    voice_uri: str,
 ) -> None:
     backend = BackendSettings(kind="http", http={"base_url": seed_server.url})
-    settings = make_worker_settings(backend=backend, max_in_flight=2)
+    settings = make_memory_settings(backend=backend, max_in_flight=2)
     seed_server.hang_text, seed_server.delay_seconds = HANG, 0.05
     deadline = datetime.now(UTC) + timedelta(seconds=DEADLINE_S)
     hung = clone_request(voice_uri, text=HANG, deadline=deadline)
@@ -35,9 +39,9 @@ async def test_a_hung_call_expires_at_the_deadline_and_frees_its_slot(
     slow = [clone_request(voice_uri) for _ in range(2)]
 
     async with (
-        Requests(settings) as requests,
-        Outcomes(settings) as outcomes,
-        running_worker(settings),
+        Requests(settings, memory_kafka) as requests,
+        Outcomes(settings, memory_kafka) as outcomes,
+        running_worker(settings, memory_kafka),
     ):
         await requests.send(hung)
         await asyncio.wait_for(seed_server.entered.wait(), 30)

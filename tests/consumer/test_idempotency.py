@@ -1,6 +1,6 @@
 """A redelivered request is described again from its stored audio, not regenerated; the same
 ids with other content are regenerated. On a local directory and on S3 (MinIO), through the
-pipeline and through the worker on the real broker."""
+pipeline and through a running worker (on Kafka in memory)."""
 
 import asyncio
 from datetime import UTC, datetime, timedelta
@@ -20,6 +20,7 @@ from schemas.events import (
     ModelName,
 )
 from tests.consumer.test_pipeline import MakePipeline, make_pipeline  # noqa: F401 (fixture)
+from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
@@ -196,7 +197,8 @@ def test_the_fingerprint_ignores_what_does_not(change: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("kind", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 async def test_a_request_sent_twice_gets_two_identical_outcomes_and_one_backend_call(
-    make_worker_settings: WorkerSettingsFactory,
+    make_memory_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
     seed_server: SeedServer,
     voice_uri: str,
     request: pytest.FixtureRequest,
@@ -205,15 +207,15 @@ async def test_a_request_sent_twice_gets_two_identical_outcomes_and_one_backend_
     overrides: dict[str, Any] = {}
     if kind == "s3":
         overrides["storage"] = request.getfixturevalue("s3_storage_settings")
-    settings = make_worker_settings(
+    settings = make_memory_settings(
         backend=BackendSettings(kind="http", http={"base_url": seed_server.url}), **overrides
     )
     sent = clone_request(voice_uri)
 
     async with (
-        Requests(settings) as requests,
-        Outcomes(settings) as outcomes,
-        running_worker(settings),
+        Requests(settings, memory_kafka) as requests,
+        Outcomes(settings, memory_kafka) as outcomes,
+        running_worker(settings, memory_kafka),
     ):
         await requests.send(sent, sent)  # same key, same partition: one after the other
         await outcomes.wait_for_repeats(sent.request_id, 2)

@@ -14,6 +14,7 @@ from consumer.offsets import OffsetTracker
 from consumer.pipeline import StageClock
 from consumer.reference import ReferenceAudio, ReferenceSettings
 from schemas.events import CloneRequest
+from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.model import synthetic_voice, wav_bytes
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
@@ -80,11 +81,12 @@ def references(root: Path) -> list[str]:
 
 
 async def test_no_request_state_outlives_its_request(
-    make_worker_settings: WorkerSettingsFactory,
+    make_memory_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
     seed_server: SeedServer,
     reference_root: Path,
 ) -> None:
-    settings = make_worker_settings(
+    settings = make_memory_settings(
         backend=BackendSettings(kind="http", http={"base_url": seed_server.url}),
         reference=ReferenceSettings(
             allowed_schemes=["file"], file_root=reference_root, cache_entries=CACHED
@@ -98,9 +100,9 @@ async def test_no_request_state_outlives_its_request(
     ids = []
 
     async with (
-        Requests(settings) as requests,
-        Outcomes(settings) as outcomes,
-        running_worker(settings),
+        Requests(settings, memory_kafka) as requests,
+        Outcomes(settings, memory_kafka) as outcomes,
+        running_worker(settings, memory_kafka),
     ):
         await requests.send(warmup)
         await outcomes.wait_for([warmup.request_id])

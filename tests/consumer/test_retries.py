@@ -1,8 +1,8 @@
 """Transient failures are retried in the stage that failed, bounded; the rest fail at once.
 
 Real parts throughout: a seed-contract HTTP service and a reference host that fail on demand,
-MinIO behind a proxy that answers 503 on demand, and the worker on the real broker for the
-clone-failed event's attempts and the dead letter's headers.
+MinIO behind a proxy that answers 503 on demand, and a running worker (on Kafka in memory) for
+the clone-failed event's attempts and the dead letter's headers.
 """
 
 import contextlib
@@ -29,6 +29,7 @@ from consumer.reference import ReferenceFetcher, ReferenceSettings
 from consumer.settings import LimitSettings, RetrySettings
 from producer.storage import LocalStorage, S3Storage, Storage
 from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode
+from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
@@ -278,11 +279,12 @@ async def test_a_storage_outage_is_retried(
 
 
 async def test_the_worker_reports_attempts_and_dead_letters_with_every_header(
-    make_worker_settings: WorkerSettingsFactory,
+    make_memory_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
     seed_server: SeedServer,
     reference_root: Path,
 ) -> None:
-    settings = make_worker_settings(
+    settings = make_memory_settings(
         backend=BackendSettings(kind="http", http={"base_url": seed_server.url}), retry=FAST
     )
     seed_server.respond_with = (BUSY, {"detail": "overloaded"})
@@ -292,9 +294,9 @@ async def test_the_worker_reports_attempts_and_dead_letters_with_every_header(
     before_ms = int(time.time() * 1000)
 
     async with (
-        Requests(settings) as requests,
-        Outcomes(settings) as outcomes,
-        running_worker(settings),
+        Requests(settings, memory_kafka) as requests,
+        Outcomes(settings, memory_kafka) as outcomes,
+        running_worker(settings, memory_kafka),
     ):
         await requests.send(request)
         await requests.send_raw(garbage, headers, key=b"garbage-key")

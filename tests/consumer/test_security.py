@@ -1,13 +1,14 @@
 """SSRF end to end: requests whose reference URI points inside the network get clone-failed
 REFERENCE_AUDIO_UNAVAILABLE, and no connection is ever made to what they point at.
 
-The worker runs with the production default `allow_private_networks=False`. Its reference
-fetcher is the real one; only its way out is replaced (`SimulatedNetwork`): a simulated public
-host answers from a table, loopback goes to the real network, where two listeners (127.0.0.1
-and ::1) serve valid audio and count every connection, so a guard that let a URI through would
-both succeed and be counted; any other address is refused without leaving the machine. Name
-resolution is the system's, limited to numeric forms and `localhost`, plus a few made-up names
-(`LocalDns`): no DNS query leaves the machine either.
+The worker runs (on Kafka in memory) with the production default
+`allow_private_networks=False`. Its reference fetcher is the real one; only its way out is
+replaced (`SimulatedNetwork`): a simulated public host answers from a table, loopback goes to
+the real network, where two listeners (127.0.0.1 and ::1) serve valid audio and count every
+connection, so a guard that let a URI through would both succeed and be counted; any other
+address is refused without leaving the machine. Name resolution is the system's, limited to
+numeric forms and `localhost`, plus a few made-up names (`LocalDns`): no DNS query leaves the
+machine either.
 
 Unit-level coverage of each rule is in test_reference.py; this proves the worker applies them.
 """
@@ -29,6 +30,7 @@ from consumer.backends import BackendSettings
 from consumer.reference import ReferenceFetcher, ReferenceSettings
 from consumer.settings import WorkerSettings
 from schemas.events import AudioReady, CloneFailed, ErrorCode
+from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
@@ -179,13 +181,13 @@ async def test_the_listeners_would_see_and_serve_a_connection_that_got_through(
 
 @pytest.fixture
 def worker_settings(
-    make_worker_settings: WorkerSettingsFactory,
+    make_memory_settings: WorkerSettingsFactory,
     seed_server: SeedServer,
     reference_root: Path,
 ) -> WorkerSettings:
     """The http backend on the seed server; references as in production (no private
     networks), with plain http and file:// allowed so that more URIs reach the checks."""
-    return make_worker_settings(
+    return make_memory_settings(
         backend=BackendSettings(kind="http", http={"base_url": seed_server.url}),
         reference=ReferenceSettings(
             allowed_schemes=["http", "https", "file"], file_root=reference_root
@@ -249,6 +251,7 @@ def simulated_network(wav: bytes, v4: Listener, v6: Listener, root: Path) -> Sim
 
 async def test_references_pointing_inside_fail_without_a_connection(
     worker_settings: WorkerSettings,
+    memory_kafka: MemoryKafka,
     loopback: tuple[Listener, Listener],
     reference_root: Path,
     outside_root: Path,
@@ -283,9 +286,9 @@ async def test_references_pointing_inside_fail_without_a_connection(
     requests_by_name = internal | public
 
     async with (
-        Requests(worker_settings) as requests,
-        Outcomes(worker_settings) as outcomes,
-        running_worker(worker_settings),
+        Requests(worker_settings, memory_kafka) as requests,
+        Outcomes(worker_settings, memory_kafka) as outcomes,
+        running_worker(worker_settings, memory_kafka),
     ):
         await requests.send(*requests_by_name.values())
         await outcomes.wait_for(r.request_id for r in requests_by_name.values())

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from consumer.app import _guarantee
+from consumer.app import _ClientsFromSettings, _guarantee
 from consumer.settings import ProcessingGuarantee, WorkerSettings
 from producer.publisher import PublisherHooks
 from producer.settings import LogFormat, LogLevel, SaslMechanism, SecurityProtocol
@@ -66,7 +66,9 @@ def test_the_old_per_worker_transactional_id_is_ignored_out_loud(
     monkeypatch.setenv("VOICECLONE_TRANSACTIONAL_ID", "worker-0")
     settings = WorkerSettings()
     with capture_logs() as logs:
-        _guarantee(settings, settings.make_codec(), PublisherHooks())
+        _guarantee(
+            settings, settings.make_codec(), PublisherHooks(), _ClientsFromSettings(settings)
+        )
     assert settings.effective_transactional_id_prefix() == settings.group_id
     (warning,) = [e for e in logs if e["event"] == "setting_ignored"]
     assert warning["setting"] == "transactional_id"

@@ -15,6 +15,7 @@ from consumer.settings import RetrySettings
 from producer.client import download_audio
 from producer.storage import StorageSettings
 from schemas.events import AudioReady, CloneFailed, ErrorCode
+from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.s3 import OwnS3
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
@@ -48,14 +49,15 @@ def s3_settings(own_s3: OwnS3) -> StorageSettings:
 
 
 async def test_an_object_store_outage_is_waited_out_or_failed_after_the_budget(
-    make_worker_settings: WorkerSettingsFactory,
+    make_memory_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
     seed_server: SeedServer,
     own_s3: OwnS3,
     voice_uri: str,
     unused_tcp_port: int,
     tmp_path: Path,
 ) -> None:
-    settings = make_worker_settings(
+    settings = make_memory_settings(
         backend=BackendSettings(kind="http", http={"base_url": seed_server.url}),
         storage=s3_settings(own_s3),
         retry=RETRY,
@@ -68,9 +70,9 @@ async def test_an_object_store_outage_is_waited_out_or_failed_after_the_budget(
 
     with capture_logs() as logs:
         async with (
-            Requests(settings) as requests,
-            Outcomes(settings) as outcomes,
-            running_worker(settings),
+            Requests(settings, memory_kafka) as requests,
+            Outcomes(settings, memory_kafka) as outcomes,
+            running_worker(settings, memory_kafka),
         ):
             await requests.send(*batch)
             await outcomes.wait_for(ids[:4])  # under load

@@ -1,7 +1,8 @@
 """One tenant cannot starve the others: at most `max_in_flight_per_tenant` of its requests run
-at once, the rest wait without holding a worker slot. The semaphores by key alone, the
-pipeline, and the worker on the real broker with a seed-contract service that counts how many
-calls of each tenant it serves at once."""
+at once, the rest wait without holding a worker slot (up to what the worker may hold). The
+semaphores by key alone, the pipeline within the loop's admission, and a running worker (on
+Kafka in memory) with a seed-contract service that counts how many calls of each tenant it
+serves at once."""
 
 import asyncio
 from collections import Counter
@@ -12,14 +13,17 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
+from consumer.admission import TenantAdmission
 from consumer.backends import BackendSettings
 from consumer.concurrency import KeyedSemaphores
 from consumer.errors import CloneError
 from schemas.events import AudioReady, CloneRequest, ErrorCode
 from tests.consumer.test_pipeline import MakePipeline, make_pipeline, storage  # noqa: F401
 from tests.consumer.test_retries import serving
-from tests.consumer.test_worker import assert_all_committed
+from tests.consumer.test_worker import assert_all_committed_in
+from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
@@ -115,7 +119,7 @@ async def test_a_waiter_that_times_out_or_is_cancelled_takes_no_place() -> None:
     await asyncio.wait_for(gate.acquire("a"), 1)  # free again
 
 
-# -- the pipeline -----------------------------------------------------------------------------
+# -- the pipeline, within the loop's admission ----------------------------------------------------
 
 
 @pytest.fixture
@@ -132,24 +136,25 @@ async def test_a_tenant_at_its_limit_waits_while_another_tenant_goes_ahead(
     counting: CountingSeed,
     voice: str,
 ) -> None:
-    pipeline = make_pipeline(max_in_flight_per_tenant=1)
+    pipeline = make_pipeline()
+    admission = TenantAdmission(limit=1)
     counting.delay_seconds = 0.5
     finished: list[str] = []  # names, in the order they finished
 
     async def run(request: CloneRequest, name: str) -> None:
-        await pipeline.process(request)
+        await pipeline.process(request, admission)
         finished.append(name)
 
     flood = [asyncio.create_task(run(of("a", voice), f"a{i}")) for i in range(3)]
     await asyncio.sleep(0.1)
-    assert pipeline.waiting == 2
+    assert admission.waiting == 2
     await run(of("b", voice), "b")
     await asyncio.gather(*flood)
 
     assert finished.index("b") < finished.index("a1")  # not behind a's backlog
     assert finished[-2:] == ["a1", "a2"]
     assert counting.most == Counter({"a": 1, "b": 1})
-    assert pipeline.waiting == 0
+    assert admission.waiting == 0
 
 
 async def test_a_request_whose_deadline_passes_while_waiting_expires_without_a_backend_call(
@@ -157,14 +162,15 @@ async def test_a_request_whose_deadline_passes_while_waiting_expires_without_a_b
     counting: CountingSeed,
     voice: str,
 ) -> None:
-    pipeline = make_pipeline(max_in_flight_per_tenant=1)
+    pipeline = make_pipeline()
+    admission = TenantAdmission(limit=1)
     counting.delay_seconds = 1.0
-    first = asyncio.create_task(pipeline.process(of("a", voice)))
+    first = asyncio.create_task(pipeline.process(of("a", voice), admission))
     await asyncio.sleep(0.1)
     hurried = of("a", voice, deadline=datetime.now(UTC) + timedelta(seconds=0.3))
 
     with pytest.raises(CloneError) as raised:
-        await pipeline.process(hurried)
+        await pipeline.process(hurried, admission)
 
     assert raised.value.code == ErrorCode.EXPIRED
     assert raised.value.message == "the request's deadline passed"
@@ -172,13 +178,16 @@ async def test_a_request_whose_deadline_passes_while_waiting_expires_without_a_b
     assert len(counting.requests) == 1
 
 
-# -- the worker -------------------------------------------------------------------------------
+# -- the worker, its consume loop admitting -------------------------------------------------------
 
 
 async def test_a_flooding_tenant_does_not_hold_back_another_tenants_request(
-    make_worker_settings: WorkerSettingsFactory, counting: CountingSeed, voice: str
+    make_memory_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
+    counting: CountingSeed,
+    voice: str,
 ) -> None:
-    settings = make_worker_settings(
+    settings = make_memory_settings(
         backend=BackendSettings(kind="http", http={"base_url": counting.url}),
         max_in_flight=2,
         max_waiting=16,
@@ -189,9 +198,9 @@ async def test_a_flooding_tenant_does_not_hold_back_another_tenants_request(
     other = of("b", voice)
 
     async with (
-        Requests(settings) as requests,
-        Outcomes(settings) as outcomes,
-        running_worker(settings),
+        Requests(settings, memory_kafka) as requests,
+        Outcomes(settings, memory_kafka) as outcomes,
+        running_worker(settings, memory_kafka),
     ):
         await requests.send(*flood)
         await requests.send(other)
@@ -204,4 +213,37 @@ async def test_a_flooding_tenant_does_not_hold_back_another_tenants_request(
     assert published_before_b <= 1
     assert counting.most == Counter({"a": 1, "b": 1})
     assert all(isinstance(outcomes.first(r.request_id), AudioReady) for r in [*flood, other])
-    await assert_all_committed(settings)
+    assert_all_committed_in(memory_kafka, settings)
+
+
+async def test_a_backlog_of_one_tenant_holds_at_most_max_in_flight_plus_max_waiting_records(
+    make_memory_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
+    counting: CountingSeed,
+    voice: str,
+) -> None:
+    settings = make_memory_settings(
+        backend=BackendSettings(kind="http", http={"base_url": counting.url}),
+        max_in_flight=2,
+        max_waiting=3,
+        limits={"max_in_flight_per_tenant": 1},
+    )
+    counting.delay_seconds = 0.2
+    flood = [of("a", voice) for _ in range(10)]
+
+    with capture_logs() as logs:
+        async with (
+            Requests(settings, memory_kafka) as requests,
+            Outcomes(settings, memory_kafka) as outcomes,
+            running_worker(settings, memory_kafka),
+        ):
+            await requests.send(*flood, partition=0)
+            await outcomes.wait_for([r.request_id for r in flood], within_s=60)
+
+    # Its waiting records take no slot, so the worker fetches past them, up to the bound on
+    # what it holds; then it pauses until one of them finishes.
+    held = [entry["in_flight"] for entry in logs if entry["event"] == "record_started"]
+    assert max(held) == settings.max_in_flight + settings.max_waiting
+    assert counting.most == Counter({"a": 1})
+    assert all(isinstance(outcomes.first(r.request_id), AudioReady) for r in flood)
+    assert_all_committed_in(memory_kafka, settings)

@@ -1,7 +1,7 @@
-"""Tracing through a running worker against the real broker: on, each request gets a span that
-continues the trace its headers name, a child span per stage, ids and codes as attributes but
-never the text, and its outcome's `traceparent` names that span; off, no span is made and the
-outcome carries the request's own trace headers."""
+"""Tracing through a running worker (on Kafka in memory: the record headers are what matters):
+on, each request gets a span that continues the trace its headers name, a child span per
+stage, ids and codes as attributes but never the text, and its outcome's `traceparent` names
+that span; off, no span is made and the outcome carries the request's own trace headers."""
 
 from collections.abc import Iterator, Sequence
 
@@ -16,6 +16,7 @@ from consumer.backends import BackendSettings
 from consumer.settings import WorkerSettings
 from consumer.tracing import REQUEST_SPAN
 from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode
+from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
@@ -53,21 +54,21 @@ def exported() -> Iterator[InMemorySpanExporter]:
 
 @pytest.fixture
 def http_settings(
-    make_worker_settings: WorkerSettingsFactory,
+    make_memory_settings: WorkerSettingsFactory,
     seed_server: SeedServer,
 ) -> WorkerSettingsFactory:
     def make(**overrides: object) -> WorkerSettings:
         backend = BackendSettings(kind="http", http={"base_url": seed_server.url})
-        return make_worker_settings(backend=backend, **overrides)
+        return make_memory_settings(backend=backend, **overrides)
 
     return make
 
 
-async def run(settings: WorkerSettings, *requests: CloneRequest) -> Outcomes:
+async def run(settings: WorkerSettings, kafka: MemoryKafka, *requests: CloneRequest) -> Outcomes:
     async with (
-        Requests(settings) as sender,
-        Outcomes(settings) as outcomes,
-        running_worker(settings),
+        Requests(settings, kafka) as sender,
+        Outcomes(settings, kafka) as outcomes,
+        running_worker(settings, kafka),
     ):
         await sender.send(*requests, headers=INCOMING)
         await outcomes.wait_for([request.request_id for request in requests])
@@ -95,11 +96,14 @@ def traceparent_of(span: ReadableSpan) -> bytes:
 
 
 async def test_a_traced_request_continues_the_incoming_trace_stage_by_stage(
-    http_settings: WorkerSettingsFactory, voice_uri: str, exported: InMemorySpanExporter
+    http_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
+    voice_uri: str,
+    exported: InMemorySpanExporter,
 ) -> None:
     served = clone_request(voice_uri, text=TEXT)
     unreachable = clone_request(voice_uri.replace("voice.wav", "missing.wav"), text=TEXT)
-    outcomes = await run(http_settings(tracing_enabled=True), served, unreachable)
+    outcomes = await run(http_settings(tracing_enabled=True), memory_kafka, served, unreachable)
     spans = exported.get_finished_spans()
 
     ready = request_span(spans, served.request_id)
@@ -140,10 +144,13 @@ async def test_a_traced_request_continues_the_incoming_trace_stage_by_stage(
 
 
 async def test_untraced_requests_make_no_spans_and_pass_their_trace_headers_on(
-    http_settings: WorkerSettingsFactory, voice_uri: str, exported: InMemorySpanExporter
+    http_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
+    voice_uri: str,
+    exported: InMemorySpanExporter,
 ) -> None:
     request = clone_request(voice_uri)
-    outcomes = await run(http_settings(), request)
+    outcomes = await run(http_settings(), memory_kafka, request)
 
     assert isinstance(outcomes.first(request.request_id), AudioReady)
     assert exported.get_finished_spans() == ()

@@ -1,7 +1,9 @@
-"""The worker end to end on the real broker, with the http backend against a seed-contract server.
+"""The worker end to end, with the http backend against a seed-contract server.
 
 Bad input, cancellation, backpressure and rebalancing; `serve()` runs in-process as a task and
-every test ends by cancelling it, which must drain cleanly.
+every test ends by cancelling it, which must drain cleanly. On Kafka in memory where the broker
+adds nothing (bad input, cancels, draining); on the real broker for what only it does: the
+group's membership and rebalances, a record it refuses, aiokafka's own state.
 """
 
 import asyncio
@@ -24,6 +26,7 @@ from consumer.settings import LimitSettings, WorkerSettings
 from schemas.codec import SchemalessForm, make_codec
 from schemas.events import AudioReady, CloneFailed, ErrorCode
 from schemas.topics import Topics
+from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
@@ -53,6 +56,20 @@ def http_settings(
     return make
 
 
+@pytest.fixture
+def memory_http_settings(
+    make_memory_settings: WorkerSettingsFactory,
+    seed_server: SeedServer,
+) -> WorkerSettingsFactory:
+    """As `http_settings`, for a worker on Kafka in memory."""
+
+    def make(**overrides: Any) -> WorkerSettings:
+        backend = BackendSettings(kind="http", http={"base_url": seed_server.url})
+        return make_memory_settings(backend=backend, **overrides)
+
+    return make
+
+
 async def assert_all_committed(settings: WorkerSettings) -> None:
     lag = await group_lag(
         settings.kafka.bootstrap_servers, settings.group_id, settings.topics.requests
@@ -60,10 +77,18 @@ async def assert_all_committed(settings: WorkerSettings) -> None:
     assert set(lag.values()) == {0}, lag
 
 
+def assert_all_committed_in(kafka: MemoryKafka, settings: WorkerSettings) -> None:
+    lag = kafka.lag(settings.group_id, settings.topics.requests)
+    assert set(lag.values()) == {0}, lag
+
+
 async def test_bad_input_gets_its_outcome_or_dead_letter_and_the_worker_goes_on(
-    http_settings: WorkerSettingsFactory, voice_uri: str, reference_root: Path
+    memory_http_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
+    voice_uri: str,
+    reference_root: Path,
 ) -> None:
-    settings = http_settings(limits=LimitSettings(max_text_chars=5_000))
+    settings = memory_http_settings(limits=LimitSettings(max_text_chars=5_000))
     expected = {
         ErrorCode.TEXT_TOO_LONG: clone_request(voice_uri, text="a" * 1_000_000),
         ErrorCode.EXPIRED: clone_request(
@@ -94,9 +119,9 @@ async def test_bad_input_gets_its_outcome_or_dead_letter_and_the_worker_goes_on(
 
     with capture_logs() as logs:
         async with (
-            Requests(settings) as requests,
-            Outcomes(settings) as outcomes,
-            running_worker(settings),
+            Requests(settings, memory_kafka) as requests,
+            Outcomes(settings, memory_kafka) as outcomes,
+            running_worker(settings, memory_kafka),
         ):
             for value, headers, _ in dead:
                 await requests.send_raw(value, headers, key=b"bad")
@@ -144,22 +169,23 @@ async def test_bad_input_gets_its_outcome_or_dead_letter_and_the_worker_goes_on(
     missing = expected[ErrorCode.REFERENCE_AUDIO_UNAVAILABLE].request_id
     assert list(published[missing]["stage_ms"]) == ["fetch_reference"]
     assert published[expected[ErrorCode.EXPIRED].request_id]["stage_ms"] == {}
-    await assert_all_committed(settings)
+    assert_all_committed_in(memory_kafka, settings)
 
 
 async def test_cancel_stops_an_in_flight_and_a_queued_request(
-    http_settings: WorkerSettingsFactory,
+    memory_http_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
     seed_server: SeedServer,
     voice_uri: str,
 ) -> None:
-    settings = http_settings(max_in_flight=1)
+    settings = memory_http_settings(max_in_flight=1)
     seed_server.delay_seconds = 60  # the first request holds the only slot until cancelled
     in_flight, queued, after = (clone_request(voice_uri) for _ in range(3))
 
     async with (
-        Requests(settings) as requests,
-        Outcomes(settings) as outcomes,
-        running_worker(settings),
+        Requests(settings, memory_kafka) as requests,
+        Outcomes(settings, memory_kafka) as outcomes,
+        running_worker(settings, memory_kafka),
     ):
         await requests.send(in_flight)
         await asyncio.wait_for(seed_server.entered.wait(), 30)
@@ -180,7 +206,7 @@ async def test_cancel_stops_an_in_flight_and_a_queued_request(
     assert isinstance(outcomes.first(after.request_id), AudioReady)
     # The queued request never reached the backend.
     assert len(seed_server.requests) == 2
-    await assert_all_committed(settings)
+    assert_all_committed_in(memory_kafka, settings)
 
 
 async def test_in_flight_stays_bounded_and_long_jobs_keep_the_member_in_its_group(
@@ -258,6 +284,40 @@ async def test_a_joining_worker_gets_partitions_after_the_first_commits_its_fini
     await assert_all_committed(settings)
 
 
+async def test_a_revocation_finishes_and_commits_the_revoked_work_before_handing_it_over(
+    memory_http_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
+    seed_server: SeedServer,
+    voice_uri: str,
+) -> None:
+    settings = memory_http_settings(max_in_flight=4)
+    seed_server.delay_seconds = 1.0
+    batch = [clone_request(voice_uri) for _ in range(6)]  # two in each partition
+    partitions = memory_kafka.partitions(settings.topics.requests)
+
+    async with (
+        Requests(settings, memory_kafka) as requests,
+        Outcomes(settings, memory_kafka) as outcomes,
+        running_worker(settings, memory_kafka),
+    ):
+        for tp in partitions:
+            await requests.send(
+                *batch[2 * tp.partition : 2 * tp.partition + 2], partition=tp.partition
+            )
+        await wait_for_backend_calls(seed_server, settings.max_in_flight)  # the first two's
+        member = memory_kafka.member(settings.group_id)
+        # Eager, as aiokafka's: every partition is revoked, then the last one alone assigned.
+        await member.rebalance(partitions[-1:])
+        committed_at_handover = dict(memory_kafka.committed[settings.group_id])
+        await outcomes.wait_for([r.request_id for r in batch])
+
+    assert committed_at_handover == {partitions[0]: 2, partitions[1]: 2}
+    assert all(isinstance(outcomes.first(r.request_id), AudioReady) for r in batch)
+    assert outcomes.duplicates() == {}
+    assert len(seed_server.requests) == len(batch)
+    assert_all_committed_in(memory_kafka, settings)
+
+
 async def wait_for_backend_calls(server: SeedServer, count: int, within_s: float = 30.0) -> None:
     async with asyncio.timeout(within_s):
         while len(server.requests) < count:
@@ -266,20 +326,23 @@ async def wait_for_backend_calls(server: SeedServer, count: int, within_s: float
 
 
 async def test_a_cancel_sent_before_the_worker_started_still_wins(
-    http_settings: WorkerSettingsFactory,
+    memory_http_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
     seed_server: SeedServer,
     voice_uri: str,
 ) -> None:
-    settings = http_settings()
+    settings = memory_http_settings()
     request = clone_request(voice_uri)
 
     async with (
-        Requests(settings) as requests,
-        Outcomes(settings) as outcomes,
+        Requests(settings, memory_kafka) as requests,
+        Outcomes(settings, memory_kafka) as outcomes,
     ):
         await requests.cancel(request)
         await requests.send(request)
-        async with running_worker(settings):  # ready: the cancel topic has been read back
+        async with running_worker(
+            settings, memory_kafka
+        ):  # ready: the cancel topic has been read back
             await outcomes.wait_for([request.request_id])
 
     failed = outcomes.first(request.request_id)
@@ -336,20 +399,21 @@ async def small_messages_topic(bootstrap: str, max_bytes: int) -> AsyncIterator[
 
 
 async def test_cancelling_serve_finishes_in_flight_work_and_restores_signal_handling(
-    http_settings: WorkerSettingsFactory,
+    memory_http_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
     seed_server: SeedServer,
     voice_uri: str,
 ) -> None:
-    settings = http_settings()
+    settings = memory_http_settings()
     seed_server.delay_seconds = 1.0
     request = clone_request(voice_uri)
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
 
     async with (
-        Requests(settings) as requests,
-        Outcomes(settings) as outcomes,
+        Requests(settings, memory_kafka) as requests,
+        Outcomes(settings, memory_kafka) as outcomes,
     ):
-        async with running_worker(settings):  # leaving it cancels serve()
+        async with running_worker(settings, memory_kafka):  # leaving it cancels serve()
             await requests.send(request)
             await wait_for_backend_calls(seed_server, 1)
         # The drain let the call finish: its outcome was published before serve() returned.
@@ -357,16 +421,17 @@ async def test_cancelling_serve_finishes_in_flight_work_and_restores_signal_hand
 
     assert isinstance(outcomes.first(request.request_id), AudioReady)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
-    await assert_all_committed(settings)
+    assert_all_committed_in(memory_kafka, settings)
 
 
 async def test_requests_with_unsafe_ids_are_answered_invalid_not_dead_lettered(
-    http_settings: WorkerSettingsFactory,
+    memory_http_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
     seed_server: SeedServer,
     voice_uri: str,
     tmp_path: Path,
 ) -> None:
-    settings = http_settings()
+    settings = memory_http_settings()
     unsafe = [
         clone_request(voice_uri, request_id="../../escaped"),
         clone_request(voice_uri, tenant_id="../other-tenant"),
@@ -376,9 +441,9 @@ async def test_requests_with_unsafe_ids_are_answered_invalid_not_dead_lettered(
 
     with capture_logs() as logs:
         async with (
-            Requests(settings) as requests,
-            Outcomes(settings) as outcomes,
-            running_worker(settings),
+            Requests(settings, memory_kafka) as requests,
+            Outcomes(settings, memory_kafka) as outcomes,
+            running_worker(settings, memory_kafka),
         ):
             await requests.send(*unsafe)
             await outcomes.wait_for([r.request_id for r in unsafe])
@@ -392,7 +457,7 @@ async def test_requests_with_unsafe_ids_are_answered_invalid_not_dead_lettered(
     assert seed_server.requests == []
     assert written_files(tmp_path) == []
     assert all("\n" not in str(entry.get("request_id", "")) for entry in logs)
-    await assert_all_committed(settings)
+    assert_all_committed_in(memory_kafka, settings)
 
 
 def written_files(root: Path) -> list[Path]:

@@ -12,7 +12,7 @@ transaction open for as long as the test wants, which no broker can be made to d
 """
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -59,8 +59,7 @@ class HeldTransactions:
 
 
 class IdleHandler:
-    def when_waiting(self, callback: Callable[[], None]) -> None:
-        pass
+    """Never given a record: the test calls the commits itself."""
 
 
 async def test_a_revocation_waits_for_the_loops_transaction_then_lets_go_of_its_partitions() -> (
@@ -68,9 +67,8 @@ async def test_a_revocation_waits_for_the_loops_transaction_then_lets_go_of_its_
 ):
     transactions = HeldTransactions()
     handler = cast(Any, IdleHandler())
-    worker = Worker(WorkerSettings(), handler, commits=transactions)
     consumer = cast(AIOKafkaConsumer, SimpleNamespace())  # the stand-in never looks at it
-    worker._consumer = consumer
+    worker = Worker(WorkerSettings(), consumer, handler, commits=transactions)
     for tp in (REVOKED, KEPT):
         worker._tracker.track(tp, 0)
         worker._tracker.done(tp, 0)

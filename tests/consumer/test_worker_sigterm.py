@@ -27,9 +27,9 @@ SHUTDOWN_GRACE_S = 10
 
 
 def test_settings_env_configures_the_same_settings(
-    make_worker_settings: WorkerSettingsFactory, monkeypatch: pytest.MonkeyPatch
+    make_memory_settings: WorkerSettingsFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = make_worker_settings(backend=BackendSettings(kind="http"), max_in_flight=3)
+    settings = make_memory_settings(backend=BackendSettings(kind="http"), max_in_flight=3)
     for name, value in settings_env(settings).items():
         monkeypatch.setenv(name, value)
 

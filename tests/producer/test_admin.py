@@ -7,7 +7,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from producer.admin import create_topics
-from producer.publisher import MAX_RECORD_BYTES
+from producer.kafka_clients import MAX_RECORD_BYTES
 from producer.settings import ClientSettings, KafkaSettings
 from schemas.topics import Topics
 

@@ -1,4 +1,5 @@
-"""The client library against a real broker: sending, waiting, following, downloading."""
+"""The client library against a real broker: sending, waiting, following, downloading; what it
+sends, on Kafka in memory."""
 
 import asyncio
 import gc
@@ -12,17 +13,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
 from producer.client import DownloadError, VoiceCloneClient, download_audio
-from producer.follow import assign_since
 from producer.settings import ClientSettings, KafkaSettings
 from schemas.codec import make_codec
 from schemas.events import AudioReady, CloneRequest
 from schemas.topics import Topics
+from tests.fixtures.memory_kafka import MemoryKafka
 from tests.producer.outcomes import client_settings, clone_failed, publish, stored_audio_ready
 
 AUDIO = b"RIFF" + bytes(range(256)) * 8
@@ -44,34 +46,21 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-async def read_requests(settings: ClientSettings, count: int) -> list[CloneRequest]:
-    """The first `count` clone requests on the requests topic, decoded."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None)
-    await consumer.start()
-    try:
-        await assign_since(consumer, [settings.topics.requests], _EPOCH)
-        found: list[CloneRequest] = []
-        async with asyncio.timeout(15):
-            async for record in consumer:
-                event = await make_codec().decode(record.topic, record.value, record.headers)
-                assert isinstance(event, CloneRequest)
-                found.append(event)
-                if len(found) == count:
-                    return found
-    finally:
-        await consumer.stop()
-    raise AssertionError("unreachable")  # pragma: no cover
+async def test_a_uri_reference_is_sent_as_given_without_uploading(tmp_path: Path) -> None:
+    kafka = MemoryKafka()  # what is sent is the point here, not the broker
+    settings = client_settings("in-memory", kafka.create_worker_topics(), tmp_path / "storage")
+    producer = cast(AIOKafkaProducer, kafka.producer())
 
+    async with VoiceCloneClient(settings, producer=producer) as client:
+        request_id = await client.request(
+            "Hello.", "s3://voices/anna.wav", reference_text="Hi.", request_id="r-1"
+        )
 
-async def test_a_uri_reference_is_sent_as_given_without_uploading(
-    client: VoiceCloneClient, settings: ClientSettings, tmp_path: Path
-) -> None:
-    request_id = await client.request(
-        "Hello.", "s3://voices/anna.wav", reference_text="Hi.", request_id="r-1"
-    )
-
-    (sent,) = await read_requests(settings, 1)
+    (record,) = kafka.records(settings.topics.requests)
+    sent = await make_codec().decode(record.topic, record.value, record.headers)
+    assert isinstance(sent, CloneRequest)
     assert request_id == sent.request_id == "r-1"
+    assert record.key == b"r-1"
     assert sent.voice.reference_audio_uri == "s3://voices/anna.wav"
     assert sent.voice.reference_audio_sha256 is None
     assert not (tmp_path / "storage").exists()  # nothing was uploaded

@@ -1,17 +1,22 @@
-"""Dead letters on the real broker: the original record, byte for byte, with why it failed."""
+"""Dead letters on the real broker: the original record, byte for byte, with why it failed.
+Sends the broker fails, on Kafka in memory: retried until acknowledged, and reported."""
 
 import time
 from datetime import UTC, datetime
+from typing import cast
 
 import pytest
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from producer.follow import assign_since
-from producer.publisher import DeadLetter, OutcomePublisher
+from producer.publisher import DeadLetter, OutcomePublisher, PublisherHooks
+from producer.retry import BROKER_OUTAGE
 from producer.settings import KafkaSettings
 from schemas.codec import EventDecodeError, make_codec
 from schemas.topics import Topics
 from tests.fixtures.kafka import TopicFactory
+from tests.fixtures.memory_kafka import MemoryKafka
+from tests.schemas.samples import full_audio_ready
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -65,3 +70,32 @@ async def test_a_dead_letter_keeps_the_record_and_says_why(
         "dlq.timestamp": added["dlq.timestamp"],
     }
     assert before_ms <= int(added["dlq.timestamp"]) <= int(time.time() * 1000)
+
+
+async def test_sends_the_broker_fails_are_retried_until_acknowledged_and_reported() -> None:
+    kafka = MemoryKafka()
+    topics = kafka.create_worker_topics()
+    producer = kafka.producer()
+    retried: list[str] = []
+    connected: list[bool] = []
+    hooks = PublisherHooks(retried=retried.append, connected=connected.append)
+    publisher = OutcomePublisher(
+        KafkaSettings(),
+        topics,
+        make_codec(),
+        retry_backoff_seconds=0.01,
+        hooks=hooks,
+        producer=cast(AIOKafkaProducer, producer),
+    )
+    event = full_audio_ready()
+    await publisher.start()
+    producer.fail_next(2)
+
+    await publisher.publish(event)
+    await publisher.stop()
+
+    (record,) = kafka.records(topics.audio_ready)
+    assert record.key == event.request_id.encode()
+    assert retried == [BROKER_OUTAGE, BROKER_OUTAGE]
+    assert connected == [True, False, False, True, False]  # started, down twice, back, stopped
+    assert (producer.started, producer.stopped) == (True, True)
