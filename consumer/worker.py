@@ -33,6 +33,11 @@ from consumer.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
+# How often the loop tries again to make ready partitions whose readying failed (exactly_once:
+# their transaction coordinator did not answer): without it they would wait, unread, for the
+# next rebalance, which a group with one member may never have.
+_READY_RETRY_SECONDS = 5.0
+
 
 class Worker:
     """Runs clone requests from the requests topic until `stop()` is called.
@@ -79,6 +84,10 @@ class Worker:
         # loop's. A partition's transaction cannot begin while another is open, and the revoked
         # partitions' offsets must be in before the next owner reads them.
         self._committing = asyncio.Lock()
+        # One change of the partitions' readiness at a time: the listener's (assigned, revoked)
+        # and the loop's retries of those that failed to become ready.
+        self._readying = asyncio.Lock()
+        self._ready_retry_at = 0.0  # time.monotonic() when the loop next retries them
 
     @property
     def in_flight(self) -> int:
@@ -140,6 +149,7 @@ class Worker:
                 for record in records:
                     self._start(record)
             await self._commit_if_due(consumer)
+            await self._retry_not_ready()
             if until_idle and not batch and await self._idle(consumer):
                 log.info("worker_idle")
                 return
@@ -316,31 +326,48 @@ class Worker:
             self._tracker.forget(revoked)
             self._unreadable -= revoked
             self._not_ready -= revoked
-            await self._commits.revoked(revoked)
+            async with self._readying:  # not while the loop is making them ready
+                await self._commits.revoked(revoked)
             # Last, so a lag measured while the revoked work finished is not left behind.
             self._metrics.rebalanced("revoked", revoked)
             self._health.revoked(revoked)
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("partitions_assigned", partitions=_names(assigned))
-        if assigned:  # more workers than partitions: this one gets none
-            self._metrics.rebalanced("assigned", assigned)
-            self._health.assigned(assigned)
-        if not assigned:
+        if not assigned:  # more workers than partitions: this one gets none
             return
+        self._metrics.rebalanced("assigned", assigned)
+        self._health.assigned(assigned)
         # New partitions start unpaused, and the loop polls while this runs: paused until
         # ready (exactly_once: the earlier owner fenced, the position read after), and
         # resumed by the loop once there is room.
         self._consumer.pause(*assigned)
         self._not_ready |= assigned
-        try:
-            await self._commits.assigned(self._consumer, assigned)
-        except Exception:
-            # Left unread rather than read unfenced: their lag shows it, and the next
-            # rebalance tries again.
-            log.exception("partitions_not_ready", partitions=_names(assigned))
-            return
-        self._not_ready -= assigned
+        await self._make_ready(assigned)
+
+    async def _make_ready(self, partitions: set[TopicPartition]) -> None:
+        """Make assigned partitions ready to read (`Commits.assigned`); on failure they stay
+        paused, and the loop tries again every `_READY_RETRY_SECONDS`."""
+        async with self._readying:
+            partitions = partitions & self._not_ready  # those revoked meanwhile are not ours
+            if not partitions:
+                return
+            try:
+                await self._commits.assigned(self._consumer, partitions)
+            except Exception:
+                # Left unread rather than read unfenced: their lag shows it meanwhile.
+                log.exception(
+                    "partitions_not_ready",
+                    partitions=_names(partitions),
+                    retry_in_seconds=_READY_RETRY_SECONDS,
+                )
+                self._ready_retry_at = time.monotonic() + _READY_RETRY_SECONDS
+                return
+            self._not_ready -= partitions
+
+    async def _retry_not_ready(self) -> None:
+        if self._not_ready and time.monotonic() >= self._ready_retry_at:
+            await self._make_ready(set(self._not_ready))
 
 
 class _Rebalances(ConsumerRebalanceListener):

@@ -5,9 +5,12 @@ itself, never while a request is still running. In memory; the command on the br
 import asyncio
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from consumer import worker as worker_module
 from consumer.app import serve
 from consumer.backends import BackendSettings
+from consumer.commits import PlainCommits
 from consumer.settings import WorkerSettings
 from schemas.events import AudioReady
 from tests.fixtures.memory_kafka import MemoryKafka
@@ -88,3 +91,38 @@ async def test_the_command_exits_0_once_the_requests_sent_before_are_answered(
         settings.kafka.bootstrap_servers, settings.group_id, settings.topics.requests
     )
     assert set(lag.values()) == {0}, lag
+
+
+async def test_partitions_that_fail_to_become_ready_are_tried_again_not_left_unread(
+    make_memory_settings: WorkerSettingsFactory,
+    memory_kafka: MemoryKafka,
+    seed_server: SeedServer,
+    voice_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As when exactly_once's transaction coordinator does not answer at assignment: the
+    # partitions stay paused; a group with one member has no next rebalance to try again.
+    failures = [RuntimeError("coordinator not available")]
+    assigned = PlainCommits.assigned
+
+    async def flaky(
+        self: PlainCommits, consumer: AIOKafkaConsumer, partitions: set[TopicPartition]
+    ) -> None:
+        if failures:
+            raise failures.pop()
+        await assigned(self, consumer, partitions)
+
+    monkeypatch.setattr(PlainCommits, "assigned", flaky)
+    monkeypatch.setattr(worker_module, "_READY_RETRY_SECONDS", 0.2)
+    settings = make_memory_settings(backend=http_backend(seed_server))
+    batch = [clone_request(voice_uri) for _ in range(3)]
+    async with Requests(settings, memory_kafka) as requests:
+        for partition in range(3):
+            await requests.send(batch[partition], partition=partition)
+
+    await run_until_idle(settings, memory_kafka)
+
+    assert failures == []
+    async with Outcomes(settings, memory_kafka) as outcomes:
+        await outcomes.read_to_end()
+    assert all(isinstance(outcomes.first(r.request_id), AudioReady) for r in batch)
