@@ -14,7 +14,6 @@ import select
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
@@ -36,6 +35,7 @@ from producer.client import Outcome, VoiceCloneClient, download_audio, is_uri
 from producer.settings import ClientSettings
 from schemas.compatibility import Compatibility
 from schemas.events import AudioFormat, AudioReady, CloneFailed, Language, ModelName
+from schemas.vocabulary import ModelSize
 
 if TYPE_CHECKING:  # loaded by the commands that use it: the worker never needs it
     from schemas import contracts
@@ -54,12 +54,6 @@ app.add_typer(schemas_app, name="schemas")
 log = structlog.get_logger(__name__)
 
 
-class ModelSize(StrEnum):
-    LARGE = "1.7B"
-    SMALL = "0.6B"
-
-
-_MODELS_BY_SIZE: Final = {ModelSize(model.size): model for model in ModelName}
 _OUTCOME_NAMES: Final = {AudioReady: "audio-ready", CloneFailed: "clone-failed"}
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _CLOCK_SKEW: Final = timedelta(minutes=5)
@@ -162,7 +156,7 @@ def request(
             "voice_id": voice_id,
             "tenant_id": tenant,
             "language": language,
-            "model": _MODELS_BY_SIZE[model],
+            "model": ModelName.of_size(model),
             "output_format": output_format,
             "deadline": _after(deadline_seconds),
             "metadata": dict(parse_pair(pair) for pair in metadata or []),

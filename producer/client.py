@@ -40,6 +40,7 @@ from schemas.events import (
     ModelName,
     VoiceReference,
 )
+from schemas.vocabulary import DEFAULT_MODEL
 
 Outcome = AudioReady | CloneFailed
 _DOWNLOAD_TIMEOUT: Final = httpx.Timeout(60.0, connect=10.0)
@@ -94,7 +95,7 @@ class VoiceCloneClient:
         voice_id: str | None = None,
         tenant_id: str = "default",
         language: Language = Language.AUTO,
-        model: ModelName = ModelName.QWEN3_TTS_12HZ_1_7B_BASE,
+        model: ModelName = DEFAULT_MODEL,
         output_format: AudioFormat = AudioFormat.WAV,
         generation: GenerationRecord | None = None,
         deadline: datetime | None = None,
