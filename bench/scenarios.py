@@ -320,8 +320,8 @@ async def _send_and_wait(
 
 async def _outcomes(env: Env, topics: Topics, keys: set[bytes], timings: bool) -> dict[str, Any]:
     """How many failed; with `timings`, how long the worker's pipeline took per request, from
-    its audio-ready events (`timings.total_ms`: validate to stored, so neither decoding nor
-    publishing nor the Kafka hops)."""
+    its audio-ready events (`timings.total_ms` less `queue_ms`: validate to stored, so neither
+    decoding nor publishing nor the Kafka hops)."""
     async with TopicReader(env.bootstrap) as reader:
         found: dict[str, Any] = {"failed": await reader.count(topics.failed)}
         records = await reader.records(topics.audio_ready) if timings else []
@@ -330,7 +330,7 @@ async def _outcomes(env: Env, topics: Topics, keys: set[bytes], timings: bool) -
         if record.key in keys:
             event = await env.codec.decode(record.topic, record.value, record.headers)
             assert isinstance(event, AudioReady)
-            pipeline_ms.append(float(event.timings.total_ms))
+            pipeline_ms.append(float(event.timings.total_ms - event.timings.queue_ms))
     if pipeline_ms:
         found["pipeline_p50_ms"] = percentile(pipeline_ms, 50)
         found["pipeline_p99_ms"] = percentile(pipeline_ms, 99)

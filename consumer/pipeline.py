@@ -78,7 +78,6 @@ class StageClock:
     model: str
     metrics: Metrics
     ms: dict[Stage, int]
-    started: float = field(default_factory=time.perf_counter)
 
     @contextmanager
     def stage(self, name: Stage) -> Iterator[None]:
@@ -90,9 +89,6 @@ class StageClock:
             seconds = time.perf_counter() - begin
             self.ms[name] = round(seconds * 1000)
             self.metrics.observe_stage(name, self.model, seconds)
-
-    def total_ms(self) -> int:
-        return round((time.perf_counter() - self.started) * 1000)
 
 
 @dataclass(frozen=True)
@@ -319,7 +315,7 @@ class Pipeline:
         clock: StageClock,
         received: datetime,
     ) -> AudioReady:
-        queue_ms = max(0, round((received - request.created_at).total_seconds() * 1000))
+        completed_at = datetime.now(UTC)
         stored, facts = output.stored, output.facts
         return AudioReady(
             request_id=request.request_id,
@@ -338,18 +334,24 @@ class Pipeline:
             language=request.language,
             cold_start=output.cold_start,
             timings=AudioTimings(
-                queue_ms=queue_ms,
+                queue_ms=_ms_between(request.created_at, received),
                 # Stages skipped (the audio already existed) took no time.
                 reference_fetch_ms=clock.ms.get("fetch_reference", 0),
                 inference_ms=clock.ms.get("inference", 0),
                 encode_ms=clock.ms.get("encode", 0),
                 upload_ms=clock.ms.get("upload", 0),
-                total_ms=clock.total_ms(),
+                total_ms=_ms_between(request.created_at, completed_at),
             ),
             url_expires_at=stored.url_expires_at,
-            completed_at=datetime.now(UTC),
+            completed_at=completed_at,
             metadata=request.metadata,
         )
+
+
+def _ms_between(start: datetime, end: datetime) -> int:
+    """Milliseconds from `start` (the request's created_at, the producer's clock) to `end`
+    (ours); never negative, whatever the skew between the two clocks."""
+    return max(0, round((end - start).total_seconds() * 1000))
 
 
 def transcode(data: bytes, wanted: AudioFormat) -> bytes:

@@ -262,3 +262,20 @@ async def test_audio_over_the_size_limit_is_refused_before_transcoding_or_storin
     assert code_of(raised) == (ErrorCode.INFERENCE_FAILED, False)
     assert f"{decoded} bytes decoded" in raised.value.message
     assert encoded.facts.sample_rate == 24_000
+
+
+async def test_total_ms_runs_from_the_requests_created_at_as_its_schema_says(
+    pipeline: Pipeline, voice_uri: str
+) -> None:
+    # audio_ready.avsc: total_ms is "From created_at of the request until completed_at".
+    request = clone_request(voice_uri).model_copy(
+        update={"created_at": datetime.now(UTC) - timedelta(seconds=3)}
+    )
+
+    ready = await pipeline.process(request)
+
+    timings = ready.timings
+    assert timings.queue_ms >= 3000
+    assert timings.total_ms >= timings.queue_ms + timings.inference_ms + timings.upload_ms
+    elapsed = (ready.completed_at - request.created_at).total_seconds() * 1000
+    assert abs(timings.total_ms - elapsed) <= 5
