@@ -165,7 +165,7 @@ class OutcomeSink:
         topic: str,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes | None]],
+        headers: Headers,
     ) -> None:
         raise NotImplementedError
 
@@ -206,7 +206,7 @@ class OutcomePublisher(OutcomeSink):
         topic: str,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes]],
+        headers: Headers,
     ) -> None:
         """At least once: each record is sent on its own and acknowledged before we return."""
         await self._send(topic, key, value, headers)

@@ -38,6 +38,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from producer.kafka_clients import MAX_RECORD_BYTES, outcome_producer
 from producer.publisher import (
+    Headers,
     OutcomeSink,
     PublisherHooks,
     RecordSource,
@@ -72,7 +73,7 @@ class _Staged:
     topic: str
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes | None]]
+    headers: Headers
 
 
 class TransactionalPublisher(OutcomeSink):
@@ -140,12 +141,12 @@ class TransactionalPublisher(OutcomeSink):
         topic: str,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes | None]],
+        headers: Headers,
     ) -> None:
         if source is None:
             raise ValueError("a transactional outcome needs the request record it answers")
         # Refused now, so the caller dead-letters it, rather than failing every commit after.
-        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers))
         if size > MAX_RECORD_BYTES:
             raise MessageSizeTooLargeError(f"{size} bytes for {topic}, at most {MAX_RECORD_BYTES}")
         tp = TopicPartition(source.topic, source.partition)
