@@ -12,6 +12,7 @@ batched beside other calls' codes differs from one alone in the last bits of its
 stock loop serves one call at a time.
 """
 
+import functools
 import hashlib
 import logging
 import math
@@ -44,6 +45,7 @@ from modal_app.fastgen import FastTalker, GenerationStopped, LoopStats, RowOptio
 from modal_app.languages import SUPPORTED_LANGUAGES, normalize_language
 from modal_app.params import GenerationParams
 from modal_app.prompt_cache import PromptCache
+from modal_app.reference_context import generate_voice_clone
 from modal_app.text import chunk_text
 
 __all__ = [  # the engine's public API, in one import
@@ -87,6 +89,8 @@ class Engine:
     ) -> None:
         self._tts = tts
         tts.processor = _SerializedProcessor(tts.processor)
+        # Decodes only the reference's last frames before a call's own (in ICL mode).
+        tts.generate_voice_clone = functools.partial(generate_voice_clone, tts)
         cache_decode_masks(tts)
         self.model_name = model_name
         self.attn_implementation = attn_implementation
