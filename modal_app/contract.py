@@ -78,6 +78,8 @@ class CloneOutput:
     prompt_cache_hit: bool
     chunks: int
     waveform: np.ndarray = field(repr=False)  # float32 mono, before encoding
+    # A chunk ran to its frame cap (the model never said its end token): the audio ends there.
+    capped: bool = False
 
     @property
     def content_type(self) -> str:

@@ -258,7 +258,7 @@ class Engine:
         transcript = (request.reference_text or "").strip() or None
         started = time.perf_counter()
         prompt, cache_hit = self._prompt(request.reference_audio, transcript)
-        parts = self._synthesize(texts, languages, prompt, request.params, calls)
+        parts, capped = self._synthesize(texts, languages, prompt, request.params, calls)
         inference_seconds = time.perf_counter() - started
         fade = self.options.crossfade_seconds
         items = [
@@ -268,8 +268,9 @@ class Engine:
                 audio_format,
                 inference_seconds,
                 cache_hit,
+                capped=index in capped,
             )
-            for chunks in parts
+            for index, chunks in enumerate(parts)
         ]
         return BatchCloneOutput(
             items=items, inference_seconds=inference_seconds, prompt_cache_hit=cache_hit
@@ -326,16 +327,18 @@ class Engine:
         prompt: VoiceClonePromptItem,
         params: GenerationParams,
         calls: "_Callbacks | None" = None,
-    ) -> list[list[np.ndarray]]:
-        """Each text's chunk waveforms. All chunks of all texts share batches, as few as the
-        per-batch limit allows, so a long text costs about as much time as its longest chunk.
-        Chunk i of a seeded call is seeded from (seed, i), so it repeats on its own."""
+    ) -> tuple[list[list[np.ndarray]], set[int]]:
+        """Each text's chunk waveforms, and the texts of which a chunk was cut at its frame cap
+        (fast loop). All chunks of all texts share batches, as few as the per-batch limit
+        allows, so a long text costs about as much time as its longest chunk. Chunk i of a
+        seeded call is seeded from (seed, i), so it repeats on its own."""
         jobs = [
             (index, chunk, language)
             for index, (text, language) in enumerate(zip(texts, languages, strict=True))
             for chunk in chunk_text(text, self.options.chunk_chars)
         ]
         parts: list[list[np.ndarray]] = [[] for _ in texts]
+        capped: set[int] = set()  # added to on the loop's thread, read after the call
         step = self.options.max_chunks_per_batch
         with self._one_call_if_stock(params):
             for start in range(0, len(jobs), step):
@@ -345,10 +348,14 @@ class Engine:
                 seeds = [_chunk_seed(params.seed, start + i) for i in range(len(group))]
                 if start and calls is not None:  # the first frames come from the first group
                     calls = calls._replace(first_frames=None)
-                waves = self._generate(chunks, languages, prompt, params, seeds, calls)
-                for (index, _, _), wave in zip(group, waves, strict=True):
+                texts_of_rows = [index for index, _, _ in group]
+                waves = self._generate(
+                    chunks, languages, prompt, params, seeds, calls,
+                    capped=lambda row, rows=texts_of_rows: capped.add(rows[row]),
+                )  # fmt: skip
+                for index, wave in zip(texts_of_rows, waves, strict=True):
                     parts[index].append(wave)
-        return parts
+        return parts, capped
 
     @contextmanager
     def _one_call_if_stock(self, params: GenerationParams) -> Iterator[None]:
@@ -369,10 +376,13 @@ class Engine:
         params: GenerationParams,
         seeds: list[int | None] | None = None,
         calls: "_Callbacks | None" = None,
+        capped: Callable[[int], None] | None = None,
     ) -> list[np.ndarray]:
+        """The chunks' waveforms; `capped` is told the index of each chunk cut at its cap."""
         caps = [self.frame_cap(chunk) for chunk in chunks]
         stop, first_frames = calls or _Callbacks(None, None)
-        with _generation_errors(), row_options(RowOptions(seeds, caps, stop, first_frames)):
+        options = RowOptions(seeds, caps, stop, first_frames, capped)
+        with _generation_errors(), row_options(options):
             waves, sample_rate = self._tts.generate_voice_clone(
                 text=chunks,
                 language=languages,
@@ -544,6 +554,8 @@ def _clone_output(
     audio_format: AudioFormat,
     inference_seconds: float,
     cache_hit: bool,
+    *,
+    capped: bool,
 ) -> CloneOutput:
     return CloneOutput(
         audio=encode_audio(waveform, MODEL_SAMPLE_RATE, audio_format),
@@ -554,4 +566,5 @@ def _clone_output(
         prompt_cache_hit=cache_hit,
         chunks=chunks,
         waveform=waveform,
+        capped=capped,
     )

@@ -36,6 +36,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -165,12 +166,14 @@ class RowOptions:
     """What a caller adds to the stock arguments, per row of its call: a seed (None: a random
     one), a frame cap (None: only `max_new_tokens` limits the row); and for the call, `stop`,
     polled between frames, which returns why the caller no longer wants its rows (or None to
-    go on), and `first_frames`, called (on the loop's thread) when its first frames are done."""
+    go on), `first_frames`, called (on the loop's thread) when its first frames are done, and
+    `capped`, called (there too) with the index of each row cut at its frame cap."""
 
     seeds: Sequence[int | None] | None = None
     frame_caps: Sequence[int | None] | None = None
     stop: Callable[[], str | None] | None = None
     first_frames: Callable[[], None] | None = None
+    capped: Callable[[int], None] | None = None
 
 
 _ROW_OPTIONS: ContextVar[RowOptions | None] = ContextVar("fastgen_row_options", default=None)
@@ -446,6 +449,7 @@ class _Call:
 
     stop: Callable[[], str | None] | None
     first_frames: Callable[[], None] | None = None
+    capped: Callable[[int], None] | None = None
     rows: list["_Row"] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -659,7 +663,7 @@ class FastTalker:
             raise ValueError(f"options give {len(seeds)} seeds and {len(caps)} caps for {rows}")
         if text.shape[1] >= _MAX_TEXT:
             raise ValueError(f"a row's text has {text.shape[1]} tokens; the limit is {_MAX_TEXT}")
-        call = _Call(stop=options.stop, first_frames=options.first_frames)
+        call = _Call(stop=options.stop, first_frames=options.first_frames, capped=options.capped)
         for index in range(rows):
             prompt = embeds[index][mask[index].bool()]
             room = self.max_positions - prompt.shape[0] - 1
@@ -816,6 +820,8 @@ class FastTalker:
                 if row.capped and row.length == row.limit:
                     self.stats.rows_capped += 1
                     logger.warning("A row never ended; cut at its cap of %d frames", row.limit)
+                    if row.call.capped is not None:
+                        _callback(partial(row.call.capped, row.call.rows.index(row)))
                 row.call.row_ended()
         self._compact()
 

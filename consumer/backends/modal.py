@@ -9,7 +9,7 @@ The remote contract (`Qwen3TTSService.clone`, written to match):
     clone(text, language, reference_audio: bytes, reference_text: str | None,
           output_format, generation: dict | None, request_id) -> dict with
     audio (bytes), format, content_type, sample_rate, duration_seconds, cold_start,
-    model_load_seconds, container_id, inference_seconds.
+    model_load_seconds, container_id, inference_seconds, capped.
 """
 
 import asyncio
@@ -255,6 +255,7 @@ def result_from_output(output: object) -> CloneResult:
             model_load_seconds=_optional(output.get("model_load_seconds"), float),
             container_id=_optional(output.get("container_id"), str),
             inference_seconds=_optional(output.get("inference_seconds"), float),
+            capped=_optional(output.get("capped"), bool),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise GenerationFailed(f"the Modal service broke its result contract: {exc!r}") from exc
