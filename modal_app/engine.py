@@ -39,6 +39,7 @@ from modal_app.contract import (
     EngineOptions,
     VoiceRequest,
 )
+from modal_app.decode_activations import cache_snake_parameters
 from modal_app.decode_masks import cache_decode_masks
 from modal_app.errors import EngineError, GenerationFailed, InvalidInput, RequestStopped
 from modal_app.fastgen import FastTalker, GenerationStopped, LoopStats, RowOptions, row_options
@@ -92,6 +93,7 @@ class Engine:
         # Decodes only the reference's last frames before a call's own (in ICL mode).
         tts.generate_voice_clone = functools.partial(generate_voice_clone, tts)
         cache_decode_masks(tts)
+        cache_snake_parameters(tts)
         self.model_name = model_name
         self.attn_implementation = attn_implementation
         self.options = options
