@@ -18,17 +18,15 @@ import torch
 from qwen_tts import Qwen3TTSModel
 from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import SnakeBeta
 
+from modal_app.reference_context import speech_codec
+
 __all__ = ["cache_snake_parameters"]
 
 
 def cache_snake_parameters(tts: Qwen3TTSModel) -> int:
     """Give every SnakeBeta of the speech tokenizer the cached forward; how many there are
     (0 for tokenizers without them)."""
-    snakes = [
-        module
-        for module in tts.model.speech_tokenizer.model.modules()
-        if isinstance(module, SnakeBeta)
-    ]
+    snakes = [module for module in speech_codec(tts).modules() if isinstance(module, SnakeBeta)]
     for snake in snakes:
         snake.forward = types.MethodType(_forward, snake)
     return len(snakes)

@@ -46,7 +46,7 @@ from modal_app.fastgen import FastTalker, GenerationStopped, LoopStats, RowOptio
 from modal_app.languages import SUPPORTED_LANGUAGES, normalize_language
 from modal_app.params import GenerationParams
 from modal_app.prompt_cache import PromptCache
-from modal_app.reference_context import generate_voice_clone
+from modal_app.reference_context import generate_voice_clone, speech_codec, speech_tokenizer
 from modal_app.text import chunk_text
 
 __all__ = [  # the engine's public API, in one import
@@ -91,7 +91,8 @@ class Engine:
         self._tts = tts
         tts.processor = _SerializedProcessor(tts.processor)
         # Decodes only the reference's last frames before a call's own (in ICL mode).
-        tts.generate_voice_clone = functools.partial(generate_voice_clone, tts)
+        # (Instance attributes that shadow the class's methods, on purpose.)
+        tts.generate_voice_clone = functools.partial(generate_voice_clone, tts)  # pyright: ignore[reportAttributeAccessIssue]
         cache_decode_masks(tts)
         cache_snake_parameters(tts)
         self.model_name = model_name
@@ -109,7 +110,7 @@ class Engine:
                 compile_steps=options.compile_steps,
             )
             # Installed for the engine's life: the loop takes any number of threads' calls.
-            tts.model.talker.generate = self._fast.generate_like_stock
+            tts.model.talker.generate = self._fast.generate_like_stock  # pyright: ignore[reportAttributeAccessIssue]
         # The stock loop seeds torch's global generator and runs one call at a time.
         self._stock_lock = threading.Lock()
 
@@ -179,10 +180,11 @@ class Engine:
         target = torch.device(device)
         torch_dtype = pick_dtype(str(target), dtype)
         with self._stock_lock:
-            speech_tokenizer = self._tts.model.speech_tokenizer
-            self._tts.model.to(device=target, dtype=torch_dtype)
-            speech_tokenizer.model.to(device=target, dtype=torch_dtype)
-            speech_tokenizer.device = target
+            tokenizer = speech_tokenizer(self._tts)
+            # transformers wraps `to` so that its stub reads as the unbound `Module.to`.
+            self._tts.model.to(device=target, dtype=torch_dtype)  # pyright: ignore[reportCallIssue]
+            speech_codec(self._tts).to(device=target, dtype=torch_dtype)
+            tokenizer.device = target  # pyright: ignore[reportAttributeAccessIssue]  # declared None only
             self._tts.device = target
             _keep_rotary_frequencies_float32(self._tts.model)
             self._prompts.clear()
@@ -384,12 +386,13 @@ class Engine:
         caps = [self.frame_cap(chunk) for chunk in chunks]
         stop, first_frames = calls or _Callbacks(None, None)
         options = RowOptions(seeds, caps, stop, first_frames, capped)
+        sampling: dict[str, Any] = params.sampling_kwargs()
         with _generation_errors(), row_options(options):
             waves, sample_rate = self._tts.generate_voice_clone(
                 text=chunks,
                 language=languages,
                 voice_clone_prompt=[prompt] * len(chunks),
-                **params.sampling_kwargs(),
+                **sampling,
             )
         if sample_rate != MODEL_SAMPLE_RATE:
             raise GenerationFailed(
@@ -507,8 +510,9 @@ def _keep_rotary_frequencies_float32(model: torch.nn.Module) -> None:
     with (kept as `original_inv_freq`)."""
     for module in model.modules():
         original = getattr(module, "original_inv_freq", None)
-        if isinstance(original, torch.Tensor) and hasattr(module, "inv_freq"):
-            module.inv_freq = original.to(device=module.inv_freq.device, dtype=torch.float32)
+        current = getattr(module, "inv_freq", None)
+        if isinstance(original, torch.Tensor) and isinstance(current, torch.Tensor):
+            module.inv_freq = original.to(device=current.device, dtype=torch.float32)
 
 
 def _digest(reference: bytes | DecodedAudio) -> str:
@@ -538,7 +542,7 @@ def _pad_with_end_token(tts: Qwen3TTSModel) -> None:
     """Transformers warns on every call when the talker has no pad token and then pads with the
     end token; qwen-tts cuts each sequence at that token anyway, so set it and skip the noise."""
     generation_config = tts.model.talker.generation_config
-    if generation_config.pad_token_id is None:
+    if generation_config is not None and generation_config.pad_token_id is None:
         generation_config.pad_token_id = tts.model.config.talker_config.codec_eos_token_id
 
 

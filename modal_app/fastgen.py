@@ -41,6 +41,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from qwen_tts.core.models.modeling_qwen3_tts import (
+    Qwen3TTSTalkerCodePredictorModel,
+    Qwen3TTSTalkerForConditionalGeneration,
+    Qwen3TTSTalkerModel,
+)
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -338,7 +343,13 @@ class _Workspace:
     positions each. Steps work on the first `b` rows (the current batch bucket); rows past the
     live ones are idle: finished, frozen at position 0."""
 
-    def __init__(self, talker: nn.Module, rows: int, positions: int, text_len: int) -> None:
+    def __init__(
+        self,
+        talker: Qwen3TTSTalkerForConditionalGeneration,
+        rows: int,
+        positions: int,
+        text_len: int,
+    ) -> None:
         config = talker.config
         cp_config = config.code_predictor_config
         param = next(talker.parameters())
@@ -377,8 +388,11 @@ class _Workspace:
         self.bias = per_row(vocab, dtype=torch.float32)
         self.do_sample = per_row(dtype=torch.bool)
         self.sub_do_sample = per_row(dtype=torch.bool)
-        for name in ("temperature", "top_p", "penalty", "sub_temperature", "sub_top_p"):
-            setattr(self, name, per_row(dtype=torch.float32))
+        self.temperature = per_row(dtype=torch.float32)
+        self.top_p = per_row(dtype=torch.float32)
+        self.penalty = per_row(dtype=torch.float32)
+        self.sub_temperature = per_row(dtype=torch.float32)
+        self.sub_top_p = per_row(dtype=torch.float32)
         self.top_k = per_row()
         self.sub_top_k = per_row()
         self.seed_lo = per_row()
@@ -431,6 +445,11 @@ class _Workspace:
         self.sub_top_p[slot] = sampling.subtalker_top_p
         self.seed_lo[slot] = row.seed & _M32
         self.seed_hi[slot] = row.seed >> 32
+
+
+# The two step functions: (workspace, batch bucket, wide) and (..., attention length, wide).
+_PredictStep = Callable[[_Workspace, int, bool], None]
+_TalkStep = Callable[[_Workspace, int, int, bool], None]
 
 
 def _bias_vector(sampling: TalkerSampling, vocab: int) -> torch.Tensor:
@@ -524,7 +543,7 @@ class FastTalker:
 
     def __init__(
         self,
-        talker: nn.Module,
+        talker: Qwen3TTSTalkerForConditionalGeneration,
         *,
         max_rows: int = 16,
         max_positions: int = 2048,
@@ -559,9 +578,12 @@ class FastTalker:
     def _allocate(self) -> None:
         self._workspace = _Workspace(self.talker, self.max_rows, self.max_positions, _MAX_TEXT)
         self._graphs.clear()
-        self._steps = (self._predict_codes, self._talker_step)
+        self._steps: tuple[_PredictStep, _TalkStep] = (self._predict_codes, self._talker_step)
         if self._compile and self._workspace.token.is_cuda:
-            self._steps = tuple(torch.compile(step, dynamic=False) for step in self._steps)
+            self._steps = (
+                torch.compile(self._predict_codes, dynamic=False),
+                torch.compile(self._talker_step, dynamic=False),
+            )
 
     @property
     def graphs_enabled(self) -> bool:
@@ -573,7 +595,7 @@ class FastTalker:
         after the model moved). Calls in flight fail."""
         with self._device:
             self._fail_everything(GenerationStopped("the generation loop was reset"))
-            self._workspace = None  # type: ignore[assignment]  # free it before the new one
+            del self._workspace  # freed before the new one is allocated
             self._allocate()
 
     @torch.inference_mode()
@@ -601,7 +623,8 @@ class FastTalker:
     def installed(self) -> Iterator[None]:
         """Within: the talker's `generate` is this loop (qwen-tts calls it from its own
         generate methods, on any number of threads)."""
-        self.talker.generate = self.generate_like_stock
+        # An instance attribute shadows the class's method on purpose (and `del` restores it).
+        self.talker.generate = self.generate_like_stock  # pyright: ignore[reportAttributeAccessIssue]
         try:
             yield
         finally:
@@ -675,6 +698,8 @@ class FastTalker:
             cap = caps[index]
             limit = min(sampling.max_new_tokens - 1, room)
             capped = cap is not None and cap < limit
+            if cap is not None and capped:
+                limit = cap
             seed = seeds[index]
             call.rows.append(
                 _Row(
@@ -684,7 +709,7 @@ class FastTalker:
                     pad=pad,
                     sampling=sampling,
                     seed=secrets.randbits(63) if seed is None else seed,
-                    limit=min(limit, cap) if capped else limit,
+                    limit=limit,
                     capped=capped,
                 )
             )
@@ -847,8 +872,7 @@ class FastTalker:
         for call in {row.call: None for row in rows}:
             call.fail(error)
         self._slots = []
-        if self._workspace is not None:
-            self._workspace.clear()
+        self._workspace.clear()
 
     # The model's computation ----------------------------------------------------------------
 
@@ -1097,7 +1121,7 @@ def _head_dim(config: Any) -> int:
 
 
 def _decoder(
-    model: nn.Module,
+    model: Qwen3TTSTalkerModel | Qwen3TTSTalkerCodePredictorModel,
     hidden: torch.Tensor,
     mask: torch.Tensor,
     cache: _StaticCache,

@@ -12,7 +12,7 @@ is close to the full decode's (docs/gpu-service.md gives the measured difference
 prompts (no transcript) have no reference codes and decode only their own, as before.
 """
 
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -20,7 +20,13 @@ from qwen_tts import Qwen3TTSModel
 from qwen_tts.inference.qwen3_tts_model import VoiceClonePromptItem
 from qwen_tts.inference.qwen3_tts_tokenizer import Qwen3TTSTokenizer
 
-__all__ = ["REFERENCE_CONTEXT_FRAMES", "decode_after_reference", "generate_voice_clone"]
+__all__ = [
+    "REFERENCE_CONTEXT_FRAMES",
+    "decode_after_reference",
+    "generate_voice_clone",
+    "speech_codec",
+    "speech_tokenizer",
+]
 
 # qwen-tts's `left_context_size` (Qwen3TTSTokenizerV2Decoder.chunked_decode): the frames of
 # left context its decoder is given before a chunk of codes.
@@ -47,16 +53,32 @@ def generate_voice_clone(
         tts._tokenize_texts([tts._build_ref_text(item.ref_text)])[0] if item.ref_text else None
         for item in items
     ]
+    # qwen-tts annotates `ref_ids` as tensors only and `voice_clone_prompt` as a list, but its
+    # own `generate_voice_clone` passes None entries and this dict, which `generate` reads.
     codes, _ = tts.model.generate(
         input_ids=tts._tokenize_texts([tts._build_assistant_text(line) for line in texts]),
-        ref_ids=reference_ids,
-        voice_clone_prompt=tts._prompt_items_to_voice_clone_prompt(items),
+        ref_ids=reference_ids,  # pyright: ignore[reportArgumentType]
+        voice_clone_prompt=tts._prompt_items_to_voice_clone_prompt(items),  # pyright: ignore[reportArgumentType]
         languages=languages,
         non_streaming_mode=False,
         **tts._merge_generate_kwargs(**kwargs),
     )
     references = [item.ref_code for item in items]
-    return decode_after_reference(tts.model.speech_tokenizer, codes, references)
+    return decode_after_reference(speech_tokenizer(tts), codes, references)
+
+
+def speech_tokenizer(tts: Qwen3TTSModel) -> Qwen3TTSTokenizer:
+    """The model's speech tokenizer (`from_pretrained` loads it with the model)."""
+    tokenizer = tts.model.speech_tokenizer
+    if tokenizer is None:
+        raise ValueError("the model has no speech tokenizer loaded")
+    return tokenizer
+
+
+def speech_codec(tts: Qwen3TTSModel) -> torch.nn.Module:
+    """The speech tokenizer's network (its `from_pretrained` sets what `__init__` sets to None,
+    so pyright reads the attribute as None only)."""
+    return cast(torch.nn.Module, speech_tokenizer(tts).model)
 
 
 def _per_text(value: _T | list[_T], count: int, name: str) -> list[_T]:

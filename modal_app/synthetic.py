@@ -14,8 +14,9 @@ byte-level text tokenizer (the text embedding keeps the published vocabulary siz
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from qwen_tts.core.models import (
@@ -209,7 +210,7 @@ def _text_tokenizer() -> Qwen2TokenizerFast:
     tokenizer.train_from_iterator(list(_TOKENIZER_CORPUS) * 20, trainer)
     return Qwen2TokenizerFast(
         tokenizer_object=tokenizer,
-        unk_token=None,
+        unk_token=None,  # pyright: ignore[reportArgumentType]  # transformers takes None: no unknown token
         bos_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -225,7 +226,7 @@ def model_config(
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     tokenizer = tokenizer or _text_tokenizer()
-    token_id = tokenizer.convert_tokens_to_ids
+    token_id = _token_ids(tokenizer)
     if shape == "tiny":
         talker, codebook_size = _tiny_talker(len(tokenizer)), CODEBOOK_SIZE
         speaker_encoder = _TINY_SPEAKER_ENCODER
@@ -253,6 +254,18 @@ def model_config(
         tts_bos_token_id=token_id("<tts_text_bos>"),
         tts_eos_token_id=token_id("<tts_text_eod>"),
     )
+
+
+def _token_ids(tokenizer: Qwen2TokenizerFast) -> Callable[[str], int]:
+    """Id of one special token (transformers' stub also allows a list, for a list of tokens)."""
+
+    def token_id(token: str) -> int:
+        found = tokenizer.convert_tokens_to_ids(token)
+        if not isinstance(found, int):
+            raise TypeError(f"{token!r} is not one token")
+        return found
+
+    return token_id
 
 
 def _tiny_talker(text_vocab_size: int) -> dict[str, Any]:
@@ -367,9 +380,11 @@ _RESETTABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch
 @torch.no_grad()
 def _calibrate_output(codec: Qwen3TTSTokenizerV2Model) -> None:
     """Rescale the last convolution so decoded audio is centred with a speech-like level."""
-    final_conv = codec.decoder.decoder[-1].conv
+    final_conv = cast(torch.nn.Conv1d, codec.decoder.decoder[-1].conv)
     captured: list[torch.Tensor] = []
-    hook = final_conv.register_forward_hook(lambda _m, _i, output: captured.append(output))
+    hook = final_conv.register_forward_hook(
+        lambda _module, _inputs, output: captured.append(cast(torch.Tensor, output))
+    )
     decoder = codec.config.decoder_config
     codes = torch.randint(0, decoder.codebook_size, (1, decoder.num_quantizers, 50))
     codec.decoder(codes.to(final_conv.weight.device))
@@ -377,11 +392,12 @@ def _calibrate_output(codec: Qwen3TTSTokenizerV2Model) -> None:
     mean, std = captured[0].mean(), captured[0].std()
     scale = OUTPUT_LEVEL / std
     final_conv.weight.mul_(scale)
-    final_conv.bias.sub_(mean).mul_(scale)
+    if final_conv.bias is not None:  # the decoder's convolutions all have one
+        final_conv.bias.sub_(mean).mul_(scale)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("directory", type=Path, help="folder to write the model into")
     parser.add_argument("--shape", choices=SHAPES, default="tiny")
     parser.add_argument("--device", default="cpu", help="where to make the weights")
