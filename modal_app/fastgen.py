@@ -17,7 +17,8 @@ of the talker's own, that owns the device:
 - every `check_every` frames the loop copies that window's codes to the host once, retires
   finished rows, drops the rows of callers that stopped (cancelled, past their deadline),
   compacts the live rows to the front so the batch bucket shrinks, and admits waiting rows into
-  the free slots (a prefill of each newcomer only);
+  the free slots (a prefill of each newcomer only); a row that arrives while a slot is free
+  ends the window at the next frame, so it waits a frame, not a window;
 - a row whose logits turn non-finite ends with an error for its caller, and its slot's cache is
   zeroed, so nothing of it reaches a later row.
 
@@ -807,8 +808,9 @@ class FastTalker:
         self._choose_token(ws, rows, logits, generated, row.sampling.wide)
 
     def _run_window(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Up to `check_every` frames for the live rows; their codes and non-finite flags,
-        copied to the host once."""
+        """Up to `check_every` frames for the live rows, fewer when a row arrives for a free
+        slot (so it joins a frame later, not a window later); their codes and non-finite
+        flags, copied to the host once."""
         ws, slots = self._workspace, self._slots
         bucket = batch_bucket(len(slots))
         self.stats.largest_batch = max(self.stats.largest_batch, len(slots))
@@ -826,6 +828,8 @@ class FastTalker:
                     ("talker", bucket, length, wide), lambda: talk(ws, bucket, length, wide)
                 )
                 recorded.append(ws.frame[:bucket].clone())
+                if self._waiting and len(slots) < self.max_rows:  # read without the lock: a hint
+                    break
         return torch.stack(recorded, dim=1).cpu(), ws.bad[:bucket].cpu()
 
     def _retire(self, codes: torch.Tensor, bad: torch.Tensor) -> None:
