@@ -55,6 +55,7 @@ def synthesize(arguments: dict[str, Any]) -> dict[str, Any]:
         "model_load_seconds": 41.5,
         "container_id": "ta-123",
         "inference_seconds": 2.25,
+        "capped": True,
     }
 
 
@@ -171,6 +172,7 @@ async def test_clone_returns_the_services_audio_and_facts(
     assert (result.format, result.sample_rate, result.duration_seconds) == ("WAV", 24_000, 2.0)
     assert (result.cold_start, result.model_load_seconds) == (True, 41.5)
     assert (result.container_id, result.inference_seconds) == ("ta-123", 2.25)
+    assert result.capped is True
     assert fake_modal.apps[APP_LARGE].arguments == [
         {
             "text": job.text,
