@@ -211,7 +211,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.serving", description=__doc__.split("\n")[0]
+        prog="python -m bench.serving", description=(__doc__ or "").split("\n")[0]
     )
     parser.add_argument("--model", help="a model folder (default: build a random one, --shape)")
     parser.add_argument(
