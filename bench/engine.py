@@ -25,40 +25,15 @@ from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSTalkerForConditional
 
 from bench.report import write_json
 from modal_app.fastgen import FastTalker, stock_talker_kwargs
+from modal_app.synthetic import PUBLISHED_TALKERS
 
 SECONDS_PER_FRAME = 0.08  # 12.5 Hz codec frames
 _RESULTS = Path(__file__).resolve().parent / "results"
 
-# Shapes of the published Qwen3-TTS-12Hz Base checkpoints (config.json's talker_config);
-# "tiny" matches modal_app.synthetic, for a quick check on a CPU.
-_PREDICTOR = {
-    "hidden_size": 1024,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 5,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "vocab_size": 2048,
-    "num_code_groups": 16,
-    "rope_theta": 1_000_000,
-}
-_REAL_TALKER = {
-    "num_hidden_layers": 28,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "vocab_size": 3072,
-    "num_code_groups": 16,
-    "text_hidden_size": 2048,
-    "text_vocab_size": 151_936,
-    "rope_theta": 1_000_000,
-    "rope_scaling": {"rope_type": "default", "mrope_section": [24, 20, 20], "interleaved": True},
-    "codec_eos_token_id": 2150,
-    "code_predictor_config": _PREDICTOR,
-}
+# The published checkpoints' talker shapes (modal_app.synthetic); "tiny" matches its tiny model,
+# for a quick check on a CPU.
 SIZES: dict[str, dict[str, Any]] = {
-    "1.7B": _REAL_TALKER | {"hidden_size": 2048, "intermediate_size": 6144},
-    "0.6B": _REAL_TALKER | {"hidden_size": 1024, "intermediate_size": 3072},
+    **PUBLISHED_TALKERS,
     "tiny": {
         "hidden_size": 32,
         "intermediate_size": 64,

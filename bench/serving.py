@@ -1,6 +1,7 @@
 """`python -m bench.serving`: many requests at once through the engine, batched against serial.
 
 uv run --frozen python -m bench.serving                      # tiny model on the CPU (a smoke)
+uv run --frozen python -m bench.serving --shape 1.7B --device cuda   # random full-size weights
 uv run --frozen python -m bench.serving --model DIR --device cuda --concurrency 1,8,64
 
 At each concurrency C, C clients each send requests one after another (closed loop), of mixed
@@ -9,9 +10,13 @@ modes run side by side in one process on one engine (fast loop): `batched`, ever
 request in the engine at once (continuous batching), and `serial`, one request in the engine at
 a time, the others queued in front of it (as the engine served before). Reported per mode:
 aggregate audio seconds per second, p50/p95 request latency and time to first frame (both from
-the moment a client sends, so serial's include its queueing). Without `--model` the tiny random
-model of `modal_app.synthetic` is built (it never says its end token, so each request runs to
-its text's frame cap: audio length follows text length). Writes JSON and a PNG plot of
+the moment a client sends, so serial's include its queueing). Without `--model` a random model
+of `modal_app.synthetic` is built, `--shape tiny` (default) or the published `0.6B` / `1.7B`
+sizes (random weights, no hub needed); it never says its end token, so each request runs to
+its text's frame cap: audio length follows text length. The voices are 3 s synthetic
+references (38 codec frames; a realistic 3 to 10 s reference is 37 to 125) without
+transcripts, so the requests clone in x-vector-only mode: no reference codes go into the
+prompt or the decode, which decodes only each request's own frames. Writes JSON and a PNG plot of
 throughput and latency against concurrency, prints a table, and ends with the line
 `serving: concurrency=8 batched/serial=X.XX` (the throughput ratio at concurrency 8).
 """
@@ -34,6 +39,7 @@ import torch
 from bench.report import write_json
 from modal_app.audio import DecodedAudio
 from modal_app.engine import CloneInput, Engine, EngineOptions
+from modal_app.synthetic import SHAPES, build_random_model
 from schemas.vocabulary import GenerationParams
 
 MODES = ("batched", "serial")
@@ -205,9 +211,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.serving", description=__doc__.split("\n")[0]
+        prog="python -m bench.serving", description=(__doc__ or "").split("\n")[0]
     )
-    parser.add_argument("--model", help="a model folder (default: build the tiny random model)")
+    parser.add_argument("--model", help="a model folder (default: build a random one, --shape)")
+    parser.add_argument(
+        "--shape", choices=SHAPES, default="tiny", help="the random model's size (no --model)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: the engine's choice")
     parser.add_argument("--concurrency", default="1,4,8,16,32,64", help="comma-separated")
@@ -226,9 +235,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_engine(args: argparse.Namespace, scratch: Path) -> Engine:
     model = args.model
     if model is None:
-        from modal_app.synthetic import build_tiny_model
-
-        model = build_tiny_model(scratch / "tiny", fixed_length=True)
+        model = build_random_model(
+            scratch / args.shape, args.shape, fixed_length=True, device=args.device
+        )
     # About 4 frames per text token: what real speech takes, so tiny-model audio is realistic
     # in length; the default cap (12 per token) is a runaway guard, not a length.
     options = EngineOptions(
@@ -248,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results: dict[str, Any] = {
             "run": {
                 "started_at": datetime.now(UTC).isoformat(),
-                "model": "tiny (random)" if args.model is None else info.model,
+                "model": f"{args.shape} (random)" if args.model is None else info.model,
                 "device": info.gpu or info.device,
                 "dtype": info.dtype,
                 "torch": torch.__version__,

@@ -239,6 +239,13 @@ class Metrics:
             ["backend", "model"],
             buckets=MODEL_LOAD_BUCKETS,
         )
+        self._capped = self._add(
+            Counter,
+            "generation_capped_total",
+            "Backend results of which the engine cut a chunk at its frame cap: the model never "
+            "said its end token (runaway generation), so the audio ends at the cap.",
+            ["backend", "model"],
+        )
         self._audio_seconds = self._add(
             Counter,
             "audio_generated_seconds_total",
@@ -323,6 +330,9 @@ class Metrics:
             cold_starts.inc()
             if result.model_load_seconds is not None:
                 self._child(self._model_load, backend, model).observe(result.model_load_seconds)
+        capped = self._child(self._capped, backend, model)  # exists from the first call
+        if result.capped:
+            capped.inc()
         self._child(self._audio_seconds, model).inc(result.duration_seconds)
         if result.duration_seconds > 0:
             inference = result.inference_seconds

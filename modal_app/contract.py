@@ -80,6 +80,8 @@ class CloneOutput:
     prompt_cache_hit: bool
     chunks: int
     waveform: np.ndarray = field(repr=False)  # float32 mono, before encoding
+    # A chunk ran to its frame cap (the model never said its end token): the audio ends there.
+    capped: bool = False
 
     @property
     def content_type(self) -> str:
@@ -133,6 +135,7 @@ class ServiceResult:
     prompt_cache_hit: bool
     inference_seconds: float  # prompt + generation for the whole call
     container: ContainerFacts
+    capped: bool = False  # a chunk was cut at its frame cap (a runaway generation)
 
     @classmethod
     def of(cls, output: CloneOutput, container: ContainerFacts) -> "ServiceResult":
@@ -146,6 +149,7 @@ class ServiceResult:
             prompt_cache_hit=output.prompt_cache_hit,
             inference_seconds=output.inference_seconds,
             container=container,
+            capped=output.capped,
         )
 
     @classmethod

@@ -16,6 +16,8 @@ from qwen_tts import Qwen3TTSModel
 from torch.utils.hooks import RemovableHandle
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from modal_app.reference_context import speech_codec
+
 # Shapes kept: a decode runs in windows of at most 325 frames, so lengths repeat; a mask is at
 # most 325 x 325 booleans (sdpa) or floats (eager) for each attention type.
 MAX_CACHED_SHAPES = 128
@@ -26,7 +28,7 @@ Masks = dict[str, torch.Tensor | None]
 def cache_decode_masks(tts: Qwen3TTSModel) -> RemovableHandle | None:
     """Serve the speech tokenizer's decoder masks from a cache (12 Hz tokenizers; None for
     others, which have no such transformer)."""
-    decoder = getattr(tts.model.speech_tokenizer.model, "decoder", None)
+    decoder = getattr(speech_codec(tts), "decoder", None)
     transformer = getattr(decoder, "pre_transformer", None)
     if transformer is None:
         return None

@@ -12,6 +12,7 @@ batched beside other calls' codes differs from one alone in the last bits of its
 stock loop serves one call at a time.
 """
 
+import functools
 import hashlib
 import logging
 import math
@@ -38,11 +39,13 @@ from modal_app.contract import (
     EngineOptions,
     VoiceRequest,
 )
+from modal_app.decode_activations import cache_snake_parameters
 from modal_app.decode_masks import cache_decode_masks
 from modal_app.errors import RequestStopped
 from modal_app.fastgen import FastTalker, GenerationStopped, LoopStats, RowOptions, row_options
 from modal_app.languages import SUPPORTED_LANGUAGES, normalize_language
 from modal_app.prompt_cache import PromptCache
+from modal_app.reference_context import generate_voice_clone, speech_codec, speech_tokenizer
 from modal_app.text import chunk_text
 from schemas.vocabulary import (
     AudioFormat,
@@ -94,7 +97,11 @@ class Engine:
     ) -> None:
         self._tts = tts
         tts.processor = _SerializedProcessor(tts.processor)
+        # Decodes only the reference's last frames before a call's own (in ICL mode).
+        # (Instance attributes that shadow the class's methods, on purpose.)
+        tts.generate_voice_clone = functools.partial(generate_voice_clone, tts)  # pyright: ignore[reportAttributeAccessIssue]
         cache_decode_masks(tts)
+        cache_snake_parameters(tts)
         self.model_name = model_name
         self.attn_implementation = attn_implementation
         self.options = options
@@ -110,7 +117,7 @@ class Engine:
                 compile_steps=options.compile_steps,
             )
             # Installed for the engine's life: the loop takes any number of threads' calls.
-            tts.model.talker.generate = self._fast.generate_like_stock
+            tts.model.talker.generate = self._fast.generate_like_stock  # pyright: ignore[reportAttributeAccessIssue]
         # The stock loop seeds torch's global generator and runs one call at a time.
         self._stock_lock = threading.Lock()
 
@@ -180,10 +187,11 @@ class Engine:
         target = torch.device(device)
         torch_dtype = pick_dtype(str(target), dtype)
         with self._stock_lock:
-            speech_tokenizer = self._tts.model.speech_tokenizer
-            self._tts.model.to(device=target, dtype=torch_dtype)
-            speech_tokenizer.model.to(device=target, dtype=torch_dtype)
-            speech_tokenizer.device = target
+            tokenizer = speech_tokenizer(self._tts)
+            # transformers wraps `to` so that its stub reads as the unbound `Module.to`.
+            self._tts.model.to(device=target, dtype=torch_dtype)  # pyright: ignore[reportCallIssue]
+            speech_codec(self._tts).to(device=target, dtype=torch_dtype)
+            tokenizer.device = target  # pyright: ignore[reportAttributeAccessIssue]  # declared None only
             self._tts.device = target
             _keep_rotary_frequencies_float32(self._tts.model)
             self._prompts.clear()
@@ -261,7 +269,7 @@ class Engine:
         transcript = (request.reference_text or "").strip() or None
         started = time.perf_counter()
         prompt, cache_hit = self._prompt(request.reference_audio, transcript)
-        parts = self._synthesize(texts, languages, prompt, request.params, calls)
+        parts, capped = self._synthesize(texts, languages, prompt, request.params, calls)
         inference_seconds = time.perf_counter() - started
         fade = self.options.crossfade_seconds
         items = [
@@ -271,8 +279,9 @@ class Engine:
                 audio_format,
                 inference_seconds,
                 cache_hit,
+                capped=index in capped,
             )
-            for chunks in parts
+            for index, chunks in enumerate(parts)
         ]
         return BatchCloneOutput(
             items=items, inference_seconds=inference_seconds, prompt_cache_hit=cache_hit
@@ -330,16 +339,18 @@ class Engine:
         prompt: VoiceClonePromptItem,
         params: GenerationParams,
         calls: "_Callbacks | None" = None,
-    ) -> list[list[np.ndarray]]:
-        """Each text's chunk waveforms. All chunks of all texts share batches, as few as the
-        per-batch limit allows, so a long text costs about as much time as its longest chunk.
-        Chunk i of a seeded call is seeded from (seed, i), so it repeats on its own."""
+    ) -> tuple[list[list[np.ndarray]], set[int]]:
+        """Each text's chunk waveforms, and the texts of which a chunk was cut at its frame cap
+        (fast loop). All chunks of all texts share batches, as few as the per-batch limit
+        allows, so a long text costs about as much time as its longest chunk. Chunk i of a
+        seeded call is seeded from (seed, i), so it repeats on its own."""
         jobs = [
             (index, chunk, language)
             for index, (text, language) in enumerate(zip(texts, languages, strict=True))
             for chunk in chunk_text(text, self.options.chunk_chars)
         ]
         parts: list[list[np.ndarray]] = [[] for _ in texts]
+        capped: set[int] = set()  # added to on the loop's thread, read after the call
         step = self.options.max_chunks_per_batch
         with self._one_call_if_stock(params):
             for start in range(0, len(jobs), step):
@@ -349,10 +360,14 @@ class Engine:
                 seeds = [_chunk_seed(params.seed, start + i) for i in range(len(group))]
                 if start and calls is not None:  # the first frames come from the first group
                     calls = calls._replace(first_frames=None)
-                waves = self._generate(chunks, languages, prompt, params, seeds, calls)
-                for (index, _, _), wave in zip(group, waves, strict=True):
+                texts_of_rows = [index for index, _, _ in group]
+                waves = self._generate(
+                    chunks, languages, prompt, params, seeds, calls,
+                    capped=lambda row, rows=texts_of_rows: capped.add(rows[row]),
+                )  # fmt: skip
+                for index, wave in zip(texts_of_rows, waves, strict=True):
                     parts[index].append(wave)
-        return parts
+        return parts, capped
 
     @contextmanager
     def _one_call_if_stock(self, params: GenerationParams) -> Iterator[None]:
@@ -373,15 +388,19 @@ class Engine:
         params: GenerationParams,
         seeds: list[int | None] | None = None,
         calls: "_Callbacks | None" = None,
+        capped: Callable[[int], None] | None = None,
     ) -> list[np.ndarray]:
+        """The chunks' waveforms; `capped` is told the index of each chunk cut at its cap."""
         caps = [self.frame_cap(chunk) for chunk in chunks]
         stop, first_frames = calls or _Callbacks(None, None)
-        with _generation_errors(), row_options(RowOptions(seeds, caps, stop, first_frames)):
+        options = RowOptions(seeds, caps, stop, first_frames, capped)
+        sampling: dict[str, Any] = params.sampling_kwargs()
+        with _generation_errors(), row_options(options):
             waves, sample_rate = self._tts.generate_voice_clone(
                 text=chunks,
                 language=languages,
                 voice_clone_prompt=[prompt] * len(chunks),
-                **params.sampling_kwargs(),
+                **sampling,
             )
         if sample_rate != MODEL_SAMPLE_RATE:
             raise GenerationFailed(
@@ -499,8 +518,9 @@ def _keep_rotary_frequencies_float32(model: torch.nn.Module) -> None:
     with (kept as `original_inv_freq`)."""
     for module in model.modules():
         original = getattr(module, "original_inv_freq", None)
-        if isinstance(original, torch.Tensor) and hasattr(module, "inv_freq"):
-            module.inv_freq = original.to(device=module.inv_freq.device, dtype=torch.float32)
+        current = getattr(module, "inv_freq", None)
+        if isinstance(original, torch.Tensor) and isinstance(current, torch.Tensor):
+            module.inv_freq = original.to(device=current.device, dtype=torch.float32)
 
 
 def _digest(reference: bytes | DecodedAudio) -> str:
@@ -530,7 +550,7 @@ def _pad_with_end_token(tts: Qwen3TTSModel) -> None:
     """Transformers warns on every call when the talker has no pad token and then pads with the
     end token; qwen-tts cuts each sequence at that token anyway, so set it and skip the noise."""
     generation_config = tts.model.talker.generation_config
-    if generation_config.pad_token_id is None:
+    if generation_config is not None and generation_config.pad_token_id is None:
         generation_config.pad_token_id = tts.model.config.talker_config.codec_eos_token_id
 
 
@@ -548,6 +568,8 @@ def _clone_output(
     audio_format: AudioFormat,
     inference_seconds: float,
     cache_hit: bool,
+    *,
+    capped: bool,
 ) -> CloneOutput:
     return CloneOutput(
         audio=encode_audio(waveform, MODEL_SAMPLE_RATE, audio_format),
@@ -558,4 +580,5 @@ def _clone_output(
         prompt_cache_hit=cache_hit,
         chunks=chunks,
         waveform=waveform,
+        capped=capped,
     )

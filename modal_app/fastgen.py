@@ -17,7 +17,8 @@ of the talker's own, that owns the device:
 - every `check_every` frames the loop copies that window's codes to the host once, retires
   finished rows, drops the rows of callers that stopped (cancelled, past their deadline),
   compacts the live rows to the front so the batch bucket shrinks, and admits waiting rows into
-  the free slots (a prefill of each newcomer only);
+  the free slots (a prefill of each newcomer only); a row that arrives while a slot is free
+  ends the window at the next frame, so it waits a frame, not a window;
 - a row whose logits turn non-finite ends with an error for its caller, and its slot's cache is
   zeroed, so nothing of it reaches a later row.
 
@@ -36,10 +37,16 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+from qwen_tts.core.models.modeling_qwen3_tts import (
+    Qwen3TTSTalkerCodePredictorModel,
+    Qwen3TTSTalkerForConditionalGeneration,
+    Qwen3TTSTalkerModel,
+)
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -165,12 +172,14 @@ class RowOptions:
     """What a caller adds to the stock arguments, per row of its call: a seed (None: a random
     one), a frame cap (None: only `max_new_tokens` limits the row); and for the call, `stop`,
     polled between frames, which returns why the caller no longer wants its rows (or None to
-    go on), and `first_frames`, called (on the loop's thread) when its first frames are done."""
+    go on), `first_frames`, called (on the loop's thread) when its first frames are done, and
+    `capped`, called (there too) with the index of each row cut at its frame cap."""
 
     seeds: Sequence[int | None] | None = None
     frame_caps: Sequence[int | None] | None = None
     stop: Callable[[], str | None] | None = None
     first_frames: Callable[[], None] | None = None
+    capped: Callable[[int], None] | None = None
 
 
 _ROW_OPTIONS: ContextVar[RowOptions | None] = ContextVar("fastgen_row_options", default=None)
@@ -335,7 +344,13 @@ class _Workspace:
     positions each. Steps work on the first `b` rows (the current batch bucket); rows past the
     live ones are idle: finished, frozen at position 0."""
 
-    def __init__(self, talker: nn.Module, rows: int, positions: int, text_len: int) -> None:
+    def __init__(
+        self,
+        talker: Qwen3TTSTalkerForConditionalGeneration,
+        rows: int,
+        positions: int,
+        text_len: int,
+    ) -> None:
         config = talker.config
         cp_config = config.code_predictor_config
         param = next(talker.parameters())
@@ -374,8 +389,11 @@ class _Workspace:
         self.bias = per_row(vocab, dtype=torch.float32)
         self.do_sample = per_row(dtype=torch.bool)
         self.sub_do_sample = per_row(dtype=torch.bool)
-        for name in ("temperature", "top_p", "penalty", "sub_temperature", "sub_top_p"):
-            setattr(self, name, per_row(dtype=torch.float32))
+        self.temperature = per_row(dtype=torch.float32)
+        self.top_p = per_row(dtype=torch.float32)
+        self.penalty = per_row(dtype=torch.float32)
+        self.sub_temperature = per_row(dtype=torch.float32)
+        self.sub_top_p = per_row(dtype=torch.float32)
         self.top_k = per_row()
         self.sub_top_k = per_row()
         self.seed_lo = per_row()
@@ -430,6 +448,11 @@ class _Workspace:
         self.seed_hi[slot] = row.seed >> 32
 
 
+# The two step functions: (workspace, batch bucket, wide) and (..., attention length, wide).
+_PredictStep = Callable[[_Workspace, int, bool], None]
+_TalkStep = Callable[[_Workspace, int, int, bool], None]
+
+
 def _bias_vector(sampling: TalkerSampling, vocab: int) -> torch.Tensor:
     """Sequence bias and suppressed tokens as one additive vector (on the CPU)."""
     bias = torch.zeros(vocab, dtype=torch.float32)
@@ -446,6 +469,7 @@ class _Call:
 
     stop: Callable[[], str | None] | None
     first_frames: Callable[[], None] | None = None
+    capped: Callable[[int], None] | None = None
     rows: list["_Row"] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -520,7 +544,7 @@ class FastTalker:
 
     def __init__(
         self,
-        talker: nn.Module,
+        talker: Qwen3TTSTalkerForConditionalGeneration,
         *,
         max_rows: int = 16,
         max_positions: int = 2048,
@@ -555,9 +579,12 @@ class FastTalker:
     def _allocate(self) -> None:
         self._workspace = _Workspace(self.talker, self.max_rows, self.max_positions, _MAX_TEXT)
         self._graphs.clear()
-        self._steps = (self._predict_codes, self._talker_step)
+        self._steps: tuple[_PredictStep, _TalkStep] = (self._predict_codes, self._talker_step)
         if self._compile and self._workspace.token.is_cuda:
-            self._steps = tuple(torch.compile(step, dynamic=False) for step in self._steps)
+            self._steps = (
+                torch.compile(self._predict_codes, dynamic=False),
+                torch.compile(self._talker_step, dynamic=False),
+            )
 
     @property
     def graphs_enabled(self) -> bool:
@@ -569,7 +596,7 @@ class FastTalker:
         after the model moved). Calls in flight fail."""
         with self._device:
             self._fail_everything(GenerationStopped("the generation loop was reset"))
-            self._workspace = None  # type: ignore[assignment]  # free it before the new one
+            del self._workspace  # freed before the new one is allocated
             self._allocate()
 
     @torch.inference_mode()
@@ -597,7 +624,8 @@ class FastTalker:
     def installed(self) -> Iterator[None]:
         """Within: the talker's `generate` is this loop (qwen-tts calls it from its own
         generate methods, on any number of threads)."""
-        self.talker.generate = self.generate_like_stock
+        # An instance attribute shadows the class's method on purpose (and `del` restores it).
+        self.talker.generate = self.generate_like_stock  # pyright: ignore[reportAttributeAccessIssue]
         try:
             yield
         finally:
@@ -659,7 +687,7 @@ class FastTalker:
             raise ValueError(f"options give {len(seeds)} seeds and {len(caps)} caps for {rows}")
         if text.shape[1] >= _MAX_TEXT:
             raise ValueError(f"a row's text has {text.shape[1]} tokens; the limit is {_MAX_TEXT}")
-        call = _Call(stop=options.stop, first_frames=options.first_frames)
+        call = _Call(stop=options.stop, first_frames=options.first_frames, capped=options.capped)
         for index in range(rows):
             prompt = embeds[index][mask[index].bool()]
             room = self.max_positions - prompt.shape[0] - 1
@@ -671,6 +699,8 @@ class FastTalker:
             cap = caps[index]
             limit = min(sampling.max_new_tokens - 1, room)
             capped = cap is not None and cap < limit
+            if cap is not None and capped:
+                limit = cap
             seed = seeds[index]
             call.rows.append(
                 _Row(
@@ -680,7 +710,7 @@ class FastTalker:
                     pad=pad,
                     sampling=sampling,
                     seed=secrets.randbits(63) if seed is None else seed,
-                    limit=min(limit, cap) if capped else limit,
+                    limit=limit,
                     capped=capped,
                 )
             )
@@ -778,8 +808,9 @@ class FastTalker:
         self._choose_token(ws, rows, logits, generated, row.sampling.wide)
 
     def _run_window(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Up to `check_every` frames for the live rows; their codes and non-finite flags,
-        copied to the host once."""
+        """Up to `check_every` frames for the live rows, fewer when a row arrives for a free
+        slot (so it joins a frame later, not a window later); their codes and non-finite
+        flags, copied to the host once."""
         ws, slots = self._workspace, self._slots
         bucket = batch_bucket(len(slots))
         self.stats.largest_batch = max(self.stats.largest_batch, len(slots))
@@ -797,6 +828,8 @@ class FastTalker:
                     ("talker", bucket, length, wide), lambda: talk(ws, bucket, length, wide)
                 )
                 recorded.append(ws.frame[:bucket].clone())
+                if self._waiting and len(slots) < self.max_rows:  # read without the lock: a hint
+                    break
         return torch.stack(recorded, dim=1).cpu(), ws.bad[:bucket].cpu()
 
     def _retire(self, codes: torch.Tensor, bad: torch.Tensor) -> None:
@@ -816,6 +849,8 @@ class FastTalker:
                 if row.capped and row.length == row.limit:
                     self.stats.rows_capped += 1
                     logger.warning("A row never ended; cut at its cap of %d frames", row.limit)
+                    if row.call.capped is not None:
+                        _callback(partial(row.call.capped, row.call.rows.index(row)))
                 row.call.row_ended()
         self._compact()
 
@@ -841,8 +876,7 @@ class FastTalker:
         for call in {row.call: None for row in rows}:
             call.fail(error)
         self._slots = []
-        if self._workspace is not None:
-            self._workspace.clear()
+        self._workspace.clear()
 
     # The model's computation ----------------------------------------------------------------
 
@@ -1091,7 +1125,7 @@ def _head_dim(config: Any) -> int:
 
 
 def _decoder(
-    model: nn.Module,
+    model: Qwen3TTSTalkerModel | Qwen3TTSTalkerCodePredictorModel,
     hidden: torch.Tensor,
     mask: torch.Tensor,
     cache: _StaticCache,

@@ -94,4 +94,5 @@ def _audio_fields(output: CloneOutput) -> dict[str, Any]:
         "duration_seconds": output.duration_seconds,
         "chunks": output.chunks,
         "prompt_cache_hit": output.prompt_cache_hit,
+        "capped": output.capped,
     }

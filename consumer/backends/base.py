@@ -62,6 +62,7 @@ class CloneResult:
     model_load_seconds: float | None
     container_id: str | None
     inference_seconds: float | None
+    capped: bool | None = None  # the engine cut a chunk at its frame cap (a runaway generation)
 
 
 class Backend(Protocol):

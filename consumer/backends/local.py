@@ -112,6 +112,7 @@ class LocalBackend:
             model_load_seconds=model.engine.load_seconds,
             container_id=None,  # no container: the engine runs in the worker's process
             inference_seconds=output.inference_seconds,
+            capped=output.capped,
         )
 
     async def ready(self) -> bool:

@@ -253,6 +253,7 @@ def result_from_output(output: object) -> CloneResult:
         model_load_seconds=result.container.model_load_seconds,
         container_id=result.container.container_id,
         inference_seconds=result.inference_seconds,
+        capped=result.capped,
     )
 
 

@@ -276,6 +276,19 @@ ROWS = (
                 stack=True,
             ),
             Panel(
+                "Generations cut at their frame cap",
+                "short",
+                (
+                    Query(
+                        "sum by (backend, model) "
+                        f"(increase(voiceclone_generation_capped_total{{{MODEL}}}[{RATE}]))",
+                        "{{backend}} {{model}}",
+                    ),
+                ),
+                "Results whose audio the engine cut at a chunk's frame cap: the model never "
+                "said its end token (runaway generation; their audio may end mid-word).",
+            ),
+            Panel(
                 "Retries by reason",
                 "short",
                 (

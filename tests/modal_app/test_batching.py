@@ -111,6 +111,21 @@ def test_a_row_admitted_into_a_running_batch_gives_its_codes_alone(talker: Any) 
     assert fast.stats.largest_batch == 3
 
 
+def test_a_row_arriving_for_a_free_slot_joins_the_running_window(talker: Any) -> None:
+    fast = FastTalker(talker, check_every=400)  # one window would be the whole long call
+    short_alone = generate_rows(fast, talker, [8], 5, max_new_tokens=6)
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(generate_rows, fast, talker, [10], 4, max_new_tokens=300)
+        wait_until(lambda: bool(fast._slots) and fast.stats.rows == 2)  # the long row is in
+        admitted = generate_rows(fast, talker, [8], 5, max_new_tokens=6)
+        running.result(timeout=WAIT_SECONDS)
+
+    # It ran beside the long row, admitted a frame after it arrived: not after 299 frames.
+    assert fast.stats.largest_batch == 2
+    assert torch.equal(admitted, short_alone)
+
+
 def test_rows_with_different_sampling_settings_share_a_batch(talker: Any) -> None:
     fast = FastTalker(talker, check_every=2)
     greedy = lambda: generate_rows(fast, talker, [9], 6)  # noqa: E731

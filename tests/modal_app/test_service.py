@@ -71,6 +71,7 @@ def test_clone_returns_audio_and_facts_about_the_container(
     assert first.sample_rate == SAMPLE_RATE
     assert first.duration_seconds == pytest.approx(frames_to_samples(FRAMES) / SAMPLE_RATE)
     assert first.chunks == 1
+    assert first.capped is False
     assert first.inference_seconds > 0
     assert first.container.model_load_seconds > 0
     assert first.container.container_id == socket.gethostname()  # MODAL_TASK_ID on Modal

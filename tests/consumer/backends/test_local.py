@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import soundfile
+from prometheus_client import CollectorRegistry
 
 from consumer.backends import (
     Backend,
@@ -28,6 +29,7 @@ from consumer.backends import (
     make_backend,
 )
 from consumer.backends.local import LocalBackend
+from consumer.metrics import Metrics
 from tests.consumer.backends.conftest import CloneJobFactory
 from tests.fixtures.model import REFERENCE_TRANSCRIPT, SAMPLE_RATE, frames_to_samples
 
@@ -240,6 +242,29 @@ async def test_generation_setting_reaches_the_engine(
         await backend.close()
 
     assert soundfile.info(io.BytesIO(result.audio)).frames == frames_to_samples(FRAMES)
+
+
+async def test_a_runaway_generation_is_reported_capped_and_counted(
+    tiny_model_dir: Path, voice_job: CloneJobFactory
+) -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    backend = make_backend(local_settings(model_1_7b=str(tiny_model_dir), generation="fast"))
+    # The tiny model never says its end token: given room, its row runs to its frame cap.
+    runaway = voice_job(generation=GenerationParams(max_new_tokens=500, seed=1))
+    await backend.start()
+    try:
+        results = []
+        for job in (voice_job(), runaway):
+            with metrics.backend_call(backend.name, "1.7B") as call:
+                call.result = await backend.clone(job, timeout=60)
+            results.append(call.result)
+    finally:
+        await backend.close()
+
+    assert [result.capped for result in results] == [False, True]
+    labels = {"backend": "local", "model": "1.7B"}
+    assert registry.get_sample_value("voiceclone_generation_capped_total", labels) == 1
 
 
 def eventually(condition: Callable[[], bool], seconds: float = 30.0) -> bool:

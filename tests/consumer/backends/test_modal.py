@@ -65,6 +65,7 @@ def synthesize(arguments: dict[str, Any]) -> ServiceResult:
             model_load_seconds=41.5,
             restored_from_snapshot=False,
         ),
+        capped=True,
     )
 
 
@@ -199,6 +200,8 @@ async def test_clone_returns_the_services_audio_and_facts(
     assert (result.format, result.sample_rate, result.duration_seconds) == ("WAV", 24_000, 2.0)
     assert (result.cold_start, result.model_load_seconds) == (True, 41.5)
     assert (result.container_id, result.inference_seconds) == ("ta-123", 2.25)
+    assert result.capped is True
+    assert result.capped is True
     assert fake_modal.apps[APP_LARGE].arguments == [
         {
             "text": job.text,
