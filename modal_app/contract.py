@@ -135,7 +135,9 @@ class ServiceResult:
     prompt_cache_hit: bool
     inference_seconds: float  # prompt + generation for the whole call
     container: ContainerFacts
-    capped: bool = False  # a chunk was cut at its frame cap (a runaway generation)
+    # A chunk was cut at its frame cap (a runaway generation); None from a service deployed
+    # before it said.
+    capped: bool | None = None
 
     @classmethod
     def of(cls, output: CloneOutput, container: ContainerFacts) -> "ServiceResult":
