@@ -97,6 +97,50 @@ def find_java(service: JvmService) -> str:
     return require_tool("java", service.java_hint)
 
 
+def fetch_with_maven(
+    service: JvmService,
+    target: Path,
+    marker: Path,
+    wanted: str,
+    what: str,
+    mvn_args: Callable[[Path], list[str]],
+    cwd: Path | None = None,
+    unpack: Callable[[Path], None] | None = None,
+) -> bool:
+    """Fill `target` with what Maven fetches (`mvn_args(staging)`: the arguments after `mvn -q
+    -B`, writing into `staging`), unless `marker` already says `wanted`; True when it fetched.
+
+    Maven writes into a staging folder beside `target`, which `unpack` may rework (a
+    ServiceError there leaves nothing behind); it is swapped in whole and the marker written
+    last, so an interrupted fetch never leaves a half-filled folder behind a marker.
+    """
+    if marker.is_file() and marker.read_text().strip() == wanted:
+        return False
+    mvn = require_tool("mvn", f"Maven fetches {what} from Maven Central")
+    staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    service.info(f"fetching {what} from Maven Central ...")
+    try:
+        _run_maven([mvn, "-q", "-B", *mvn_args(staging)], cwd)
+        if unpack is not None:
+            unpack(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    marker.write_text(f"{wanted}\n")
+    return True
+
+
+def _run_maven(cmd: list[str], cwd: Path | None) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd)
+    if result.returncode != 0:
+        raise ServiceError(f"mvn failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+
+
 def read_state(layout: CacheDir) -> Any:
     """The state the last start wrote (kept after stop), or None."""
     try:

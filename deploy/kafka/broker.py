@@ -69,6 +69,7 @@ from jvm_service import (  # noqa: E402
     choose_port,
     daemonise,
     env_int,
+    fetch_with_maven,
     file_size,
     find_java,
     home_flag,
@@ -299,26 +300,19 @@ def jar_set(version: str) -> str:
 def fetch(layout: Layout, version: str) -> None:
     """Copy the pom's jars (Kafka, its tools, their runtime deps) from Maven Central into libs/,
     unless already there."""
-    wanted = jar_set(version)
-    if layout.marker.is_file() and layout.marker.read_text().strip() == wanted:
-        return
-    mvn = require_tool("mvn", "Maven fetches the Kafka jars from Maven Central")
-    staging = layout.home / f"libs.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    info(f"fetching Kafka {version} jars from Maven Central ...")
     started = time.monotonic()
-    cmd = [mvn, "-q", "-B", "-f", str(POM), f"-Dkafka.version={version}"]
-    cmd += ["dependency:copy-dependencies", f"-DoutputDirectory={staging}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ServiceError(f"mvn failed ({result.returncode}):\n{result.stdout}{result.stderr}")
-    # Swap in whole so an interrupted fetch never leaves a half-filled libs/ behind a marker.
-    if layout.libs.is_symlink() or layout.libs.is_file():
-        layout.libs.unlink()
-    shutil.rmtree(layout.libs, ignore_errors=True)
-    staging.rename(layout.libs)
-    layout.marker.write_text(f"{wanted}\n")
+    if not fetch_with_maven(
+        KAFKA,
+        layout.libs,
+        layout.marker,
+        jar_set(version),
+        f"Kafka {version} jars",
+        lambda staging: [
+            *("-f", str(POM), f"-Dkafka.version={version}"),
+            *("dependency:copy-dependencies", f"-DoutputDirectory={staging}"),
+        ],
+    ):
+        return
     jars = list(layout.libs.glob("*.jar"))
     size_mb = sum(jar.stat().st_size for jar in jars) / 1e6
     info(f"fetched {len(jars)} jars ({size_mb:.0f} MB) in {time.monotonic() - started:.1f}s")

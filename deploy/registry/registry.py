@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 import tarfile
 import time
@@ -50,12 +48,12 @@ from jvm_service import (  # noqa: E402
     choose_port,
     daemonise,
     env_int,
+    fetch_with_maven,
     file_size,
     find_java,
     home_flag,
     locked,
     read_state,
-    require_tool,
     reuse_running,
     run,
     running_pid,
@@ -131,35 +129,34 @@ def registry_version() -> str:
 
 def fetch(layout: Layout, version: str) -> None:
     """Download the app's tar.gz from Maven Central and unpack it into app/, unless there."""
-    if layout.marker.is_file() and layout.marker.read_text().strip() == version:
-        return
-    mvn = require_tool("mvn", "Maven fetches the registry from Maven Central")
-    staging = layout.home / f"app.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    info(f"fetching Apicurio Registry {version} from Maven Central ...")
     started = time.monotonic()
+
+    def unpack(staging: Path) -> None:
+        archive = staging / f"{ARTIFACT}-{version}-all.tar.gz"
+        with tarfile.open(archive) as tar:
+            # The archive holds the runner jar, lib/ and meta/ at its top level. The "data"
+            # filter (refusing paths outside staging) exists from Python 3.12 and in patched
+            # 3.9-3.11.
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(staging, **safe)
+        archive.unlink()
+        if not (staging / f"{ARTIFACT}-{version}-runner.jar").is_file():
+            raise ServiceError(f"{archive.name} holds no {ARTIFACT}-{version}-runner.jar")
+
     # dependency:copy's coordinates are groupId:artifactId:version:type:classifier.
-    cmd = [mvn, "-q", "-B", "org.apache.maven.plugins:maven-dependency-plugin:3.11.0:copy"]
-    cmd += [f"-Dartifact={GROUP}:{ARTIFACT}:{version}:tar.gz:all", f"-DoutputDirectory={staging}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=layout.home)
-    if result.returncode != 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ServiceError(f"mvn failed ({result.returncode}):\n{result.stdout}{result.stderr}")
-    archive = staging / f"{ARTIFACT}-{version}-all.tar.gz"
-    with tarfile.open(archive) as tar:
-        # The archive holds the runner jar, lib/ and meta/ at its top level. The "data" filter
-        # (refusing paths outside staging) exists from Python 3.12 and in patched 3.9-3.11.
-        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        tar.extractall(staging, **safe)
-    archive.unlink()
-    if not (staging / f"{ARTIFACT}-{version}-runner.jar").is_file():
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ServiceError(f"{archive.name} holds no {ARTIFACT}-{version}-runner.jar")
-    # Swap in whole so an interrupted fetch never leaves a half-filled app/ behind a marker.
-    shutil.rmtree(layout.app, ignore_errors=True)
-    staging.rename(layout.app)
-    layout.marker.write_text(f"{version}\n")
-    info(f"fetched and unpacked in {time.monotonic() - started:.1f}s into {layout.app}")
+    copy = "org.apache.maven.plugins:maven-dependency-plugin:3.11.0:copy"
+    artifact = f"-Dartifact={GROUP}:{ARTIFACT}:{version}:tar.gz:all"
+    if fetch_with_maven(
+        REGISTRY,
+        layout.app,
+        layout.marker,
+        version,
+        f"Apicurio Registry {version}",
+        lambda staging: [copy, artifact, f"-DoutputDirectory={staging}"],
+        cwd=layout.home,
+        unpack=unpack,
+    ):
+        info(f"fetched and unpacked in {time.monotonic() - started:.1f}s into {layout.app}")
 
 
 def answers(url: str) -> bool:
