@@ -35,11 +35,12 @@ log = structlog.get_logger(__name__)
 class KafkaClients(Protocol):
     """The Kafka clients serve() opens, not started: built from the settings by default
     (`producer.kafka_clients`); tests give in-memory ones. The outcome producer is the at
-    least once publisher's: exactly once's transactional one is built by its publisher."""
+    least once publisher's, or with a transactional id one of exactly once's (one per requests
+    partition, made by its publisher as partitions are assigned)."""
 
     def requests_consumer(self) -> AIOKafkaConsumer: ...
     def cancel_consumer(self) -> AIOKafkaConsumer: ...
-    def outcome_producer(self) -> AIOKafkaProducer: ...
+    def outcome_producer(self, transactional_id: str | None = None) -> AIOKafkaProducer: ...
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,8 @@ class _ClientsFromSettings:
     def cancel_consumer(self) -> AIOKafkaConsumer:
         return cancel_consumer(self.settings.kafka)
 
-    def outcome_producer(self) -> AIOKafkaProducer:
-        return outcome_producer(self.settings.kafka)
+    def outcome_producer(self, transactional_id: str | None = None) -> AIOKafkaProducer:
+        return outcome_producer(self.settings.kafka, transactional_id)
 
 
 async def serve(
@@ -146,7 +147,13 @@ def _guarantee(
                 reason="replaced by transactional_id_prefix, the same on every worker",
             )
         transactional = TransactionalPublisher(
-            settings.kafka, settings.topics, codec, prefix, settings.group_id, hooks
+            settings.kafka,
+            settings.topics,
+            codec,
+            prefix,
+            settings.group_id,
+            hooks,
+            make_producer=clients.outcome_producer,
         )
         return transactional, TransactionalCommits(transactional)
     publisher = OutcomePublisher(

@@ -21,7 +21,8 @@ of revoked partitions are dropped by `close`, since their requests go to the new
 """
 
 import asyncio
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -78,7 +79,11 @@ class _Staged:
 
 class TransactionalPublisher(OutcomeSink):
     """Stages outcomes by request partition and offset; `commit` publishes them with the
-    offsets, atomically, through each partition's own transactional producer."""
+    offsets, atomically, through each partition's own transactional producer.
+
+    `make_producer` builds a partition's producer, not started, from its transactional id; by
+    default the worker's outcome producer (`producer.kafka_clients`) for `kafka`.
+    """
 
     def __init__(
         self,
@@ -88,9 +93,14 @@ class TransactionalPublisher(OutcomeSink):
         transactional_id_prefix: str,
         group_id: str,
         hooks: PublisherHooks | None = None,
+        make_producer: Callable[[str], AIOKafkaProducer] | None = None,
     ) -> None:
         super().__init__(topics, codec, hooks=hooks)
-        self._kafka = kafka
+        self._make_producer = (
+            make_producer
+            if make_producer is not None
+            else functools.partial(outcome_producer, kafka)
+        )
         self.transactional_id_prefix = transactional_id_prefix
         self._group_id = group_id
         self._staged: dict[TopicPartition, dict[int, list[_Staged]]] = {}
@@ -109,8 +119,8 @@ class TransactionalPublisher(OutcomeSink):
         """
         new = [tp for tp in partitions if tp not in self._producers]
         for tp in new:
-            self._producers[tp] = outcome_producer(
-                self._kafka, transactional_id=transactional_id(self.transactional_id_prefix, tp)
+            self._producers[tp] = self._make_producer(
+                transactional_id(self.transactional_id_prefix, tp)
             )
         # At once: each is a round trip to the transaction coordinator, and the rebalance
         # waits for all of them.

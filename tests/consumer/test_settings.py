@@ -1,8 +1,10 @@
 """Settings read from the environment: names chosen from a list, in any case."""
 
 import os
+from typing import cast
 
 import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
@@ -10,6 +12,8 @@ from consumer.app import _ClientsFromSettings, _guarantee
 from consumer.settings import ProcessingGuarantee, WorkerSettings
 from producer.publisher import PublisherHooks
 from producer.settings import LogFormat, LogLevel, SaslMechanism, SecurityProtocol
+from producer.transactions import TransactionalPublisher
+from tests.fixtures.memory_kafka import MemoryKafka
 
 PREFIX = "VOICECLONE_"
 
@@ -73,3 +77,23 @@ def test_the_old_per_worker_transactional_id_is_ignored_out_loud(
     (warning,) = [e for e in logs if e["event"] == "setting_ignored"]
     assert warning["setting"] == "transactional_id"
     assert warning["log_level"] == "warning"
+
+
+async def test_exactly_once_makes_its_partitions_producers_through_the_clients_it_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VOICECLONE_PROCESSING_GUARANTEE", "exactly_once")
+    settings = WorkerSettings()
+    asked: list[str | None] = []
+
+    class Clients(_ClientsFromSettings):
+        def outcome_producer(self, transactional_id: str | None = None) -> AIOKafkaProducer:
+            asked.append(transactional_id)
+            return cast(AIOKafkaProducer, MemoryKafka().producer())
+
+    publisher, _ = _guarantee(settings, settings.make_codec(), PublisherHooks(), Clients(settings))
+    assert isinstance(publisher, TransactionalPublisher)
+    await publisher.open([TopicPartition(settings.topics.requests, 0)])
+    await publisher.stop()
+
+    assert asked == [f"{settings.group_id}-{settings.topics.requests}-0"]
