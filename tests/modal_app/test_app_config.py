@@ -6,7 +6,6 @@ to see the snapshot options, which Modal keeps only in the definition it sends a
 
 import ast
 import importlib
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from modal._utils.async_utils import synchronizer
 
 from modal_app.profiles import PROFILES, SERVICE_CLASS_NAME, profile_for
+from tests.fixtures.process import fresh_python
 
 ENV_KEYS = (
     "VOICECLONE_MODEL_SIZE",
@@ -197,16 +197,7 @@ def test_importing_the_app_needs_no_torch_or_fastapi() -> None:
     """Deploying runs on a machine without the engine extra; only containers import those."""
     probe = "import sys, modal_app.app; print(sorted({'torch', 'fastapi'} & set(sys.modules)))"
 
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-
-    assert result.stdout.strip() == "[]"
+    assert fresh_python(probe) == "[]"
 
 
 def test_profiles_give_the_worker_stable_names() -> None:

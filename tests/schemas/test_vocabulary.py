@@ -3,9 +3,6 @@ each word, errors that keep their code and retry flag wherever they travel."""
 
 import dataclasses
 import pickle
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,8 +22,7 @@ from schemas.vocabulary import (
     ModelSize,
     VoicecloneError,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.fixtures.process import fresh_python
 
 
 def test_the_vocabulary_needs_only_the_standard_library() -> None:
@@ -37,16 +33,7 @@ def test_the_vocabulary_needs_only_the_standard_library() -> None:
         "- set(sys.stdlib_module_names) - {'schemas'}))"
     )
 
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-
-    assert result.stdout.strip() == "[]"
+    assert fresh_python(probe, timeout=60) == "[]"
 
 
 def test_the_wire_record_carries_exactly_the_engines_parameters() -> None:
