@@ -22,6 +22,7 @@ from producer.transactions import TransactionalPublisher
 from schemas.codec import make_codec
 from schemas.topics import Topics
 from tests.fixtures.kafka import TopicFactory
+from tests.fixtures.worker import fresh_topics
 from tests.producer.test_transactions import committed_offset, committed_outcomes, failed
 
 pytestmark = pytest.mark.timeout(90)
@@ -32,13 +33,7 @@ REQUESTS = 2
 @pytest.fixture
 async def topics(topic_factory: TopicFactory) -> Topics:
     """A requests topic of one partition: whoever holds it, holds all the work."""
-    return Topics(
-        requests=await topic_factory("requests", partitions=1),
-        audio_ready=await topic_factory("ready", partitions=1),
-        failed=await topic_factory("failed", partitions=1),
-        cancel=await topic_factory("cancel", partitions=1),
-        dlq=await topic_factory("dlq", partitions=1),
-    )
+    return await fresh_topics(topic_factory, requests_partitions=1)
 
 
 @pytest.fixture

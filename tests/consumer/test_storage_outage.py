@@ -7,7 +7,6 @@ import asyncio
 import time
 from pathlib import Path
 
-from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from consumer.backends import BackendSettings
@@ -16,7 +15,7 @@ from producer.client import download_audio
 from producer.storage import StorageSettings
 from schemas.events import AudioReady, CloneFailed, ErrorCode
 from tests.fixtures.memory_kafka import MemoryKafka
-from tests.fixtures.s3 import OwnS3
+from tests.fixtures.s3 import OwnS3, storage_settings_on
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (
     Outcomes,
@@ -35,17 +34,8 @@ OUTAGE_S = 5.0  # past the first attempts of every request in flight; some budge
 
 def s3_settings(own_s3: OwnS3) -> StorageSettings:
     server = own_s3.server
-    bucket = server.create_bucket()
-    return StorageSettings(
-        kind="s3",
-        endpoint_url=server.endpoint_url,
-        bucket=bucket,
-        region=server.region,
-        access_key_id=server.access_key_id,
-        secret_access_key=SecretStr(server.secret_access_key),
-        addressing_style="path",
-        max_attempts=1,  # no retries inside botocore: the worker's budget is the only one
-    )
+    # No retries inside botocore: the worker's budget is the only one.
+    return storage_settings_on(server, server.create_bucket(), max_attempts=1)
 
 
 async def test_an_object_store_outage_is_waited_out_or_failed_after_the_budget(
