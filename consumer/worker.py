@@ -113,21 +113,21 @@ class Worker:
                 LagMonitor(self._metrics).run(consumer, self._tracker.in_flight), name="lag"
             )
             consumer.subscribe([self._settings.topics.requests], listener=_Rebalances(self))
-            await self._consume(consumer, until_idle)
+            await self._consume(until_idle)
         finally:
             if lag is not None:
                 lag.cancel()
                 await asyncio.gather(lag, return_exceptions=True)
             try:
-                await self._drain(consumer)
+                await self._drain()
             finally:
                 await consumer.stop()
                 log.info("worker_stopped")
 
-    async def _consume(self, consumer: AIOKafkaConsumer, until_idle: bool) -> None:
+    async def _consume(self, until_idle: bool) -> None:
         while not self._stopping.is_set():
             free = self._free_slots()
-            self._apply_backpressure(consumer, free)
+            self._apply_backpressure(free)
             if free <= 0:
                 await self._wait_for_slot()
                 if self._free_slots() > 0:
@@ -137,32 +137,32 @@ class Worker:
             # Full or not, poll: it is what keeps us in the group while long jobs run. When
             # full, every partition is paused, so the poll returns at once and fetches nothing.
             try:
-                batch = await consumer.getmany(
+                batch = await self._consumer.getmany(
                     timeout_ms=self._settings.poll_timeout_ms if free > 0 else 0,
                     max_records=max(free, 1),
                 )
             except UnicodeDecodeError:  # aiokafka's record parser: a header name not UTF-8
-                await self._isolate_unreadable(consumer)
+                await self._isolate_unreadable()
                 continue
             self._health.progressed()
             for records in batch.values():
                 for record in records:
                     self._start(record)
-            await self._commit_if_due(consumer)
+            await self._commit_if_due()
             await self._retry_not_ready()
-            if until_idle and not batch and await self._idle(consumer):
+            if until_idle and not batch and await self._idle():
                 log.info("worker_idle")
                 return
 
-    async def _idle(self, consumer: AIOKafkaConsumer) -> bool:
+    async def _idle(self) -> bool:
         """Nothing in flight, and every partition of ours that can be read is read to its end
         (its last stable offset, reading committed transactions only)."""
-        if self._tasks or not consumer.assignment():  # not joined yet: nothing is known
+        if self._tasks or not self._consumer.assignment():  # not joined yet: nothing is known
             return False
-        readable = list(consumer.assignment() - self._unreadable)
-        ends = await consumer.end_offsets(readable) if readable else {}
+        readable = list(self._consumer.assignment() - self._unreadable)
+        ends = await self._consumer.end_offsets(readable) if readable else {}
         for tp, end in ends.items():
-            if await consumer.position(tp) < end:
+            if await self._consumer.position(tp) < end:
                 return False
         return True
 
@@ -178,13 +178,13 @@ class Worker:
         held_at_most = settings.max_in_flight + settings.max_waiting
         return min(settings.max_in_flight - running, held_at_most - self.in_flight)
 
-    def _apply_backpressure(self, consumer: AIOKafkaConsumer, free: int) -> None:
+    def _apply_backpressure(self, free: int) -> None:
         if free <= 0:
-            consumer.pause(*consumer.assignment())
-        elif paused := consumer.paused() - self._unreadable - self._not_ready:
-            consumer.resume(*paused)
+            self._consumer.pause(*self._consumer.assignment())
+        elif paused := self._consumer.paused() - self._unreadable - self._not_ready:
+            self._consumer.resume(*paused)
 
-    async def _isolate_unreadable(self, consumer: AIOKafkaConsumer) -> None:
+    async def _isolate_unreadable(self) -> None:
         """Keep serving every partition but one whose next record aiokafka cannot parse.
 
         aiokafka fails a whole poll on such a record, and then on every fetch of its batch: no
@@ -193,43 +193,41 @@ class Worker:
         offset past its batch); the poll's other records are read again, one at a time, since
         the failed poll may have consumed records of other partitions without returning them.
         """
-        for tp in consumer.assignment():
-            consumer.seek(tp, await self._resume_point(consumer, tp))
-        for tp in consumer.assignment() - consumer.paused():
-            await self._read_one_by_one(consumer, tp)
+        for tp in self._consumer.assignment():
+            self._consumer.seek(tp, await self._resume_point(tp))
+        for tp in self._consumer.assignment() - self._consumer.paused():
+            await self._read_one_by_one(tp)
 
-    async def _read_one_by_one(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
+    async def _read_one_by_one(self, tp: TopicPartition) -> None:
         """Start `tp`'s records one at a time while slots are free, up to one that cannot be
         parsed: then pause `tp` at it."""
         while self._free_slots() > 0:
             try:
-                batch = await consumer.getmany(
+                batch = await self._consumer.getmany(
                     tp, timeout_ms=self._settings.poll_timeout_ms, max_records=1
                 )
             except UnicodeDecodeError as exc:
-                await self._pause_unreadable(consumer, tp, exc)
+                await self._pause_unreadable(tp, exc)
                 return
             if not batch:
                 return
             self._start(batch[tp][0])
 
-    async def _pause_unreadable(
-        self, consumer: AIOKafkaConsumer, tp: TopicPartition, error: UnicodeDecodeError
-    ) -> None:
-        offset = await self._resume_point(consumer, tp)
-        consumer.seek(tp, offset)
-        consumer.pause(tp)
+    async def _pause_unreadable(self, tp: TopicPartition, error: UnicodeDecodeError) -> None:
+        offset = await self._resume_point(tp)
+        self._consumer.seek(tp, offset)
+        self._consumer.pause(tp)
         self._unreadable.add(tp)
         log.error("partition_unreadable", partition=tp.partition, offset=offset, error=str(error))
 
-    async def _resume_point(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
+    async def _resume_point(self, tp: TopicPartition) -> int:
         """The offset after the last record of `tp` this worker started; before the first, the
         group's committed offset or, with none, the beginning (auto_offset_reset earliest)."""
         if (offset := self._tracker.next_offset(tp)) is not None:
             return offset
-        if (committed := await consumer.committed(tp)) is not None:
+        if (committed := await self._consumer.committed(tp)) is not None:
             return committed
-        return (await consumer.beginning_offsets([tp]))[tp]
+        return (await self._consumer.beginning_offsets([tp]))[tp]
 
     async def _wait_for_slot(self) -> None:
         self._slot_freed.clear()
@@ -264,21 +262,17 @@ class Worker:
             # means even the dead letter failed. The offset stays uncommitted (redelivered).
             log.error("handler_crashed", error=repr(exc))
 
-    async def _commit_if_due(self, consumer: AIOKafkaConsumer) -> None:
+    async def _commit_if_due(self) -> None:
         now = time.monotonic()
         if now - self._last_commit >= self._settings.commit_interval_seconds:
             self._last_commit = now
-            await self._commit(consumer)
+            await self._commit()
 
-    async def _commit(
-        self, consumer: AIOKafkaConsumer, only: Iterable[TopicPartition] = ()
-    ) -> None:
+    async def _commit(self, only: Iterable[TopicPartition] = ()) -> None:
         async with self._committing:
-            await self._commit_now(consumer, only)
+            await self._commit_now(only)
 
-    async def _commit_now(
-        self, consumer: AIOKafkaConsumer, only: Iterable[TopicPartition] = ()
-    ) -> None:
+    async def _commit_now(self, only: Iterable[TopicPartition] = ()) -> None:
         offsets = self._tracker.committable()
         if wanted := set(only):
             offsets = {tp: off for tp, off in offsets.items() if tp in wanted}
@@ -287,7 +281,7 @@ class Worker:
                 self._health.committed()
             return
         try:
-            committed = await self._commits.commit(consumer, offsets)
+            committed = await self._commits.commit(self._consumer, offsets)
         except KafkaError as exc:  # CommitFailedError and IllegalStateError included
             # Uncommitted work is redelivered to whoever owns the partition next.
             log.warning("commit_failed", error=repr(exc))
@@ -306,11 +300,11 @@ class Worker:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _drain(self, consumer: AIOKafkaConsumer) -> None:
-        consumer.pause(*consumer.assignment())
+    async def _drain(self) -> None:
+        self._consumer.pause(*self._consumer.assignment())
         log.info("worker_draining", in_flight=self.in_flight)
         await self._settle(list(self._tasks), self._settings.shutdown_grace_seconds)
-        await self._commit(consumer)
+        await self._commit()
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         if not revoked:  # the first join "revokes" the empty assignment
@@ -319,7 +313,7 @@ class Worker:
         log.info("partitions_revoked", partitions=_names(revoked), in_flight=len(mine))
         try:
             await self._settle(mine, self._settings.revoke_grace_seconds)
-            await self._commit(self._consumer, only=revoked)
+            await self._commit(only=revoked)
         finally:
             # Whatever the commit did, the partitions are no longer ours: nothing of theirs may
             # go into a later commit, which would repeat what their next owner redoes.

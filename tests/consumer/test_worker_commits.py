@@ -73,7 +73,7 @@ async def test_a_revocation_waits_for_the_loops_transaction_then_lets_go_of_its_
         worker._tracker.track(tp, 0)
         worker._tracker.done(tp, 0)
 
-    loop_commit = asyncio.create_task(worker._commit(consumer))
+    loop_commit = asyncio.create_task(worker._commit())
     await transactions.opened.wait()
     revocation = asyncio.create_task(worker.on_revoked({REVOKED}))
     await asyncio.sleep(0.05)
