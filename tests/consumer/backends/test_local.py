@@ -60,6 +60,16 @@ async def backend(tiny_model_dir: Path) -> AsyncIterator[Backend]:
 
 
 @pytest.fixture
+async def fast_backend(tiny_model_dir: Path) -> AsyncIterator[LocalBackend]:
+    """A started backend serving the tiny model as 1.7B only, through the fast loop."""
+    started = make_backend(local_settings(model_1_7b=str(tiny_model_dir), generation="fast"))
+    assert isinstance(started, LocalBackend)
+    await started.start()
+    yield started
+    await started.close()
+
+
+@pytest.fixture
 def voice_job(clone_job: CloneJobFactory, reference_wav: bytes) -> CloneJobFactory:
     """A short job in the tiny model's reference voice; keyword arguments override."""
 
@@ -230,37 +240,26 @@ async def test_threads_setting_applies_in_the_engine_thread(tiny_model_dir: Path
 
 
 async def test_generation_setting_reaches_the_engine(
-    tiny_model_dir: Path, voice_job: CloneJobFactory
+    fast_backend: LocalBackend, voice_job: CloneJobFactory
 ) -> None:
-    backend = make_backend(local_settings(model_1_7b=str(tiny_model_dir), generation="fast"))
-    await backend.start()
-    try:
-        assert isinstance(backend, LocalBackend)
-        assert backend._models["1.7B"].engine.options.generation == "fast"
-        result = await backend.clone(voice_job(), timeout=60)
-    finally:
-        await backend.close()
+    assert fast_backend._models["1.7B"].engine.options.generation == "fast"
+    result = await fast_backend.clone(voice_job(), timeout=60)
 
     assert soundfile.info(io.BytesIO(result.audio)).frames == frames_to_samples(FRAMES)
 
 
 async def test_a_runaway_generation_is_reported_capped_and_counted(
-    tiny_model_dir: Path, voice_job: CloneJobFactory
+    fast_backend: LocalBackend, voice_job: CloneJobFactory
 ) -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    backend = make_backend(local_settings(model_1_7b=str(tiny_model_dir), generation="fast"))
     # The tiny model never says its end token: given room, its row runs to its frame cap.
     runaway = voice_job(generation=GenerationParams(max_new_tokens=500, seed=1))
-    await backend.start()
-    try:
-        results = []
-        for job in (voice_job(), runaway):
-            with metrics.backend_call(backend.name, "1.7B") as call:
-                call.result = await backend.clone(job, timeout=60)
-            results.append(call.result)
-    finally:
-        await backend.close()
+    results = []
+    for job in (voice_job(), runaway):
+        with metrics.backend_call(fast_backend.name, "1.7B") as call:
+            call.result = await fast_backend.clone(job, timeout=60)
+        results.append(call.result)
 
     assert [result.capped for result in results] == [False, True]
     labels = {"backend": "local", "model": "1.7B"}
@@ -278,21 +277,15 @@ def eventually(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
 
 
 async def test_in_flight_requests_share_one_engine_batch(
-    tiny_model_dir: Path, voice_job: CloneJobFactory
+    fast_backend: LocalBackend, voice_job: CloneJobFactory
 ) -> None:
-    backend = make_backend(local_settings(model_1_7b=str(tiny_model_dir), generation="fast"))
-    await backend.start()
-    try:
-        assert isinstance(backend, LocalBackend)
-        engine = backend._models["1.7B"].engine
-        # Long enough (20+ frames) to overlap however the threads are scheduled.
-        jobs = [
-            voice_job(generation=GenerationParams(max_new_tokens=20 + index, seed=index))
-            for index in range(6)
-        ]
-        results = await asyncio.gather(*(backend.clone(job, timeout=60) for job in jobs))
-    finally:
-        await backend.close()
+    engine = fast_backend._models["1.7B"].engine
+    # Long enough (20+ frames) to overlap however the threads are scheduled.
+    jobs = [
+        voice_job(generation=GenerationParams(max_new_tokens=20 + index, seed=index))
+        for index in range(6)
+    ]
+    results = await asyncio.gather(*(fast_backend.clone(job, timeout=60) for job in jobs))
 
     lengths = [soundfile.info(io.BytesIO(result.audio)).frames for result in results]
     assert lengths == [frames_to_samples(20 + index) for index in range(6)]
@@ -302,26 +295,20 @@ async def test_in_flight_requests_share_one_engine_batch(
 
 
 async def test_a_call_past_its_deadline_leaves_the_engine_batch(
-    tiny_model_dir: Path, voice_job: CloneJobFactory
+    fast_backend: LocalBackend, voice_job: CloneJobFactory
 ) -> None:
-    backend = make_backend(local_settings(model_1_7b=str(tiny_model_dir), generation="fast"))
-    await backend.start()
-    try:
-        assert isinstance(backend, LocalBackend)
-        stats = backend._models["1.7B"].engine.generation_stats()
-        assert stats is not None
-        # A long text: its frame cap lets the never-ending tiny model run for many seconds.
-        endless = voice_job(
-            text=" ".join(["A long sentence that goes on and on."] * 8),
-            generation=GenerationParams(max_new_tokens=4000),
-        )
-        with pytest.raises(BackendTimeout):
-            await backend.clone(endless, timeout=0.5)
-        # The engine dropped its rows (it polls between frames), rather than ran them out.
-        assert await asyncio.to_thread(eventually, lambda: stats.rows_stopped >= 1)
-        later = await backend.clone(voice_job(), timeout=60)
-    finally:
-        await backend.close()
+    stats = fast_backend._models["1.7B"].engine.generation_stats()
+    assert stats is not None
+    # A long text: its frame cap lets the never-ending tiny model run for many seconds.
+    endless = voice_job(
+        text=" ".join(["A long sentence that goes on and on."] * 8),
+        generation=GenerationParams(max_new_tokens=4000),
+    )
+    with pytest.raises(BackendTimeout):
+        await fast_backend.clone(endless, timeout=0.5)
+    # The engine dropped its rows (it polls between frames), rather than ran them out.
+    assert await asyncio.to_thread(eventually, lambda: stats.rows_stopped >= 1)
+    later = await fast_backend.clone(voice_job(), timeout=60)
 
     assert soundfile.info(io.BytesIO(later.audio)).frames == frames_to_samples(FRAMES)
 
