@@ -38,6 +38,9 @@ class EngineOptions:
     frames_per_text_token: float = 12.0
     min_frame_cap: int = 25
     compile_steps: bool = False  # torch.compile the fast loop's steps (CUDA only; experimental)
+    # Decode with the speech decoder traced as one graph that runs without the GIL, once it is
+    # checked equal to the eager decoder (modal_app.decoder_graph); False: always eager.
+    trace_decoder: bool = True
 
     def __post_init__(self) -> None:
         if self.generation not in GENERATION_MODES:

@@ -8,8 +8,8 @@ transformer the very masks transformers would build, from a cache, so the audio 
 bit for bit and the decode stays qwen-tts's own.
 """
 
-from functools import lru_cache
-from typing import Any
+from functools import lru_cache, partial
+from typing import Any, Protocol
 
 import torch
 from qwen_tts import Qwen3TTSModel
@@ -25,6 +25,22 @@ MAX_CACHED_SHAPES = 128
 Masks = dict[str, torch.Tensor | None]
 
 
+class MaskBuilder(Protocol):
+    def __call__(
+        self, batch: int, length: int, dtype: torch.dtype, device: torch.device
+    ) -> Masks: ...
+
+
+def mask_builder(transformer: torch.nn.Module) -> MaskBuilder:
+    """The transformer's masks for a (batch, length, dtype, device), each built once: one cache
+    per transformer, shared by the eager decoder's hook and its traced graph."""
+    cached = transformer.__dict__.get("_mask_builder")
+    if cached is None:
+        cached = lru_cache(maxsize=MAX_CACHED_SHAPES)(partial(_build_masks, transformer))
+        transformer.__dict__["_mask_builder"] = cached
+    return cached
+
+
 def cache_decode_masks(tts: Qwen3TTSModel) -> RemovableHandle | None:
     """Serve the speech tokenizer's decoder masks from a cache (12 Hz tokenizers; None for
     others, which have no such transformer)."""
@@ -32,7 +48,7 @@ def cache_decode_masks(tts: Qwen3TTSModel) -> RemovableHandle | None:
     transformer = getattr(decoder, "pre_transformer", None)
     if transformer is None:
         return None
-    masks = lru_cache(maxsize=MAX_CACHED_SHAPES)(lambda *shape: _build_masks(transformer, *shape))
+    masks = mask_builder(transformer)
 
     def with_cached_masks(
         _module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
