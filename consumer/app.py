@@ -12,8 +12,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from consumer.backends import Backend, make_backend
-from consumer.cancels import CancelRegistry, CancelWatcher
-from consumer.handler import RecordHandler
+from consumer.handler import CancelRegistry, CancelWatcher, RecordHandler
 from consumer.metrics import Metrics
 from consumer.observability.health import Health
 from consumer.observability.server import ObservabilityServer

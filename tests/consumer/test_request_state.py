@@ -8,8 +8,8 @@ from pathlib import Path
 
 from consumer.backends import BackendSettings
 from consumer.backends.base import CloneJob, CloneResult
-from consumer.cancels import CancelRegistry
 from consumer.concurrency import KeyedSemaphores
+from consumer.handler import CancelRegistry
 from consumer.pipeline import StageClock
 from consumer.reference import ReferenceAudio, ReferenceSettings
 from consumer.worker import OffsetTracker
