@@ -9,8 +9,9 @@ always ends in a published outcome or a dead letter before its offset is marked 
 is committed on cancellation. Run until idle, the loop also ends once its partitions are read
 to their end and nothing is in flight.
 
-Beside the loop it keeps the readiness facts (`Health`) and the consume-side metrics up to
-date, and runs the lag monitor as a task of its own, started and stopped with the consumer.
+Beside the loop it keeps the facts readiness reads (`LoopFacts`, plain fields) and the
+consume-side metrics up to date, and runs the lag monitor as a task of its own, started and
+stopped with the consumer.
 
 The module reads from its pieces up to the loop: which offsets of a partition may be committed
 (`OffsetTracker`), how they are committed under each processing guarantee (`Commits`), then
@@ -33,7 +34,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 from consumer.admission import TenantAdmission
 from consumer.handler import RecordHandler
 from consumer.metrics import Metrics
-from consumer.observability.health import Health
+from consumer.observability.health import LoopFacts
 from consumer.observability.lag import LagMonitor
 from consumer.settings import WorkerSettings
 from producer.transactions import TransactionalPublisher
@@ -249,9 +250,10 @@ class Worker:
 
     `consumer` is the group member to read them with, not started: `run` starts, subscribes
     and stops it (`producer.kafka_clients.worker_consumer`; tests give an in-memory one).
-    `metrics` and `health` default to ones nobody serves, for callers that do not look at them.
+    `metrics` defaults to ones nobody serves, for callers that do not look at them.
     `commits` is how finished offsets are committed (`Commits`, above); by default by the
-    consumer, outcomes being already acknowledged (`at_least_once`).
+    consumer, outcomes being already acknowledged (`at_least_once`). `facts` is what the loop
+    knows that readiness asks about, read by `Health` (its `loop_facts`).
     """
 
     def __init__(
@@ -260,7 +262,6 @@ class Worker:
         consumer: AIOKafkaConsumer,
         handler: RecordHandler,
         metrics: Metrics | None = None,
-        health: Health | None = None,
         commits: Commits | None = None,
     ) -> None:
         self._settings = settings
@@ -269,7 +270,7 @@ class Worker:
             commits if commits is not None else PlainCommits(settings.broker_timeout_seconds)
         )
         self._metrics = metrics if metrics is not None else Metrics.unexported()
-        self._health = health if health is not None else Health.from_settings(settings.http)
+        self.facts = LoopFacts()
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         # Partitions paused for good: their next record cannot be parsed (_isolate_unreadable).
         self._unreadable: set[TopicPartition] = set()
@@ -349,7 +350,7 @@ class Worker:
             except UnicodeDecodeError:  # aiokafka's record parser: a header name not UTF-8
                 await self._isolate_unreadable()
                 continue
-            self._health.progressed()
+            self.facts.last_poll = time.monotonic()
             for records in batch.values():
                 for record in records:
                     self._start(record)
@@ -483,7 +484,7 @@ class Worker:
             offsets = {tp: off for tp, off in offsets.items() if tp in wanted}
         if not offsets:
             if not only:  # nothing left to commit, so nothing failing either
-                self._health.committed()
+                self.facts.commit_failure = None
             return
         try:
             committed = await self._commits.commit(self._consumer, offsets)
@@ -491,10 +492,10 @@ class Worker:
             # Uncommitted work is redelivered to whoever owns the partition next.
             log.warning("commit_failed", error=repr(exc))
             self._metrics.commit_failed()
-            self._health.commit_failed(repr(exc))
+            self.facts.commit_failure = repr(exc)
         else:
             self._tracker.mark_committed(committed)
-            self._health.committed()
+            self.facts.commit_failure = None
 
     async def _settle(self, tasks: list[asyncio.Task[None]], grace: float) -> None:
         """Let tasks finish within `grace` seconds, then cancel the rest (left uncommitted)."""
@@ -529,14 +530,14 @@ class Worker:
                 await self._commits.revoked(revoked)
             # Last, so a lag measured while the revoked work finished is not left behind.
             self._metrics.rebalanced("revoked", revoked)
-            self._health.revoked(revoked)
+            self.facts.assigned -= revoked
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("partitions_assigned", partitions=_names(assigned))
         if not assigned:  # more workers than partitions: this one gets none
             return
         self._metrics.rebalanced("assigned", assigned)
-        self._health.assigned(assigned)
+        self.facts.assigned |= assigned
         # New partitions start unpaused, and the loop polls while this runs: paused until
         # ready (exactly_once: the earlier owner fenced, the position read after), and
         # resumed by the loop once there is room.
