@@ -12,9 +12,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from consumer.backends import Backend, make_backend
-from consumer.cancels import CancelRegistry, CancelWatcher
-from consumer.commits import Commits, PlainCommits, TransactionalCommits
-from consumer.handler import RecordHandler
+from consumer.handler import CancelRegistry, CancelWatcher, RecordHandler
 from consumer.metrics import Metrics
 from consumer.observability.health import Health
 from consumer.observability.server import ObservabilityServer
@@ -22,7 +20,7 @@ from consumer.pipeline import Pipeline
 from consumer.reference import ReferenceFetcher
 from consumer.settings import ProcessingGuarantee, WorkerSettings
 from consumer.tracing import RequestTracing
-from consumer.worker import Worker
+from consumer.worker import Commits, PlainCommits, TransactionalCommits, Worker
 from producer.kafka_clients import cancel_consumer, outcome_producer, worker_consumer
 from producer.publisher import OutcomePublisher, OutcomeSink, PublisherHooks
 from producer.storage import make_storage
@@ -101,8 +99,9 @@ async def serve(
         health.backend_ready = backend.ready
         fetcher = ReferenceFetcher(settings.reference, object_reader=storage)
         stack.push_async_callback(fetcher.close)
-        hooks = PublisherHooks(retried=metrics.retried, connected=health.set_producer_connected)
+        hooks = PublisherHooks(retried=metrics.retried)
         publisher, commits = _guarantee(settings, codec, hooks, clients)
+        health.producer_connected = lambda: publisher.connected
         # Before start: a start that fails (Kafka unreachable) leaves a client to close.
         stack.push_async_callback(publisher.stop)
         await publisher.start()
@@ -124,7 +123,8 @@ async def serve(
             codec, pipeline, publisher, cancels, metrics=metrics, tracing=tracing
         )
         consumer = clients.requests_consumer()
-        worker = Worker(settings, consumer, handler, metrics, health, commits)
+        worker = Worker(settings, consumer, handler, metrics, commits)
+        health.loop_facts = worker.facts
         stack.enter_context(_stop_on_signals(worker.stop))
         log.info("worker_started", backend=backend.name, max_in_flight=settings.max_in_flight)
         if ready is not None:

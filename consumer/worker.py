@@ -1,4 +1,5 @@
-"""The consume loop: fetch within the in-flight bound, run each request, commit finished prefixes.
+"""The consume loop and how it commits: fetch within the in-flight bound, run each request,
+commit finished prefixes.
 
 One loop, read top to bottom: make room (pause/resume), fetch, start a task per record, commit
 what is contiguous (at most every `commit_interval_seconds`; at once on drain and revocation).
@@ -8,30 +9,235 @@ always ends in a published outcome or a dead letter before its offset is marked 
 is committed on cancellation. Run until idle, the loop also ends once its partitions are read
 to their end and nothing is in flight.
 
-Beside the loop it keeps the readiness facts (`Health`) and the consume-side metrics up to
-date, and runs the lag monitor as a task of its own, started and stopped with the consumer.
+Beside the loop it keeps the facts readiness reads (`LoopFacts`, plain fields) and the
+consume-side metrics up to date, and runs the lag monitor as a task of its own, started and
+stopped with the consumer.
+
+The module reads from its pieces up to the loop: which offsets of a partition may be committed
+(`OffsetTracker`), how they are committed under each processing guarantee (`Commits`), then
+the loop itself (`Worker`).
 """
 
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from consumer.admission import TenantAdmission
-from consumer.commits import Commits, PlainCommits
 from consumer.handler import RecordHandler
 from consumer.metrics import Metrics
-from consumer.observability.health import Health
+from consumer.observability.health import LoopFacts
 from consumer.observability.lag import LagMonitor
-from consumer.offsets import OffsetTracker
 from consumer.settings import WorkerSettings
+from producer.transactions import TransactionalPublisher
 
 log = structlog.get_logger(__name__)
+
+# --- which offsets may be committed ---------------------------------------------------------------
+# Per-partition offset tracking for a worker that finishes messages out of order.
+#
+# The worker hands messages to concurrent tasks, so outcomes are published in any order. A
+# partition's committed offset may only move past a message once that message's outcome is
+# published, otherwise a crash would lose it. The safe commit point of a partition is therefore
+# its lowest unfinished offset, or one past the last fetched offset when nothing is unfinished.
+#
+# Kafka offsets are not contiguous (transaction markers and compaction leave holes), so
+# "contiguous" here means "no fetched-but-unfinished offset below", never "every integer below
+# was seen". Pure bookkeeping, no I/O: the consumer loop calls it and does the committing.
+
+P = TypeVar("P", bound=Hashable)
+
+
+@dataclass
+class _Partition:
+    """Bookkeeping for one assigned partition."""
+
+    # Fetched offsets in increasing order, finished ones dropped lazily from the left: the
+    # head is then the lowest unfinished offset, found in amortised O(1).
+    order: deque[int] = field(default_factory=deque)
+    pending: set[int] = field(default_factory=set)
+    last_tracked: int = -1
+    # Highest commit offset known to be stored (or the start position): nothing to gain below.
+    committed: int = -1
+
+    def commit_point(self) -> int:
+        """The Kafka commit offset: the next offset a restarted consumer must read."""
+        self.drop_finished_head()
+        return self.order[0] if self.order else self.last_tracked + 1
+
+    def drop_finished_head(self) -> None:
+        while self.order and self.order[0] not in self.pending:
+            self.order.popleft()
+
+
+class OffsetTracker(Generic[P]):
+    """Tracks in-flight offsets per partition and says what may be committed.
+
+    Keys are usually ``aiokafka.structs.TopicPartition`` but any hashable works. Every
+    operation is amortised O(1), so thousands of in-flight messages cost nothing noticeable.
+    """
+
+    def __init__(self) -> None:
+        self._partitions: dict[P, _Partition] = {}
+
+    def track(self, tp: P, offset: int) -> None:
+        """Record a fetched message as handed to processing.
+
+        Offsets must increase per partition (the order Kafka delivers them in); holes are
+        fine. After a seek back or a reassignment, ``forget`` the partition first.
+        """
+        state = self._partitions.get(tp)
+        if state is None:
+            # Nothing before the first fetched offset is ours to commit.
+            state = self._partitions[tp] = _Partition(committed=offset)
+        elif offset <= state.last_tracked:
+            raise ValueError(
+                f"offset {offset} for {tp} is not above the last tracked {state.last_tracked}"
+            )
+        state.order.append(offset)
+        state.pending.add(offset)
+        state.last_tracked = offset
+
+    def done(self, tp: P, offset: int) -> bool:
+        """Record that a message's outcome is published; any order.
+
+        Returns False, changing nothing, for an offset that is not in flight: tasks of a
+        revoked partition still finish after ``forget`` and must not disturb anything.
+        """
+        state = self._partitions.get(tp)
+        if state is None or offset not in state.pending:
+            return False
+        state.pending.remove(offset)
+        state.drop_finished_head()  # keeps memory bounded by the in-flight window
+        return True
+
+    def committable(self) -> dict[P, int]:
+        """Per partition, the commit offset where it advanced beyond the last one committed."""
+        result: dict[P, int] = {}
+        for tp, state in self._partitions.items():
+            point = state.commit_point()
+            if point > state.committed:
+                result[tp] = point
+        return result
+
+    def mark_committed(self, offsets: Mapping[P, int]) -> None:
+        """Record offsets the broker accepted; stale or unknown partitions are ignored.
+
+        Commits are awaited while processing goes on, so an older result may arrive after a
+        newer one; the committed mark only ever moves forward.
+        """
+        for tp, offset in offsets.items():
+            state = self._partitions.get(tp)
+            if state is not None:
+                state.committed = max(state.committed, offset)
+
+    def in_flight(self, tp: P | None = None) -> int:
+        """Unfinished messages of one partition, or of all of them."""
+        if tp is not None:
+            state = self._partitions.get(tp)
+            return 0 if state is None else len(state.pending)
+        return sum(len(state.pending) for state in self._partitions.values())
+
+    def forget(self, tps: Iterable[P]) -> None:
+        """Drop the state of revoked partitions; late ``done`` calls for them are ignored."""
+        for tp in tps:
+            self._partitions.pop(tp, None)
+
+    def next_offset(self, tp: P) -> int | None:
+        """One past the last offset tracked for `tp`; None before its first."""
+        state = self._partitions.get(tp)
+        return None if state is None else state.last_tracked + 1
+
+    def partitions(self) -> list[P]:
+        """Partitions with state, for example to wait for their in-flight work on revoke."""
+        return list(self._partitions)
+
+
+# --- how they are committed -----------------------------------------------------------------------
+# Chosen once, with the processing guarantee. `Commits` is what the consume loop calls, knowing
+# nothing of the guarantee: `commit` with the offsets below which every request of a partition
+# is done, `assigned` and `revoked` from the rebalance listener. `PlainCommits`
+# (`at_least_once`) commits offsets through the consumer, the outcomes being acknowledged
+# already; `TransactionalCommits` (`exactly_once`) commits them in each partition's transaction
+# with the outcomes staged below them (producer/transactions.py).
+
+
+class Commits(Protocol):
+    async def assigned(self, consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> None:
+        """Make newly assigned partitions ready to read; they are paused until this returns."""
+        ...
+
+    async def commit(
+        self, consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, int]
+    ) -> Mapping[TopicPartition, int]:
+        """Commit `offsets`; returns those committed. Raises KafkaError when it failed."""
+        ...
+
+    async def revoked(self, partitions: set[TopicPartition]) -> None:
+        """Let go of revoked partitions, after their last commit."""
+        ...
+
+
+class PlainCommits:
+    """Offsets committed by the consumer, failing after `timeout_seconds`: aiokafka retries a
+    commit for as long as the group coordinator cannot be reached, and would hold the loop (and
+    a drain) for as long as an outage lasts, the failure never reported."""
+
+    def __init__(self, timeout_seconds: float) -> None:
+        self._timeout = timeout_seconds
+
+    async def assigned(self, consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> None:
+        pass
+
+    async def commit(
+        self, consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, int]
+    ) -> Mapping[TopicPartition, int]:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await consumer.commit(dict(offsets))
+        except TimeoutError:
+            raise KafkaTimeoutError(
+                f"offset commit not answered within {self._timeout:g} s"
+            ) from None
+        return offsets
+
+    async def revoked(self, partitions: set[TopicPartition]) -> None:
+        pass
+
+
+class TransactionalCommits:
+    """Offsets committed in each partition's transaction, with the outcomes staged below them."""
+
+    def __init__(self, publisher: TransactionalPublisher) -> None:
+        self._publisher = publisher
+
+    async def assigned(self, consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> None:
+        await self._publisher.open(partitions)
+        # aiokafka fetches a new partition's committed offset beside the rebalance listener,
+        # so it may have read it before the fence: what a fenced owner committed since then
+        # would be redone. Read it again now that it can no longer change under us.
+        for tp in partitions:
+            if (committed := await consumer.committed(tp)) is not None:
+                consumer.seek(tp, committed)
+
+    async def commit(
+        self, consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, int]
+    ) -> Mapping[TopicPartition, int]:
+        return await self._publisher.commit(offsets)
+
+    async def revoked(self, partitions: set[TopicPartition]) -> None:
+        await self._publisher.close(partitions)
+
+
+# --- the consume loop -----------------------------------------------------------------------------
 
 # How often the loop tries again to make ready partitions whose readying failed (exactly_once:
 # their transaction coordinator did not answer): without it they would wait, unread, for the
@@ -44,9 +250,10 @@ class Worker:
 
     `consumer` is the group member to read them with, not started: `run` starts, subscribes
     and stops it (`producer.kafka_clients.worker_consumer`; tests give an in-memory one).
-    `metrics` and `health` default to ones nobody serves, for callers that do not look at them.
-    `commits` is how finished offsets are committed (consumer/commits.py); by default by the
-    consumer, outcomes being already acknowledged (`at_least_once`).
+    `metrics` defaults to ones nobody serves, for callers that do not look at them.
+    `commits` is how finished offsets are committed (`Commits`, above); by default by the
+    consumer, outcomes being already acknowledged (`at_least_once`). `facts` is what the loop
+    knows that readiness asks about, read by `Health` (its `loop_facts`).
     """
 
     def __init__(
@@ -55,7 +262,6 @@ class Worker:
         consumer: AIOKafkaConsumer,
         handler: RecordHandler,
         metrics: Metrics | None = None,
-        health: Health | None = None,
         commits: Commits | None = None,
     ) -> None:
         self._settings = settings
@@ -64,7 +270,7 @@ class Worker:
             commits if commits is not None else PlainCommits(settings.broker_timeout_seconds)
         )
         self._metrics = metrics if metrics is not None else Metrics.unexported()
-        self._health = health if health is not None else Health.from_settings(settings.http)
+        self.facts = LoopFacts()
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         # Partitions paused for good: their next record cannot be parsed (_isolate_unreadable).
         self._unreadable: set[TopicPartition] = set()
@@ -144,7 +350,7 @@ class Worker:
             except UnicodeDecodeError:  # aiokafka's record parser: a header name not UTF-8
                 await self._isolate_unreadable()
                 continue
-            self._health.progressed()
+            self.facts.last_poll = time.monotonic()
             for records in batch.values():
                 for record in records:
                     self._start(record)
@@ -278,7 +484,7 @@ class Worker:
             offsets = {tp: off for tp, off in offsets.items() if tp in wanted}
         if not offsets:
             if not only:  # nothing left to commit, so nothing failing either
-                self._health.committed()
+                self.facts.commit_failure = None
             return
         try:
             committed = await self._commits.commit(self._consumer, offsets)
@@ -286,10 +492,10 @@ class Worker:
             # Uncommitted work is redelivered to whoever owns the partition next.
             log.warning("commit_failed", error=repr(exc))
             self._metrics.commit_failed()
-            self._health.commit_failed(repr(exc))
+            self.facts.commit_failure = repr(exc)
         else:
             self._tracker.mark_committed(committed)
-            self._health.committed()
+            self.facts.commit_failure = None
 
     async def _settle(self, tasks: list[asyncio.Task[None]], grace: float) -> None:
         """Let tasks finish within `grace` seconds, then cancel the rest (left uncommitted)."""
@@ -324,14 +530,14 @@ class Worker:
                 await self._commits.revoked(revoked)
             # Last, so a lag measured while the revoked work finished is not left behind.
             self._metrics.rebalanced("revoked", revoked)
-            self._health.revoked(revoked)
+            self.facts.assigned -= revoked
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("partitions_assigned", partitions=_names(assigned))
         if not assigned:  # more workers than partitions: this one gets none
             return
         self._metrics.rebalanced("assigned", assigned)
-        self._health.assigned(assigned)
+        self.facts.assigned |= assigned
         # New partitions start unpaused, and the loop polls while this runs: paused until
         # ready (exactly_once: the earlier owner fenced, the position read after), and
         # resumed by the loop once there is room.

@@ -10,8 +10,9 @@ acknowledged within `ack_timeout_seconds` counts as retried: aiokafka keeps tryi
 and, its producer being idempotent, never gives up on one it has sent, so without this bound an
 outage would go unnoticed (and unreported) for as long as it lasts.
 
-The publisher reports retries and whether it can reach the broker through `PublisherHooks`, so
-its owner can count them and answer readiness probes without this package knowing either.
+The publisher reports retries through `PublisherHooks`, so its owner can count them without this
+package knowing how, and keeps whether it can reach the broker in `connected`, for its owner's
+readiness probe to read when asked.
 """
 
 import asyncio
@@ -49,9 +50,6 @@ class PublisherHooks:
     # A send or an encoding failed and is retried; the reason is BROKER_OUTAGE or
     # SCHEMA_REGISTRY_OUTAGE.
     retried: Callable[[str], None] = _ignore
-    # True once started and again after a send succeeds; False while sends fail with a broker
-    # outage or wait longer than the acknowledgement timeout for the broker, and from stop() on.
-    connected: Callable[[bool], None] = _ignore
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +128,16 @@ class OutcomeSink:
         self._codec = codec
         self._backoff = retry_backoff_seconds
         self._hooks = hooks if hooks is not None else PublisherHooks()
+        # True once started and again after a send succeeds; False while sends fail with a
+        # broker outage or wait longer than the acknowledgement timeout for the broker, and
+        # from stop() on.
+        self.connected = False
 
     async def start(self) -> None:
-        self._hooks.connected(True)
+        self.connected = True
 
     async def stop(self) -> None:
-        self._hooks.connected(False)
+        self.connected = False
 
     async def publish(
         self,
@@ -224,11 +226,11 @@ class OutcomePublisher(OutcomeSink):
             what=f"sending to {topic}",
             on_retry=self._broker_unreachable,
         )
-        self._hooks.connected(True)
+        self.connected = True
 
     def _broker_unreachable(self) -> None:
+        self.connected = False
         self._hooks.retried(BROKER_OUTAGE)
-        self._hooks.connected(False)
 
 
 class _Delivery:

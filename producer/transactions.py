@@ -192,7 +192,7 @@ class TransactionalPublisher(OutcomeSink):
         if failures:
             # A producer that cannot go on first: it decides whether the worker goes on.
             raise next((f for f in failures if isinstance(f, TransactionsFailed)), failures[0])
-        self._hooks.connected(True)
+        self.connected = True
         return committed
 
     async def _commit_partition(self, tp: TopicPartition, end: int) -> bool:
@@ -221,7 +221,7 @@ class TransactionalPublisher(OutcomeSink):
                     "(check the outcome topics' max.message.bytes) or the id is not authorized; "
                     "exiting to be restarted"
                 ) from exc
-            self._hooks.connected(False)
+            self.connected = False
             raise
         self._drop(tp, due)
         return True

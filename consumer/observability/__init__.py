@@ -1,7 +1,7 @@
 """The worker's HTTP port and the readiness facts behind it.
 
-`server.ObservabilityServer` serves `/metrics`, `/healthz` and `/readyz`; `health.Health` holds
-what readiness is computed from; `settings.HttpServerSettings` configures the port. The metrics
-themselves live in `consumer.metrics`. Nothing is imported here, so reading the settings stays
-cheap.
+`server.ObservabilityServer` serves `/metrics`, `/healthz` and `/readyz`; `health.Health` reads,
+when asked, what readiness is computed from; `settings.HttpServerSettings` configures the port.
+The metrics themselves live in `consumer.metrics`. Nothing is imported here, so reading the
+settings stays cheap.
 """

@@ -1,8 +1,9 @@
-"""What `/readyz` answers from: a small object the worker keeps up to date.
+"""What `/readyz` answers from: `Health` reads it from the worker's parts when asked.
 
-The worker reports facts as they happen (partitions assigned or revoked, the consume loop
-polled, the producer reaching the broker or not, offset commits done or failing); `check()`
-turns them into a verdict, asking the backend only then, with a time limit.
+It reads the consume loop's facts (`LoopFacts`: partitions assigned, the loop's last poll, its
+last offset commit), which the loop keeps as plain fields, whether the outcome producer reaches
+the broker (the publisher's own state), and asks the backend, with a time limit. Nothing here
+runs while requests are handled: `check()` turns what it reads into a verdict.
 
 The `kafka` check fails while the worker cannot make progress with Kafka: outcomes not
 acknowledged (within the broker timeout) or offset commits failing. That is for readiness, not
@@ -12,15 +13,33 @@ nothing (it serves no traffic through one), while its readiness is what operator
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from aiokafka import TopicPartition
 
 from consumer.observability.settings import HttpServerSettings
 
 BackendReady = Callable[[], Awaitable[bool]]
+ProducerConnected = Callable[[], bool]
 OK = "ok"
+
+
+@dataclass
+class LoopFacts:
+    """What the consume loop knows that readiness asks about, kept by the loop as plain fields
+    (nothing is called per poll or commit) and read by `Health` when `/readyz` is asked."""
+
+    assigned: set[TopicPartition] = field(default_factory=set)
+    # time.monotonic() (Health's clock) of the loop's last poll; None before its first.
+    last_poll: float | None = None
+    # Why the last offset commit failed; None once one succeeds or nothing is left to commit.
+    commit_failure: str | None = None
+
+
+def _not_built() -> bool:
+    """Readiness's answer for a producer serve() has not built yet: not connected."""
+    return False
 
 
 @dataclass(frozen=True)
@@ -35,7 +54,7 @@ class Readiness:
 
 
 class Health:
-    """Readiness facts: assigned partitions, the loop's last poll, producer, backend."""
+    """Readiness, read when asked: the loop's facts, the producer, the backend."""
 
     def __init__(
         self,
@@ -46,41 +65,16 @@ class Health:
         self._progress_timeout = progress_timeout_seconds
         self._backend_timeout = backend_timeout_seconds
         self._clock = clock
-        self._assigned: set[TopicPartition] = set()
-        self._last_progress: float | None = None
-        self.producer_connected = False
-        self._commit_failure: str | None = None  # why the last offset commit failed
+        # Where readiness reads from, pointed at each part by serve() once it is built; until
+        # then the loop has not polled and the producer is not connected.
+        self.loop_facts = LoopFacts()
+        self.producer_connected: ProducerConnected = _not_built
         # None: the backend cannot be checked cheaply, so readiness does not ask.
         self.backend_ready: BackendReady | None = None
 
     @classmethod
     def from_settings(cls, settings: HttpServerSettings) -> "Health":
         return cls(settings.progress_timeout_seconds, settings.backend_check_timeout_seconds)
-
-    @property
-    def assigned_partitions(self) -> frozenset[TopicPartition]:
-        return frozenset(self._assigned)
-
-    def assigned(self, partitions: Iterable[TopicPartition]) -> None:
-        self._assigned.update(partitions)
-
-    def revoked(self, partitions: Iterable[TopicPartition]) -> None:
-        self._assigned.difference_update(partitions)
-
-    def set_producer_connected(self, connected: bool) -> None:
-        """The outcome producer started, reached the broker again, lost it or stopped."""
-        self.producer_connected = connected
-
-    def committed(self) -> None:
-        """Offsets were committed, or there were none left to commit."""
-        self._commit_failure = None
-
-    def commit_failed(self, why: str) -> None:
-        self._commit_failure = why
-
-    def progressed(self) -> None:
-        """The consume loop went round (polled, or finished a record)."""
-        self._last_progress = self._clock()
 
     async def check(self) -> Readiness:
         return Readiness(
@@ -93,20 +87,20 @@ class Health:
         )
 
     def _check_partitions(self) -> str:
-        return OK if self._assigned else "no partitions assigned"
+        return OK if self.loop_facts.assigned else "no partitions assigned"
 
     def _check_kafka(self) -> str:
         problems = []
-        if not self.producer_connected:
+        if not self.producer_connected():
             problems.append("producer not connected")
-        if self._commit_failure is not None:
-            problems.append(f"offset commit failed: {self._commit_failure}")
+        if self.loop_facts.commit_failure is not None:
+            problems.append(f"offset commit failed: {self.loop_facts.commit_failure}")
         return "; ".join(problems) or OK
 
     def _check_progress(self) -> str:
-        if self._last_progress is None:
+        if self.loop_facts.last_poll is None:
             return "the consume loop has not polled yet"
-        idle = self._clock() - self._last_progress
+        idle = self._clock() - self.loop_facts.last_poll
         if idle > self._progress_timeout:
             return f"the consume loop last polled {idle:.0f} s ago"
         return OK

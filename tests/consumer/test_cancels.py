@@ -12,7 +12,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from consumer.cancels import CancelRegistry, CancelWatcher
+from consumer.handler import CancelRegistry, CancelWatcher
 from schemas.codec import make_codec
 from schemas.events import CloneCancel
 from tests.fixtures.kafka import TopicFactory

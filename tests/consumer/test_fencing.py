@@ -15,7 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 
-from consumer.commits import TransactionalCommits
+from consumer.worker import TransactionalCommits
 from producer.publisher import RecordSource
 from producer.settings import KafkaSettings
 from producer.transactions import TransactionalPublisher

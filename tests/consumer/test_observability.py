@@ -3,6 +3,7 @@ a real Prometheus scraping it."""
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.metrics import Metrics
-from consumer.observability.health import Health
+from consumer.observability.health import Health, LoopFacts
 from consumer.observability.lag import LagMonitor
 from consumer.observability.server import ObservabilityServer
 from consumer.observability.settings import HttpServerSettings
@@ -37,13 +38,19 @@ class FakeClock:
 
 def ready_health(clock: FakeClock | None = None) -> Health:
     """Every readiness fact in place; tests take one away."""
-    health = Health(
-        progress_timeout_seconds=60, backend_timeout_seconds=0.5, clock=clock or FakeClock()
-    )
-    health.assigned(PARTITIONS)
-    health.progressed()
-    health.producer_connected = True
+    clock = clock or FakeClock()
+    health = Health(progress_timeout_seconds=60, backend_timeout_seconds=0.5, clock=clock)
+    health.loop_facts = LoopFacts(assigned=set(PARTITIONS), last_poll=clock.now)
+    health.producer_connected = connected
     return health
+
+
+def connected() -> bool:
+    return True
+
+
+def not_connected() -> bool:
+    return False
 
 
 async def reachable() -> bool:
@@ -86,12 +93,12 @@ async def test_a_fresh_worker_is_not_ready() -> None:
 async def test_kafka_is_unready_while_outcomes_or_commits_fail_and_ready_once_they_pass() -> None:
     health = ready_health()
 
-    health.set_producer_connected(False)
-    health.commit_failed("KafkaTimeoutError('offset commit not answered within 10 s')")
+    health.producer_connected = not_connected
+    health.loop_facts.commit_failure = "KafkaTimeoutError('offset commit not answered within 10 s')"
     both = await health.check()
-    health.set_producer_connected(True)
+    health.producer_connected = connected
     commits = await health.check()
-    health.committed()
+    health.loop_facts.commit_failure = None
     recovered = await health.check()
 
     assert both.checks["kafka"] == (
@@ -105,11 +112,10 @@ async def test_kafka_is_unready_while_outcomes_or_commits_fail_and_ready_once_th
 
 async def test_revoking_every_partition_makes_it_unready() -> None:
     health = ready_health()
-    health.revoked(PARTITIONS[:1])
+    health.loop_facts.assigned -= set(PARTITIONS[:1])
     assert (await health.check()).ready
-    assert health.assigned_partitions == {PARTITIONS[1]}
 
-    health.revoked(PARTITIONS[1:])
+    health.loop_facts.assigned -= set(PARTITIONS[1:])
 
     readiness = await health.check()
     assert not readiness.ready
@@ -122,7 +128,7 @@ async def test_a_stalled_loop_is_unready_until_it_polls_again() -> None:
 
     clock.now += 61
     stalled = await health.check()
-    health.progressed()
+    health.loop_facts.last_poll = clock.now
     recovered = await health.check()
 
     assert stalled.checks["progress"] == "the consume loop last polled 61 s ago"
@@ -228,9 +234,9 @@ async def test_readyz_follows_health(served: tuple[ObservabilityServer, Health])
 
     async with httpx.AsyncClient() as http:
         before = await http.get(url(server, "/readyz"))
-        health.assigned(PARTITIONS)
-        health.progressed()
-        health.producer_connected = True
+        health.loop_facts.assigned.update(PARTITIONS)
+        health.loop_facts.last_poll = time.monotonic()
+        health.producer_connected = connected
         health.backend_ready = unreachable
         backend_down = await http.get(url(server, "/readyz"))
         health.backend_ready = reachable

@@ -13,7 +13,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from consumer.offsets import OffsetTracker
+from consumer.worker import OffsetTracker
 
 TP0 = TopicPartition("voice.clone.requests", 0)
 TP1 = TopicPartition("voice.clone.requests", 1)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from consumer.backends import BackendSettings
 from consumer.backends.base import CloneJob, CloneResult
-from consumer.cancels import CancelRegistry
 from consumer.concurrency import KeyedSemaphores
-from consumer.offsets import OffsetTracker
+from consumer.handler import CancelRegistry
 from consumer.pipeline import StageClock
 from consumer.reference import ReferenceAudio, ReferenceSettings
+from consumer.worker import OffsetTracker
 from schemas.events import CloneRequest
 from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.model import synthetic_voice, wav_bytes

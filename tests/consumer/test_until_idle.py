@@ -10,8 +10,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from consumer import worker as worker_module
 from consumer.app import serve
 from consumer.backends import BackendSettings
-from consumer.commits import PlainCommits
 from consumer.settings import WorkerSettings
+from consumer.worker import PlainCommits
 from schemas.events import AudioReady
 from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.process import worker_process

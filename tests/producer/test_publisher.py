@@ -76,26 +76,27 @@ async def test_sends_the_broker_fails_are_retried_until_acknowledged_and_reporte
     kafka = MemoryKafka()
     topics = kafka.create_worker_topics()
     producer = kafka.producer()
-    retried: list[str] = []
-    connected: list[bool] = []
-    hooks = PublisherHooks(retried=retried.append, connected=connected.append)
+    retried: list[tuple[str, bool]] = []  # each retry's reason, and whether connected then
     publisher = OutcomePublisher(
         KafkaSettings(),
         topics,
         make_codec(),
         retry_backoff_seconds=0.01,
-        hooks=hooks,
+        hooks=PublisherHooks(retried=lambda reason: retried.append((reason, publisher.connected))),
         producer=cast(AIOKafkaProducer, producer),
     )
     event = full_audio_ready()
+    before = publisher.connected
     await publisher.start()
+    started = publisher.connected
     producer.fail_next(2)
 
     await publisher.publish(event)
+    back = publisher.connected
     await publisher.stop()
 
     (record,) = kafka.records(topics.audio_ready)
     assert record.key == event.request_id.encode()
-    assert retried == [BROKER_OUTAGE, BROKER_OUTAGE]
-    assert connected == [True, False, False, True, False]  # started, down twice, back, stopped
+    assert retried == [(BROKER_OUTAGE, False), (BROKER_OUTAGE, False)]  # down twice
+    assert (before, started, back, publisher.connected) == (False, True, True, False)
     assert (producer.started, producer.stopped) == (True, True)
