@@ -38,7 +38,7 @@ from consumer.tracing import stage_span
 from modal_app.audio import DecodedAudio, encode_audio
 from producer.retry import retry
 from producer.storage import Storage, StoredObject, object_key
-from producer.storage.keys import validate_id
+from producer.storage.base import validate_id
 from schemas.events import AudioReady, AudioTimings, CloneRequest
 from schemas.vocabulary import (
     AudioFormat,
