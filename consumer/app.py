@@ -15,13 +15,12 @@ from consumer.backends import Backend, make_backend
 from consumer.cancels import CancelRegistry, CancelWatcher
 from consumer.commits import Commits, PlainCommits, TransactionalCommits
 from consumer.handler import RecordHandler
-from consumer.metrics import Metrics
 from consumer.observability.health import Health
 from consumer.observability.server import ObservabilityServer
 from consumer.pipeline import Pipeline
 from consumer.reference import ReferenceFetcher
 from consumer.settings import ProcessingGuarantee, WorkerSettings
-from consumer.tracing import RequestTracing
+from consumer.telemetry import Metrics, RequestTracing
 from consumer.worker import Worker
 from producer.kafka_clients import cancel_consumer, outcome_producer, worker_consumer
 from producer.publisher import OutcomePublisher, OutcomeSink, PublisherHooks

@@ -25,11 +25,11 @@ from aiokafka.errors import KafkaError
 from consumer.admission import TenantAdmission
 from consumer.commits import Commits, PlainCommits
 from consumer.handler import RecordHandler
-from consumer.metrics import Metrics
 from consumer.observability.health import Health
 from consumer.observability.lag import LagMonitor
 from consumer.offsets import OffsetTracker
 from consumer.settings import WorkerSettings
+from consumer.telemetry import Metrics
 
 log = structlog.get_logger(__name__)
 
