@@ -39,9 +39,10 @@ from bench.workload import (
     write_reference,
 )
 from consumer.backends import Backend
-from schemas.codec import Codec, make_codec
+from schemas.codec import Codec
 from schemas.events import AudioReady
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 
 _MB = 1_000_000
 _SMALL_REFERENCE_BYTES = 100_000

@@ -13,13 +13,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from consumer.backends import Backend, make_backend
 from consumer.handler import CancelRegistry, CancelWatcher, RecordHandler
-from consumer.metrics import Metrics
 from consumer.observability.health import Health
 from consumer.observability.server import ObservabilityServer
 from consumer.pipeline import Pipeline
 from consumer.reference import ReferenceFetcher
 from consumer.settings import ProcessingGuarantee, WorkerSettings
-from consumer.tracing import RequestTracing
+from consumer.telemetry import Metrics, RequestTracing
 from consumer.worker import Commits, PlainCommits, TransactionalCommits, Worker
 from producer.kafka_clients import cancel_consumer, outcome_producer, worker_consumer
 from producer.publisher import OutcomePublisher, OutcomeSink, PublisherHooks

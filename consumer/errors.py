@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 from schemas.vocabulary import ErrorCode, VoicecloneError
 
 if TYPE_CHECKING:
-    from consumer.metrics import Stage
+    from consumer.telemetry import Stage
 
 
 class CloneError(Exception):

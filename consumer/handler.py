@@ -42,9 +42,8 @@ from pydantic import ValidationError
 
 from consumer.admission import UNLIMITED, TenantAdmission
 from consumer.errors import CloneError
-from consumer.metrics import HANDLER_ERROR, Metrics
 from consumer.pipeline import Pipeline
-from consumer.tracing import RequestTracing, mark_outcome, outcome_headers, stage_span
+from consumer.telemetry import HANDLER_ERROR, Metrics, RequestTracing, mark_outcome, outcome_headers
 from producer.follow import assign_since
 from producer.publisher import DeadLetter, OutcomeSink, RecordSource
 from producer.retry import SCHEMA_REGISTRY_OUTAGE, codec_outage, retry_while
@@ -247,7 +246,7 @@ class RecordHandler:
 
     Outcomes and dead letters are counted in `metrics` once the broker acknowledged them (by
     default metrics nobody exports, for callers that do not look at them). With `tracing`, each
-    decoded request gets a span (`consumer.tracing`) that its outcome's headers name; without,
+    decoded request gets a span (`consumer.telemetry`) that its outcome's headers name; without,
     the outcome carries the request's own trace headers.
     """
 
@@ -301,7 +300,7 @@ class RecordHandler:
             try:
                 outcome, fields = await _outcome(request, work)
                 headers = outcome_headers(record.headers)  # naming the request's span
-                with self._metrics.stage("publish", model), stage_span("publish"):
+                with self._metrics.stage("publish", model):
                     await self._publisher.publish(outcome, headers, _source(record))
             except Exception as exc:
                 # A defect, or an outcome the broker refuses: keep the original for replay.

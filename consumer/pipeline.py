@@ -15,9 +15,8 @@ produced (a redelivery) is described again instead of regenerated (`consumer.ide
 import asyncio
 import functools
 import math
-import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -31,14 +30,13 @@ from consumer.concurrency import KeyedSemaphores
 from consumer.deadline import Deadline
 from consumer.errors import CloneError
 from consumer.idempotency import StoredFacts, object_metadata, request_fingerprint, reusable_facts
-from consumer.metrics import Metrics, RetriedStage, Stage
 from consumer.reference import ReferenceAudio, ReferenceFetcher
 from consumer.settings import LimitSettings, RetrySettings
-from consumer.tracing import stage_span
+from consumer.telemetry import Metrics, RetriedStage, Stage
 from modal_app.audio import DecodedAudio, encode_audio
 from producer.retry import retry
 from producer.storage import Storage, StoredObject, object_key
-from producer.storage.keys import validate_id
+from producer.storage.base import validate_id
 from schemas.events import AudioReady, AudioTimings, CloneRequest
 from schemas.vocabulary import (
     AudioFormat,
@@ -79,16 +77,8 @@ class StageClock:
     metrics: Metrics
     ms: dict[Stage, int]
 
-    @contextmanager
-    def stage(self, name: Stage) -> Iterator[None]:
-        begin = time.perf_counter()
-        try:
-            with stage_span(name):
-                yield
-        finally:
-            seconds = time.perf_counter() - begin
-            self.ms[name] = round(seconds * 1000)
-            self.metrics.observe_stage(name, self.model, seconds)
+    def stage(self, name: Stage) -> AbstractContextManager[None]:
+        return self.metrics.stage(name, self.model, self.ms)
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,10 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from consumer.admission import TenantAdmission
 from consumer.handler import RecordHandler
-from consumer.metrics import Metrics
 from consumer.observability.health import LoopFacts
 from consumer.observability.lag import LagMonitor
 from consumer.settings import WorkerSettings
+from consumer.telemetry import Metrics
 from producer.transactions import TransactionalPublisher
 
 log = structlog.get_logger(__name__)

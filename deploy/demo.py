@@ -76,7 +76,7 @@ def worker_env(model: str | None) -> dict[str, str]:
     storage_root = ROOT / env.setdefault("VOICECLONE_STORAGE__LOCAL_ROOT", str(VAR / "audio"))
     env["VOICECLONE_BACKEND__KIND"] = "local"
     # The client uploads references under <storage root>/references (REFERENCES_NAMESPACE of
-    # producer/storage/keys.py), apart from the audio in <storage root>/audio; only those may be
+    # producer/storage/base.py), apart from the audio in <storage root>/audio; only those may be
     # read.
     env.setdefault("VOICECLONE_REFERENCE__ALLOWED_SCHEMES", '["https", "s3", "file"]')
     env.setdefault("VOICECLONE_REFERENCE__FILE_ROOT", str(storage_root.resolve() / "references"))

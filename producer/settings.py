@@ -24,10 +24,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.caseless import CaseInsensitive
 from producer.storage.settings import StorageSettings
-from schemas.codec import Codec, SchemalessForm, make_codec
+from schemas.codec import Codec, SchemalessForm, SchemaStore
 from schemas.compatibility import Compatibility
-from schemas.store import SchemaStore
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 
 
 class SecurityProtocol(StrEnum):

@@ -22,10 +22,10 @@ from avro.schema import parse as parse_avro
 from schema_registry.client import AsyncSchemaRegistryClient
 from schema_registry.client.errors import ClientError
 
+from schemas.codec import AVRO_DIR, HISTORY_DIR, RawSchema, load_schema_file
 from schemas.compatibility import Compatibility
 from schemas.events import TOPIC_EVENT_TYPES
 from schemas.registry import register_schema, subject_for
-from schemas.store import AVRO_DIR, HISTORY_DIR, RawSchema, load_schema_file
 from schemas.topics import Topics
 
 # The topics whose records we encode, by Topics field; the DLQ only ever holds copies.

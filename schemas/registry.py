@@ -1,4 +1,4 @@
-"""The Confluent Schema Registry codec.
+"""The Confluent Schema Registry codec, on the Avro core of schemas/codec.py.
 
 Wire format: magic byte 0, the schema id as a 4-byte big-endian int, then the Avro binary.
 Subjects follow TopicNameStrategy (`<topic>-value`). Schema ids are cached both ways, so the
@@ -18,10 +18,17 @@ from typing import Any, Final
 from schema_registry.client import AsyncSchemaRegistryClient
 from schema_registry.client.errors import ClientError
 
-from schemas.avro_codec import DEFAULT_MAX_VALUE_BYTES, AvroCodec, Encoded, InHeaders
+from schemas.codec import (
+    DEFAULT_MAX_VALUE_BYTES,
+    AvroCodec,
+    Encoded,
+    InHeaders,
+    RawSchema,
+    SchemaStore,
+    WriterSchema,
+)
 from schemas.errors import DecodeReason, EncodeReason, EventDecodeError, EventEncodeError
 from schemas.events import Event
-from schemas.store import RawSchema, SchemaStore, WriterSchema
 from schemas.topics import Topics
 
 MAGIC_BYTE: Final = 0

@@ -2,6 +2,6 @@
 
 `server.ObservabilityServer` serves `/metrics`, `/healthz` and `/readyz`; `health.Health` reads,
 when asked, what readiness is computed from; `settings.HttpServerSettings` configures the port.
-The metrics themselves live in `consumer.metrics`. Nothing is imported here, so reading the
+The metrics themselves live in `consumer.telemetry`. Nothing is imported here, so reading the
 settings stays cheap.
 """

@@ -14,7 +14,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
-from consumer.metrics import Metrics
+from consumer.telemetry import Metrics
 
 log = structlog.get_logger(__name__)
 

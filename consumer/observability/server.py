@@ -10,9 +10,9 @@ import structlog
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from consumer.metrics import Metrics
 from consumer.observability.health import Health
 from consumer.observability.settings import HttpServerSettings
+from consumer.telemetry import Metrics
 
 log = structlog.get_logger(__name__)
 

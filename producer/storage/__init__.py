@@ -6,7 +6,14 @@ Both backends implement :class:`Storage`; :func:`make_storage` picks one from
 unable to escape the storage root or bucket prefix.
 """
 
-from producer.storage.base import ObjectInfo, Storage, StoredObject
+from producer.storage.base import (
+    ObjectInfo,
+    Storage,
+    StoredObject,
+    object_key,
+    reference_key,
+    validate_key,
+)
 from producer.storage.errors import (
     InvalidKeyError,
     InvalidMetadataError,
@@ -15,7 +22,6 @@ from producer.storage.errors import (
     StorageError,
     UriNotAllowed,
 )
-from producer.storage.keys import object_key, reference_key, validate_key
 from producer.storage.local import LocalStorage
 from producer.storage.s3 import S3Storage
 from producer.storage.settings import StorageSettings, make_storage

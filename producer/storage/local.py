@@ -27,6 +27,7 @@ from producer.storage.base import (
     check_max_bytes,
     sha256_hex,
     validate_content_type,
+    validate_key,
     validate_metadata,
 )
 from producer.storage.errors import (
@@ -36,7 +37,6 @@ from producer.storage.errors import (
     StorageError,
     UriNotAllowed,
 )
-from producer.storage.keys import validate_key
 
 SIDECAR_SUFFIX = "@meta.json"
 # Errors a later attempt may not hit again (disk full, I/O hiccup); the rest are configuration.

@@ -23,13 +23,17 @@ from botocore.exceptions import ConnectionError as BotocoreConnectionError
 
 from producer.storage.base import (
     DEFAULT_CONTENT_TYPE,
+    REFERENCES_NAMESPACE,
     SHA256_METADATA_KEY,
     Lifecycle,
     ObjectInfo,
     StoredObject,
     check_max_bytes,
+    join_key,
+    normalize_prefix,
     sha256_hex,
     validate_content_type,
+    validate_key,
     validate_metadata,
 )
 from producer.storage.errors import (
@@ -39,7 +43,6 @@ from producer.storage.errors import (
     StorageError,
     UriNotAllowed,
 )
-from producer.storage.keys import REFERENCES_NAMESPACE, join_key, normalize_prefix, validate_key
 
 # SigV4 presigned URLs cannot outlive 7 days.
 MAX_PRESIGN_EXPIRY_SECONDS = 7 * 24 * 3600

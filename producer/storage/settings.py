@@ -7,8 +7,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 from producer.caseless import CaseInsensitive
-from producer.storage.base import Storage
-from producer.storage.keys import normalize_prefix
+from producer.storage.base import Storage, normalize_prefix
 from producer.storage.local import LocalStorage
 from producer.storage.s3 import MAX_PRESIGN_EXPIRY_SECONDS, AddressingStyle, S3Storage
 

@@ -13,8 +13,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from consumer.handler import CancelRegistry, CancelWatcher
-from schemas.codec import make_codec
 from schemas.events import CloneCancel
+from schemas.wire_format import make_codec
 from tests.fixtures.kafka import TopicFactory
 
 HOUR_S = 3600

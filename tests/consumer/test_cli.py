@@ -16,9 +16,9 @@ from aiokafka import AIOKafkaConsumer
 
 from producer.follow import assign_since
 from producer.settings import ClientSettings
-from schemas.codec import make_codec
 from schemas.events import AudioFormat, CloneRequest, Language, ModelName
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 from tests.producer.outcomes import client_settings, clone_failed, publish, stored_audio_ready
 
 TEXT = "Please say this sentence in my voice."

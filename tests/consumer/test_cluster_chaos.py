@@ -31,9 +31,9 @@ from producer.admin import create_topics
 from producer.publisher import OutcomePublisher
 from producer.settings import KafkaSettings
 from producer.transactions import transactional_id
-from schemas.codec import make_codec
 from schemas.events import CloneFailed, CloneRequest, ErrorCode
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 from tests.fixtures.chaos import Chaos, chaos_run, chaos_settings, kill_a_worker, supervise
 from tests.fixtures.kafka import CLUSTER_NODES, TRANSACTION, OwnCluster
 from tests.fixtures.seed import SeedServer

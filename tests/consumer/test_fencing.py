@@ -19,8 +19,8 @@ from consumer.worker import TransactionalCommits
 from producer.publisher import RecordSource
 from producer.settings import KafkaSettings
 from producer.transactions import TransactionalPublisher
-from schemas.codec import make_codec
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 from tests.fixtures.kafka import TopicFactory
 from tests.fixtures.worker import fresh_topics
 from tests.producer.test_transactions import committed_offset, committed_outcomes, failed

@@ -30,11 +30,12 @@ from consumer.reference import (
 )
 from consumer.settings import LimitSettings
 from producer.storage import object_key
-from schemas.codec import EVENT_TYPE_HEADER, FINGERPRINT_HEADER, Encoded, make_codec
+from schemas.codec import EVENT_TYPE_HEADER, FINGERPRINT_HEADER, Encoded
 from schemas.errors import DecodeReason, EventDecodeError
 from schemas.events import EVENT_TYPES, CloneRequest, Event
 from schemas.topics import Topics
 from schemas.vocabulary import VoicecloneError
+from schemas.wire_format import make_codec
 from tests.consumer.test_security import LocalDns
 from tests.fixtures.worker import clone_request
 from tests.schemas.samples import SAMPLE_IDS, SAMPLES

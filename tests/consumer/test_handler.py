@@ -18,10 +18,10 @@ from schema_registry.client import AsyncSchemaRegistryClient
 from consumer.backends import BackendSettings
 from consumer.settings import WorkerSettings
 from schemas import contracts
-from schemas.codec import make_codec
 from schemas.compatibility import Compatibility
 from schemas.events import AudioReady, CloneFailed, ErrorCode, Language
 from schemas.registry import subject_for
+from schemas.wire_format import make_codec
 from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.registry import OwnRegistry
 from tests.fixtures.seed import SeedServer

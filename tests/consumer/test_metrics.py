@@ -12,10 +12,11 @@ from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry, generate_latest
 
 from consumer.backends.base import CloneResult
-from consumer.metrics import (
+from consumer.telemetry import (
     LATENCY_BUCKETS,
     STAGES,
     Metrics,
+    Stage,
     exported_names,
 )
 from schemas.events import ErrorCode, ModelName
@@ -134,14 +135,16 @@ def test_stage_is_timed_also_when_it_raises(
     metrics: Metrics, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ticks = iter([100.0, 103.5])
-    monkeypatch.setattr("consumer.metrics.time.perf_counter", lambda: next(ticks))
+    monkeypatch.setattr("consumer.telemetry.time.perf_counter", lambda: next(ticks))
+    ms: dict[Stage, int] = {"fetch_reference": 20}  # what the request's outcome reports
 
-    with pytest.raises(RuntimeError), metrics.stage("inference", "1.7B"):
+    with pytest.raises(RuntimeError), metrics.stage("inference", "1.7B", ms):
         raise RuntimeError("backend exploded")
 
     labels = {"stage": "inference", "model": "1.7B"}
     assert value(registry, "voiceclone_stage_duration_seconds_count", **labels) == 1
     assert value(registry, "voiceclone_stage_duration_seconds_sum", **labels) == 3.5
+    assert ms == {"fetch_reference": 20, "inference": 3500}
 
 
 @pytest.mark.parametrize("stage", STAGES)

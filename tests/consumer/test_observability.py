@@ -13,11 +13,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.metrics import Metrics
 from consumer.observability.health import Health, LoopFacts
 from consumer.observability.lag import LagMonitor
 from consumer.observability.server import ObservabilityServer
 from consumer.observability.settings import HttpServerSettings
+from consumer.telemetry import Metrics
 from tests.fixtures.kafka import TopicFactory
 from tests.fixtures.prometheus import StartPrometheus
 from tests.schemas.samples import CREATED, full_audio_ready, full_failed, full_request

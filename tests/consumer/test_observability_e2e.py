@@ -15,9 +15,9 @@ from consumer.backends import BackendSettings
 from consumer.observability.settings import HttpServerSettings
 from consumer.settings import WorkerSettings
 from schemas import contracts
-from schemas.codec import make_codec
 from schemas.compatibility import Compatibility
 from schemas.events import AudioReady, CloneFailed, ErrorCode
+from schemas.wire_format import make_codec
 from tests.fixtures.prometheus import REPO_ROOT, PrometheusServer, StartPrometheus
 from tests.fixtures.registry import OwnRegistry
 from tests.fixtures.seed import SeedServer

@@ -16,10 +16,10 @@ from consumer.backends import BackendSettings, CloneResult
 from consumer.backends.http import HttpBackend
 from consumer.deadline import Deadline, Expired
 from consumer.errors import CloneError
-from consumer.metrics import Metrics
 from consumer.pipeline import Pipeline, check_request
 from consumer.reference import ReferenceFetcher, ReferenceSettings
 from consumer.settings import LimitSettings, RetrySettings
+from consumer.telemetry import Metrics
 from modal_app.audio import encode_audio
 from producer.storage import LocalStorage, Storage, object_key
 from schemas.vocabulary import AudioFormat, ErrorCode, GenerationFailed, VoicecloneError

@@ -31,10 +31,10 @@ from schemas.codec import (
     SINGLE_OBJECT_MARKER,
     SINGLE_OBJECT_PREFIX_BYTES,
     SchemalessForm,
-    make_codec,
 )
 from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode, Event
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 from tests.consumer.test_worker import small_messages_topic
 from tests.fixtures.kafka import TopicFactory
 from tests.fixtures.seed import SeedServer

@@ -23,10 +23,10 @@ from yarl import URL
 from consumer.backends import BackendSettings
 from consumer.backends.http import HttpBackend
 from consumer.errors import CloneError
-from consumer.metrics import Metrics
 from consumer.pipeline import Pipeline
 from consumer.reference import ReferenceFetcher, ReferenceSettings
 from consumer.settings import LimitSettings, RetrySettings
+from consumer.telemetry import Metrics
 from producer.storage import LocalStorage, S3Storage, Storage
 from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode
 from tests.fixtures.memory_kafka import MemoryKafka

@@ -14,7 +14,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from consumer.backends import BackendSettings
 from consumer.settings import WorkerSettings
-from consumer.tracing import REQUEST_SPAN
+from consumer.telemetry import REQUEST_SPAN
 from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode
 from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.seed import SeedServer

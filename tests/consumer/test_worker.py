@@ -23,9 +23,10 @@ from structlog.testing import capture_logs
 from consumer.backends import BackendSettings
 from consumer.observability.settings import HttpServerSettings
 from consumer.settings import LimitSettings, WorkerSettings
-from schemas.codec import SchemalessForm, make_codec
+from schemas.codec import SchemalessForm
 from schemas.events import AudioReady, CloneFailed, ErrorCode
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.seed import SeedServer
 from tests.fixtures.worker import (

@@ -19,10 +19,10 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from consumer.metrics import Metrics, exported_names, render_table
 from consumer.observability.health import Health
 from consumer.observability.server import ObservabilityServer
 from consumer.observability.settings import HttpServerSettings
+from consumer.telemetry import Metrics, exported_names, render_table
 from schemas.events import ErrorCode
 from tests.fixtures.prometheus import JOB, PrometheusServer, PrometheusTools, StartPrometheus
 from tests.schemas.samples import CREATED, full_audio_ready, full_failed, full_request
@@ -228,7 +228,7 @@ def test_every_alert_links_its_runbook_page_in_the_docs() -> None:
 
 def test_docs_metric_table_is_current() -> None:
     assert render_table() in METRICS_PAGE.read_text(), (
-        "paste `python -m consumer.metrics` into docs/operations/metrics.md"
+        "paste `python -m consumer.telemetry` into docs/operations/metrics.md"
     )
 
 

@@ -40,14 +40,14 @@ def test_an_import_against_the_contracts_fails_the_lint(tmp_path: Path) -> None:
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     with (tmp_path / "producer" / "admin.py").open("a") as module:
         module.write("\nfrom consumer.settings import WorkerSettings  # noqa\n")
-    with (tmp_path / "schemas" / "registry.py").open("a") as module:
-        module.write("\nfrom schemas.codec import make_codec  # noqa\n")
+    with (tmp_path / "schemas" / "codec.py").open("a") as module:
+        module.write("\nfrom schemas.registry import RegistryCodec  # noqa\n")
 
     done = lint_imports(tmp_path)
 
     assert done.returncode != 0
     assert "producer.admin -> consumer.settings" in done.stdout
-    assert "schemas.registry -> schemas.codec" in done.stdout
+    assert "schemas.codec -> schemas.registry" in done.stdout
 
 
 def test_pyright_runs_with_nothing_to_download(tmp_path: Path) -> None:

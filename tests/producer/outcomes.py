@@ -10,7 +10,6 @@ from pathlib import Path
 from producer.publisher import OutcomePublisher
 from producer.settings import ClientSettings, KafkaSettings
 from producer.storage import LocalStorage, StorageSettings, object_key
-from schemas.codec import make_codec
 from schemas.events import (
     AudioFormat,
     AudioReady,
@@ -21,6 +20,7 @@ from schemas.events import (
     ModelName,
 )
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 
 TENANT = "tenant-a"
 

@@ -21,9 +21,9 @@ from aiokafka.errors import KafkaConnectionError
 
 from producer.client import DownloadError, VoiceCloneClient, download_audio
 from producer.settings import ClientSettings, KafkaSettings
-from schemas.codec import make_codec
 from schemas.events import AudioReady, CloneRequest
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 from tests.fixtures.memory_kafka import MemoryKafka
 from tests.producer.outcomes import client_settings, clone_failed, publish, stored_audio_ready
 

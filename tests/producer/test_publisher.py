@@ -12,8 +12,9 @@ from producer.follow import assign_since
 from producer.publisher import DeadLetter, OutcomePublisher, PublisherHooks
 from producer.retry import BROKER_OUTAGE
 from producer.settings import KafkaSettings
-from schemas.codec import EventDecodeError, make_codec
+from schemas.codec import EventDecodeError
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 from tests.fixtures.kafka import TopicFactory
 from tests.fixtures.memory_kafka import MemoryKafka
 from tests.schemas.samples import full_audio_ready

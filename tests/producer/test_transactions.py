@@ -14,9 +14,10 @@ from producer.follow import assign_since
 from producer.publisher import DeadLetter, RecordSource
 from producer.settings import KafkaSettings
 from producer.transactions import TransactionalPublisher, TransactionsFailed, transactional_id
-from schemas.codec import EventDecodeError, make_codec
+from schemas.codec import EventDecodeError
 from schemas.events import CloneFailed, ErrorCode
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from schemas.codec import make_codec
 from schemas.registry import subject_for
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 from tests.schemas.fake_registry import FakeSchemaRegistry
 from tests.schemas.pairs import MODES, CodecPair
 

@@ -2,9 +2,9 @@
 
 from dataclasses import dataclass
 
-from schemas.codec import Codec, make_codec
-from schemas.store import SchemaStore
+from schemas.codec import Codec, SchemaStore
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 
 MODES = ["schemaless", "registry"]
 

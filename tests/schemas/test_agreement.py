@@ -15,8 +15,8 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import events, vocabulary
+from schemas.codec import AVRO_DIR, SchemaStore, load_schema_file
 from schemas.events import EVENT_TYPES, INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN
-from schemas.store import AVRO_DIR, SchemaStore, load_schema_file
 from schemas.vocabulary import PARAM_RULES, ModelSize
 
 Json = dict[str, Any]

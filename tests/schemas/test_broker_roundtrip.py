@@ -4,8 +4,8 @@ mode on the session's real Schema Registry)."""
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from schemas.codec import make_codec
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 from tests.fixtures.kafka import TopicFactory
 from tests.schemas.pairs import MODES
 from tests.schemas.samples import SAMPLES

@@ -10,8 +10,10 @@ import fastavro
 import pytest
 
 from schemas.codec import (
+    AVRO_DIR,
     EVENT_TYPE_HEADER,
     FINGERPRINT_HEADER,
+    HISTORY_DIR,
     SINGLE_OBJECT_MARKER,
     SINGLE_OBJECT_PREFIX_BYTES,
     Codec,
@@ -20,12 +22,13 @@ from schemas.codec import (
     EventEncodeError,
     SchemalessCodec,
     SchemalessForm,
-    make_codec,
+    SchemaStore,
+    load_schema_file,
 )
 from schemas.errors import DecodeReason, EncodeReason, EventCodecError
 from schemas.events import EVENT_TYPES, AudioReady, CloneCancel, CloneRequest
-from schemas.store import AVRO_DIR, HISTORY_DIR, SchemaStore, load_schema_file
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 from tests.schemas.fake_registry import FakeSchemaRegistry
 from tests.schemas.pairs import CodecPair
 from tests.schemas.samples import full_audio_ready, full_cancel, full_request, minimal_request

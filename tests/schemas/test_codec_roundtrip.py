@@ -12,17 +12,19 @@ from hypothesis import strategies as st
 
 from producer.settings import ClientSettings
 from schemas.codec import (
+    AVRO_DIR,
     EVENT_TYPE_HEADER,
     FINGERPRINT_HEADER,
     SINGLE_OBJECT_MARKER,
     SchemalessCodec,
     SchemalessForm,
-    make_codec,
+    SchemaStore,
+    load_schema_file,
 )
 from schemas.events import CloneRequest, Event
 from schemas.registry import RegistryCodec, subject_for
-from schemas.store import AVRO_DIR, SchemaStore, load_schema_file
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 from tests.schemas.fake_registry import FakeSchemaRegistry
 from tests.schemas.pairs import CodecPair
 from tests.schemas.samples import SAMPLE_IDS, SAMPLES, full_request, minimal_request

@@ -7,18 +7,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from schema_registry.client import AsyncSchemaRegistryClient
 
-from schemas.codec import (
-    EVENT_TYPE_HEADER,
-    FINGERPRINT_HEADER,
-    Codec,
-    SchemalessCodec,
-    make_codec,
-)
+from schemas.codec import EVENT_TYPE_HEADER, FINGERPRINT_HEADER, Codec, SchemalessCodec, SchemaStore
 from schemas.errors import EventDecodeError
 from schemas.events import EVENT_TYPES, Event, event_types_by_topic
 from schemas.registry import subject_for
-from schemas.store import SchemaStore
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 from tests.schemas.samples import SAMPLES
 from tests.schemas.variants import schemaless_record, shipped, single_object_record
 

@@ -18,8 +18,17 @@ import pytest
 from schema_registry.client import AsyncSchemaRegistryClient
 
 from producer.settings import ClientSettings
-from schemas import store as store_module
-from schemas.codec import Codec, Encoded, SchemalessCodec
+from schemas import codec as codec_module
+from schemas.codec import (
+    AVRO_DIR,
+    HISTORY_DIR,
+    Codec,
+    Encoded,
+    SchemalessCodec,
+    SchemaStore,
+    load_schema_file,
+    schema_fingerprint,
+)
 from schemas.errors import DecodeReason, EventDecodeError, InvalidSchemaError
 from schemas.events import (
     EVENT_TYPES,
@@ -31,7 +40,6 @@ from schemas.events import (
     ModelName,
 )
 from schemas.registry import subject_for
-from schemas.store import AVRO_DIR, HISTORY_DIR, SchemaStore, load_schema_file, schema_fingerprint
 from schemas.topics import Topics
 from tests.schemas.pairs import CodecPair
 from tests.schemas.samples import (
@@ -224,7 +232,7 @@ async def test_versions_in_history_are_known_to_shipped_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "clone_request.v0.avsc").write_text(json.dumps(OLDER_REQUEST))
-    monkeypatch.setattr(store_module, "HISTORY_DIR", tmp_path)
+    monkeypatch.setattr(codec_module, "HISTORY_DIR", tmp_path)
     encoded = schemaless_record(OLDER_REQUEST, _older_record())
     decoded = await SchemalessCodec(topics=TOPICS).decode(
         TOPICS.requests, encoded.value, encoded.headers

@@ -22,13 +22,13 @@ from schema_registry.client import AsyncSchemaRegistryClient
 
 from producer.settings import ClientSettings
 from schemas import contracts
-from schemas.codec import make_codec
+from schemas.codec import AVRO_DIR, SchemaStore
 from schemas.compatibility import Compatibility
 from schemas.errors import EncodeReason, EventEncodeError
 from schemas.events import Event, Language
 from schemas.registry import subject_for
-from schemas.store import AVRO_DIR, SchemaStore
 from schemas.topics import Topics
+from schemas.wire_format import make_codec
 from tests.schemas.samples import SAMPLES, full_request, minimal_request
 from tests.schemas.variants import (
     Json,

@@ -8,9 +8,15 @@ from typing import Any
 
 import fastavro
 
-from schemas.codec import EVENT_TYPE_HEADER, FINGERPRINT_HEADER, Encoded
+from schemas.codec import (
+    AVRO_DIR,
+    EVENT_TYPE_HEADER,
+    FINGERPRINT_HEADER,
+    Encoded,
+    load_schema_file,
+    schema_fingerprint,
+)
 from schemas.registry import MAGIC_BYTE
-from schemas.store import AVRO_DIR, load_schema_file, schema_fingerprint
 
 Json = dict[str, Any]
 

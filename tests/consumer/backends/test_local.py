@@ -29,7 +29,7 @@ from consumer.backends import (
     make_backend,
 )
 from consumer.backends.local import LocalBackend
-from consumer.metrics import Metrics
+from consumer.telemetry import Metrics
 from tests.consumer.backends.conftest import CloneJobFactory
 from tests.fixtures.model import REFERENCE_TRANSCRIPT, SAMPLE_RATE, frames_to_samples
 

@@ -1,28 +1,44 @@
-"""Every metric the worker exports, in one class, on the registry it is given.
+"""What the worker reports per request: Prometheus metrics, and optional OpenTelemetry spans.
 
+Metrics: every metric the worker exports, in one class (`Metrics`), on the registry it is given.
 Names share the `voiceclone_` prefix and use base units (`_seconds`); counters end in `_total`.
 Labels come from small fixed sets (model size, outcome, stage, backend, cold start, error code,
 decode reason, partition), never request, voice or tenant ids. Timings are taken in try/finally
 (context managers) and the in-flight gauge goes up and down in one place, so they stay true when
 a request fails or is cancelled.
 
-The worker calls: `in_flight()` around each record, `stage()` around each pipeline stage,
-`backend_call()` around the backend's clone, `outcome_published()` / `dead_lettered()` once the
-broker acknowledged, `retried()`, `rebalanced()`, `set_lag()` and `commit_failed()` from the
-consume loop.
+The worker calls: `in_flight()` around each record, `stage()` around each stage of a request
+(timed, and spanned when the request is traced), `backend_call()` around the backend's clone,
+`outcome_published()` / `dead_lettered()` once the broker acknowledged, `retried()`,
+`rebalanced()`, `set_lag()` and `commit_failed()` from the consume loop.
+
+Spans, off by default: one per request (`RequestTracing`), a child per stage. The worker only
+asks the global TracerProvider for a tracer: exporting is the deployment's choice
+(`opentelemetry-sdk`, an exporter and the standard `OTEL_*` variables, for instance through
+`opentelemetry-instrument`); without one installed, the spans are the API's no-ops. A request's
+span continues the trace named by its clone-request's `traceparent`/`tracestate` headers, and its
+outcome's headers then name the request's span. Spans carry ids and codes, never request text:
+exceptions are not recorded on them (a message may quote what a backend said).
+
+Off, no span is started: the incoming trace headers are copied onto the outcome as they are,
+and each stage costs one context-variable lookup.
 """
 
 import contextlib
 import platform
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any, Final, Literal, TypeVar, get_args
 
-from aiokafka import TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -37,9 +53,10 @@ from prometheus_client.metrics_core import Metric
 
 from consumer.backends.base import CloneResult
 from producer.retry import BROKER_OUTAGE, SCHEMA_REGISTRY_OUTAGE
+from schemas.codec import InHeaders as Headers
 from schemas.errors import DecodeReason
 from schemas.events import AudioReady, CloneFailed, CloneRequest, RequestHeader
-from schemas.vocabulary import ErrorCode, ModelSize
+from schemas.vocabulary import ErrorCode, ModelSize, VoicecloneError
 
 PREFIX: Final = "voiceclone"
 UNKNOWN_MODEL: Final = "unknown"  # dead letters: the request (and so its model) is unreadable
@@ -69,6 +86,14 @@ STAGE_BUCKETS: Final = (
 MODEL_LOAD_BUCKETS: Final = (1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 # Inference seconds per second of audio: below 1 is faster than real time.
 RTF_BUCKETS: Final = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
+
+REQUEST_SPAN = "voiceclone.request"
+TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+_PROPAGATOR = TraceContextTextMapPropagator()
+# The tracer of the request handled in this context, None when it is not traced. A context
+# variable because the stages run in the pipeline's own task, which inherits it: no tracer is
+# threaded through the pipeline.
+_request_tracer: ContextVar[Tracer | None] = ContextVar("request_tracer", default=None)
 
 
 _M = TypeVar("_M", bound=MetricWrapperBase)
@@ -296,13 +321,21 @@ class Metrics:
             yield
 
     @contextmanager
-    def stage(self, stage: Stage, model: str) -> Iterator[None]:
-        """Time one pipeline stage, also when it raises or is cancelled."""
+    def stage(
+        self, stage: Stage, model: str, ms: MutableMapping[Stage, int] | None = None
+    ) -> Iterator[None]:
+        """Time one stage of a request, also when it raises or is cancelled, in a child span of
+        the request's when it is traced; its milliseconds also go into `ms` when given (what
+        the request's outcome reports)."""
         begin = time.perf_counter()
         try:
-            yield
+            with _stage_span(stage):
+                yield
         finally:
-            self.observe_stage(stage, model, time.perf_counter() - begin)
+            seconds = time.perf_counter() - begin
+            if ms is not None:
+                ms[stage] = round(seconds * 1000)
+            self.observe_stage(stage, model, seconds)
 
     def observe_stage(self, stage: Stage, model: str, seconds: float) -> None:
         self._child(self._stages, stage, model).observe(seconds)
@@ -396,7 +429,7 @@ def exported_names(registry: CollectorRegistry) -> set[str]:
 
 
 def render_table() -> str:
-    """The metric table of docs/operations/metrics.md (`python -m consumer.metrics`); a test keeps
+    """The metric table of docs/operations/metrics.md (`python -m consumer.telemetry`); a test keeps
     it in step."""
     lines = [TABLE_BEGIN, "| metric | type | labels | meaning |", "|---|---|---|---|"]
     for doc in Metrics(CollectorRegistry()).described:
@@ -414,6 +447,98 @@ def _version() -> str:
         return metadata.version("voiceclone-worker")
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+# -- spans ----------------------------------------------------------------------------------------
+
+
+class RequestTracing:
+    """Starts the span of each request; `provider` defaults to the global one."""
+
+    def __init__(self, provider: TracerProvider | None = None) -> None:
+        self._tracer = trace.get_tracer("voiceclone.worker", tracer_provider=provider)
+
+    @contextmanager
+    def request(
+        self, record: ConsumerRecord, request_id: str, tenant_id: str, model: str
+    ) -> Iterator[Span]:
+        """The request's span, current inside: a child of the trace its headers name (a new
+        trace when they name none, or a malformed one)."""
+        attributes = {
+            "voiceclone.request_id": request_id,
+            "voiceclone.tenant_id": tenant_id,
+            "voiceclone.model": model,
+            "messaging.destination.name": record.topic,
+            "messaging.destination.partition.id": str(record.partition),
+            "messaging.kafka.offset": record.offset,
+        }
+        with self._tracer.start_as_current_span(
+            REQUEST_SPAN,
+            context=_PROPAGATOR.extract(_carrier(record.headers)),
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+            record_exception=False,
+        ) as span:
+            token = _request_tracer.set(self._tracer)
+            try:
+                yield span
+            finally:
+                _request_tracer.reset(token)
+
+
+@contextmanager
+def _stage_span(name: str) -> Iterator[None]:
+    """A child span of the current request's span named `name`; nothing when not traced."""
+    tracer = _request_tracer.get()
+    if tracer is None:
+        yield
+        return
+    with tracer.start_as_current_span(
+        name, record_exception=False, set_status_on_exception=False
+    ) as span:
+        try:
+            yield
+        except Exception as exc:
+            code = str(exc.code) if isinstance(exc, VoicecloneError) else type(exc).__name__
+            _failed(span, code)
+            raise
+
+
+def outcome_headers(incoming: Headers) -> list[tuple[str, bytes | None]]:
+    """The trace headers of a request's outcome: the current span's context when the request
+    is traced, else the incoming trace headers as they are."""
+    if _request_tracer.get() is None:
+        return [(key, value) for key, value in incoming if key in TRACE_HEADERS]
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return [(key, value.encode()) for key, value in carrier.items()]
+
+
+def mark_outcome(span: Span, outcome: AudioReady | CloneFailed | None, code: str = "") -> None:
+    """Say on the request's span what came of it: an event, or (None) a dead letter (`code`)."""
+    if not span.is_recording():
+        return
+    span.set_attribute(
+        "voiceclone.outcome", "dead_letter" if outcome is None else type(outcome).__name__
+    )
+    if isinstance(outcome, CloneFailed):
+        code = str(outcome.error_code)
+    if code:
+        _failed(span, code)
+
+
+def _failed(span: Span, code: str) -> None:
+    span.set_attribute("voiceclone.error_code", code)
+    span.set_status(Status(StatusCode.ERROR, code))
+
+
+def _carrier(headers: Headers) -> dict[str, str]:
+    # latin-1 decodes any bytes: a malformed value is refused by the propagator, not by us.
+    return {
+        key: value.decode("latin-1")
+        for key, value in headers
+        if key in TRACE_HEADERS and value is not None
+    }
 
 
 if __name__ == "__main__":
