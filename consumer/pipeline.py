@@ -24,11 +24,9 @@ from typing import TypeVar
 
 import structlog
 
-from consumer.admission import UNLIMITED, TenantAdmission
+from consumer.admission import UNLIMITED, Deadline, KeyedSemaphores, TenantAdmission
 from consumer.backends.audio import AudioFacts, read_audio_facts
 from consumer.backends.base import Backend, BackendTimeout, CloneJob, CloneResult
-from consumer.concurrency import KeyedSemaphores
-from consumer.deadline import Deadline
 from consumer.errors import CloneError
 from consumer.idempotency import StoredFacts, object_metadata, request_fingerprint, reusable_facts
 from consumer.metrics import Metrics, RetriedStage, Stage

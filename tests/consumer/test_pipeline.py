@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import soundfile
 
+from consumer.admission import Deadline, Expired
 from consumer.backends import BackendSettings, CloneResult
 from consumer.backends.http import HttpBackend
-from consumer.deadline import Deadline, Expired
 from consumer.errors import CloneError
 from consumer.metrics import Metrics
 from consumer.pipeline import Pipeline, check_request

@@ -6,10 +6,10 @@ import asyncio
 import gc
 from pathlib import Path
 
+from consumer.admission import KeyedSemaphores
 from consumer.backends import BackendSettings
 from consumer.backends.base import CloneJob, CloneResult
 from consumer.cancels import CancelRegistry
-from consumer.concurrency import KeyedSemaphores
 from consumer.offsets import OffsetTracker
 from consumer.pipeline import StageClock
 from consumer.reference import ReferenceAudio, ReferenceSettings
