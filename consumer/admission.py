@@ -67,6 +67,18 @@ class Deadline:
         if self.expired:
             raise Expired()
 
+    def budget(self, limit: float) -> float:
+        """Seconds one call may take: the time left, capped by `limit` (the callee's own bound).
+
+        Raises `Expired` when no time is left, so no work starts for an expired request.
+        """
+        left = self.remaining()
+        if left is None:
+            return limit
+        if left <= 0:
+            raise Expired()
+        return min(left, limit)
+
 
 # -- semaphores by key -----------------------------------------------------------------------------
 
