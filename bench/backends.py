@@ -11,7 +11,7 @@ import time
 import numpy as np
 import soundfile
 
-from consumer.backends.base import CloneJob, CloneResult
+from consumer.backends.base import BackendSettings, CloneJob, CloneResult
 
 _SAMPLE_RATE = 24_000  # the engine's output rate
 _RESULT_SECONDS = 0.25
@@ -34,13 +34,11 @@ class FixedLatencyBackend:
 
     def __init__(self, latency_seconds: float = 0.0) -> None:
         self.name = "bench"
+        self.timeout_seconds = BackendSettings().timeout_seconds
         self.call_starts: list[float] = []
         self._latency = latency_seconds
         self._result = CloneResult(
             audio=small_wav(),
-            format="WAV",
-            sample_rate=_SAMPLE_RATE,
-            duration_seconds=_RESULT_SECONDS,
             cold_start=False,
             model_load_seconds=None,
             container_id=None,
@@ -50,7 +48,7 @@ class FixedLatencyBackend:
     async def start(self) -> None:
         """Nothing to acquire."""
 
-    async def clone(self, job: CloneJob, timeout: float | None) -> CloneResult:  # noqa: ASYNC109
+    async def clone(self, job: CloneJob, timeout: float) -> CloneResult:  # noqa: ASYNC109
         self.call_starts.append(time.time())
         if self._latency > 0:
             await asyncio.sleep(self._latency)
@@ -84,7 +82,7 @@ class HoldingBackend(FixedLatencyBackend):
         if self._gate is not None:
             self._gate.set()
 
-    async def clone(self, job: CloneJob, timeout: float | None) -> CloneResult:  # noqa: ASYNC109
+    async def clone(self, job: CloneJob, timeout: float) -> CloneResult:  # noqa: ASYNC109
         if self._gate is not None:
             async with self._changed:
                 self._held += 1

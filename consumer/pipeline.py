@@ -9,27 +9,31 @@ turn into a clone-failed event. The request's `Deadline` is read once and bounds
 A stage that fails with a transient error (reference fetch, backend call, storage) is retried
 on its own, with backoff, within the retry settings and the request's deadline: a failed
 backend call is tried again with the reference already fetched. Audio a request already
-produced (a redelivery) is described again instead of regenerated (`consumer.idempotency`).
+produced (a redelivery) is described again instead of regenerated, from the facts stored
+beside it. What audio holds (format, sample rate, duration) is read from its bytes here, not
+taken from the backend's word.
 """
 
 import asyncio
 import functools
+import hashlib
+import io
+import json
 import math
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Final, Self, TypeVar
+from urllib.parse import quote
 
+import soundfile
 import structlog
 
-from consumer.admission import UNLIMITED, TenantAdmission
-from consumer.backends.audio import AudioFacts, read_audio_facts
+from consumer.admission import UNLIMITED, Deadline, KeyedSemaphores, TenantAdmission
 from consumer.backends.base import Backend, BackendTimeout, CloneJob, CloneResult
-from consumer.concurrency import KeyedSemaphores
-from consumer.deadline import Deadline
 from consumer.errors import CloneError
-from consumer.idempotency import StoredFacts, object_metadata, request_fingerprint, reusable_facts
 from consumer.reference import ReferenceAudio, ReferenceFetcher
 from consumer.settings import LimitSettings, RetrySettings
 from consumer.telemetry import Metrics, RetriedStage, Stage
@@ -81,12 +85,165 @@ class StageClock:
         return self.metrics.stage(name, self.model, self.ms)
 
 
+# -- what audio holds, read from its header --------------------------------------------------------
+
+_RIFF_HEADER = struct.Struct("<4sI4s")
+_CHUNK_HEADER = struct.Struct("<4sI")
+_FMT = struct.Struct("<HHIIHH")  # format tag, channels, rate, byte rate, block align, bits
+# Plain PCM and IEEE float WAVs, the ones libsndfile reports as "WAV" (the extensible
+# format is "WAVEX"), at the sample widths it writes.
+_PLAIN_WAV_BITS = {1: frozenset({8, 16, 24, 32}), 3: frozenset({32, 64})}
+
+
+@dataclass(frozen=True)
+class AudioFacts:
+    format: str  # in the worker's vocabulary: "WAV", "FLAC", "OGG_OPUS", "MP3", ...
+    sample_rate: int
+    duration_seconds: float
+
+
+def read_audio_facts(audio: bytes) -> AudioFacts:
+    """Format, sample rate and duration of `audio`; `GenerationFailed` if it is not audio.
+
+    Reads only the header, so it is cheap enough to run on the event loop. A plain WAV's
+    header is parsed here: libsndfile would read it through Python callbacks, each of which
+    gives up and takes back the GIL, and the event loop then waits behind every thread that
+    wants it (profiled at a fifth of the worker's time). Anything else goes to libsndfile.
+    """
+    facts = _plain_wav_facts(audio)
+    return facts if facts is not None else _soundfile_facts(audio)
+
+
+def _soundfile_facts(audio: bytes) -> AudioFacts:
+    try:
+        info = soundfile.info(io.BytesIO(audio))
+    except soundfile.SoundFileError as exc:
+        raise GenerationFailed(
+            f"the backend returned {len(audio)} bytes that are not audio"
+        ) from exc
+    audio_format = "OGG_OPUS" if (info.format, info.subtype) == ("OGG", "OPUS") else info.format
+    return AudioFacts(audio_format, int(info.samplerate), float(info.duration))
+
+
+def _plain_wav_facts(audio: bytes) -> AudioFacts | None:
+    """The facts of a well-formed PCM or float RIFF/WAVE file; None for anything else
+    (other formats, extensible or compressed WAVs, sizes that do not add up)."""
+    if len(audio) < _RIFF_HEADER.size:
+        return None
+    riff, _, wave = _RIFF_HEADER.unpack_from(audio)
+    if riff != b"RIFF" or wave != b"WAVE":
+        return None
+    fmt: tuple[int, ...] | None = None
+    offset = _RIFF_HEADER.size
+    while offset + _CHUNK_HEADER.size <= len(audio):
+        chunk, size = _CHUNK_HEADER.unpack_from(audio, offset)
+        body = offset + _CHUNK_HEADER.size
+        if chunk == b"fmt " and size >= _FMT.size and body + size <= len(audio):
+            fmt = _FMT.unpack_from(audio, body)
+        elif chunk == b"data":
+            fits = body + size <= len(audio)
+            return _facts_from(fmt, size) if fits else None
+        offset = body + size + (size & 1)  # chunks are padded to an even length
+    return None
+
+
+def _facts_from(fmt: tuple[int, ...] | None, data_bytes: int) -> AudioFacts | None:
+    if fmt is None:
+        return None
+    tag, channels, rate, _, block_align, bits = fmt
+    plain = bits in _PLAIN_WAV_BITS.get(tag, ()) and channels > 0 and rate > 0
+    if not plain or block_align != channels * bits // 8 or data_bytes % block_align:
+        return None
+    return AudioFacts("WAV", rate, data_bytes // block_align / rate)
+
+
+# -- audio a request already produced --------------------------------------------------------------
+# A request's object key is fixed by its tenant and request ids. Next to the audio the worker
+# stores a fingerprint of everything in the request that shapes the audio, plus the facts its
+# audio-ready event reports (sample rate, duration, backend), so the event can be rebuilt from a
+# `head` of the object without downloading it. The same ids with other content (a reused
+# request id) have another fingerprint: that audio is regenerated and overwritten.
+
+# Object metadata names (S3 user metadata rules: lower case, printable ASCII values).
+FINGERPRINT: Final = "request-fingerprint"
+SAMPLE_RATE: Final = "sample-rate"
+DURATION_MS: Final = "duration-ms"
+BACKEND: Final = "backend"
+# Versioned, so a change of what is hashed regenerates rather than matching by accident.
+_FINGERPRINT_VERSION: Final = "v1"
+# Caller ids are arbitrary text; metadata must stay well within S3's 2 KiB.
+_MAX_METADATA_VALUE: Final = 256
+
+
+@dataclass(frozen=True)
+class StoredFacts:
+    """What an audio-ready event says about audio beyond its bytes."""
+
+    sample_rate: int
+    duration_ms: int
+    backend: str
+
+
+def request_fingerprint(request: CloneRequest) -> str:
+    """A digest of the request's content: text, voice, language, model, format, generation."""
+    voice = request.voice
+    generation = request.generation
+    content = {
+        "text": request.text,
+        "voice_uri": voice.reference_audio_uri,
+        "voice_sha256": voice.reference_audio_sha256,
+        "voice_text": voice.reference_text,
+        "language": request.language.value,
+        "model": request.model.value,
+        "format": request.output_format.value,
+        "generation": None if generation is None else generation.model_dump(),
+    }
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    digest = hashlib.sha256(canonical.encode("ascii")).hexdigest()
+    return f"{_FINGERPRINT_VERSION}-{digest}"
+
+
+def object_metadata(request: CloneRequest, fingerprint: str, facts: StoredFacts) -> dict[str, str]:
+    """The metadata stored with a request's audio."""
+    return {
+        "request-id": request.request_id,
+        "voice-id": quote(request.voice.voice_id, safe="")[:_MAX_METADATA_VALUE],
+        FINGERPRINT: fingerprint,
+        SAMPLE_RATE: str(facts.sample_rate),
+        DURATION_MS: str(facts.duration_ms),
+        BACKEND: facts.backend,  # a backend's name: "modal", "http", "local"
+    }
+
+
+def reusable_facts(metadata: Mapping[str, str], fingerprint: str) -> StoredFacts | None:
+    """The facts stored with audio made for the content `fingerprint` names; None when the
+    object's metadata is another request's, or not ours (then the audio is regenerated)."""
+    if metadata.get(FINGERPRINT) != fingerprint:
+        return None
+    try:
+        sample_rate, duration_ms = int(metadata[SAMPLE_RATE]), int(metadata[DURATION_MS])
+    except (KeyError, ValueError):
+        return None
+    if sample_rate <= 0 or duration_ms < 0:
+        return None
+    return StoredFacts(sample_rate, duration_ms, metadata.get(BACKEND, "unknown"))
+
+
+# -- the stages ------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class EncodedAudio:
-    """The bytes that will be stored, and what they hold (what the event reports)."""
+    """Audio bytes, and what they hold as read from them: the backend's, then the bytes that
+    will be stored (what the event reports)."""
 
     data: bytes = field(repr=False)
     facts: AudioFacts
+
+    @classmethod
+    def read(cls, data: bytes) -> Self:
+        """`data` and its facts; `GenerationFailed` if it is not audio."""
+        return cls(data, read_audio_facts(data))
 
 
 def check_request(request: CloneRequest, limits: LimitSettings) -> None:
@@ -187,9 +344,11 @@ class Pipeline:
         with clock.stage("fetch_reference"):
             reference = await retried("reference", lambda: self.fetch_reference(request))
         with clock.stage("inference"):
-            result = await retried("backend", lambda: self.clone(request, reference, deadline))
+            result, generated = await retried(
+                "backend", lambda: self.clone(request, reference, deadline)
+            )
         with clock.stage("encode"):
-            audio = await self.encode(result, request.output_format)
+            audio = await self.encode(generated, request.output_format)
         seconds = audio.facts.duration_seconds
         facts = StoredFacts(audio.facts.sample_rate, round(seconds * 1000), self._backend.name)
         metadata = object_metadata(request, fingerprint, facts)
@@ -255,7 +414,9 @@ class Pipeline:
 
     async def clone(
         self, request: CloneRequest, reference: ReferenceAudio, deadline: Deadline
-    ) -> CloneResult:
+    ) -> tuple[CloneResult, EncodedAudio]:
+        """The backend's result for the request and its audio, read. The call may take the time
+        the request has left, capped by the backend's own bound; none starts once it expired."""
         job = CloneJob(
             request_id=request.request_id,
             text=request.text,
@@ -268,29 +429,29 @@ class Pipeline:
             output_format=request.output_format.value,
             generation=_generation(request),
         )
-        deadline.check()
+        budget = deadline.budget(self._backend.timeout_seconds)  # Expired: no call at all
         try:
             with self._metrics.backend_call(self._backend.name, job.model) as call:
-                # The backend adds its own upper bound to the time left.
-                call.result = result = await self._backend.clone(job, timeout=deadline.remaining())
+                result = await self._backend.clone(job, timeout=budget)
+                audio = EncodedAudio.read(result.audio)  # GenerationFailed if it is not audio
+                call.result, call.audio_seconds = result, audio.facts.duration_seconds
         except BackendTimeout:
             deadline.check()  # cut short by the request's own deadline: it expired
             raise
-        return result
+        return result, audio
 
-    async def encode(self, result: CloneResult, wanted: AudioFormat) -> EncodedAudio:
-        """The result in the wanted format, described from the final bytes themselves."""
+    async def encode(self, audio: EncodedAudio, wanted: AudioFormat) -> EncodedAudio:
+        """The backend's audio in the wanted format, described from the final bytes themselves."""
+        given = audio.facts.format
         try:
-            facts = read_audio_facts(result.audio)  # GenerationFailed if it is not audio
-            check_audio_size(result.audio, facts, self._limits.max_audio_bytes)
-            if result.format == wanted.value:
-                return EncodedAudio(result.audio, facts)
+            check_audio_size(audio.data, audio.facts, self._limits.max_audio_bytes)
+            if given == wanted.value:
+                return audio
             # Transcoding is CPU work: keep it off the event loop.
-            data = await asyncio.to_thread(transcode, result.audio, wanted)
-            return EncodedAudio(data, read_audio_facts(data))
+            return EncodedAudio.read(await asyncio.to_thread(transcode, audio.data, wanted))
         except (InvalidInput, ValueError, RuntimeError) as exc:  # soundfile's errors
             raise GenerationFailed(
-                f"the backend's {result.format} audio cannot be encoded as {wanted.value}: {exc}"
+                f"the backend's {given} audio cannot be encoded as {wanted.value}: {exc}"
             ) from exc
 
     async def store(

@@ -127,9 +127,11 @@ class MetricDoc:
 
 @dataclass
 class BackendCall:
-    """Filled in by the caller inside `Metrics.backend_call` once the backend has answered."""
+    """Filled in by the caller inside `Metrics.backend_call` once the backend has answered: its
+    result, and the seconds of audio in it (read from the audio's bytes)."""
 
     result: CloneResult | None = None
+    audio_seconds: float = 0.0
 
 
 class Metrics:
@@ -342,18 +344,25 @@ class Metrics:
 
     @contextmanager
     def backend_call(self, backend: str, model: str) -> Iterator[BackendCall]:
-        """Time one backend call; set `.result` on the yielded object when it returns."""
+        """Time one backend call; set `.result` and `.audio_seconds` on the yielded object when
+        it returns."""
         call = BackendCall()
         begin = time.perf_counter()
         try:
             yield call
         finally:
-            self.observe_backend_call(backend, model, time.perf_counter() - begin, call.result)
+            seconds = time.perf_counter() - begin
+            self.observe_backend_call(backend, model, seconds, call.result, call.audio_seconds)
 
     def observe_backend_call(
-        self, backend: str, model: str, seconds: float, result: CloneResult | None
+        self,
+        backend: str,
+        model: str,
+        seconds: float,
+        result: CloneResult | None,
+        audio_seconds: float,
     ) -> None:
-        """A finished backend call; `result` None when it failed."""
+        """A finished backend call; `result` None when it failed, else `audio_seconds` of audio."""
         cold_start = None if result is None else result.cold_start
         self._child(self._backend_seconds, backend, model, _flag(cold_start)).observe(seconds)
         if result is None:
@@ -366,11 +375,11 @@ class Metrics:
         capped = self._child(self._capped, backend, model)  # exists from the first call
         if result.capped:
             capped.inc()
-        self._child(self._audio_seconds, model).inc(result.duration_seconds)
-        if result.duration_seconds > 0:
+        self._child(self._audio_seconds, model).inc(audio_seconds)
+        if audio_seconds > 0:
             inference = result.inference_seconds
             busy = inference if inference is not None else seconds
-            self._child(self._rtf, model).observe(busy / result.duration_seconds)
+            self._child(self._rtf, model).observe(busy / audio_seconds)
 
     def outcome_published(
         self,

@@ -11,7 +11,6 @@ from consumer.backends.base import (
     CloneJob,
     CloneResult,
     GenerationParams,
-    call_budget,
 )
 from consumer.backends.errors import (
     BackendError,
@@ -45,6 +44,5 @@ __all__ = [
     "InvalidInput",
     "LocalBackendSettings",
     "ModalBackendSettings",
-    "call_budget",
     "make_backend",
 ]

@@ -1,4 +1,8 @@
-"""The backend seam: what a clone call takes, what it returns, and the interface behind it."""
+"""The backend seam: what a clone call takes, what it returns, and the interface behind it.
+
+Declarations only: a backend calls its engine; the pipeline owns the request's time (it gives
+each call its budget) and reads the audio's format, sample rate and duration from its bytes.
+"""
 
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,7 +34,6 @@ __all__ = [
     "GenerationFailed",
     "GenerationParams",
     "InvalidInput",
-    "call_budget",
 ]
 
 
@@ -52,12 +55,10 @@ class CloneJob:
 
 @dataclass(frozen=True)
 class CloneResult:
-    """Audio from a backend plus facts about the call; None where the backend cannot know."""
+    """Audio from a backend plus what only the backend knows of the call; None where it cannot
+    know. What the audio holds (format, sample rate, duration) is read from its bytes."""
 
-    audio: bytes = field(repr=False)
-    format: str  # may differ from the job's output_format: the worker transcodes
-    sample_rate: int
-    duration_seconds: float
+    audio: bytes = field(repr=False)  # not always the job's output_format: the worker transcodes
     cold_start: bool | None
     model_load_seconds: float | None
     container_id: str | None
@@ -73,16 +74,17 @@ class Backend(Protocol):
     """
 
     name: str
+    timeout_seconds: float  # the configured bound on one call, whatever time the request has
 
     async def start(self) -> None:
         """Acquire long-lived resources (connection pools, lookups, a local model); no inference.
         A backend that cannot work as configured fails here with `BackendUnavailable`."""
 
-    # The backend takes the deadline itself (rather than being wrapped in asyncio.timeout) so it
+    # The backend takes its budget itself (rather than being wrapped in asyncio.timeout) so it
     # can pass it on (Modal's long poll, httpx) and cancel remote work before reporting.
-    async def clone(self, job: CloneJob, timeout: float | None) -> CloneResult:  # noqa: ASYNC109
-        """Clone `job`; give up with `BackendTimeout` after `timeout` seconds (None: no limit
-        beyond the backend's configured per-call bound)."""
+    async def clone(self, job: CloneJob, timeout: float) -> CloneResult:  # noqa: ASYNC109
+        """Clone `job`; give up with `BackendTimeout` after `timeout` seconds (positive: the
+        request's time left, already capped by `timeout_seconds`)."""
         ...
 
     async def ready(self) -> bool:
@@ -91,14 +93,3 @@ class Backend(Protocol):
 
     async def close(self) -> None:
         """Release resources; safe to call twice."""
-
-
-def call_budget(timeout: float | None, limit: float) -> float:
-    """Seconds one call may take: the caller's remaining time, capped by the configured limit.
-
-    Raises `BackendTimeout` when nothing is left, so no work starts for an expired request.
-    """
-    budget = limit if timeout is None else min(timeout, limit)
-    if budget <= 0:
-        raise BackendTimeout("the request's deadline passed before the backend was called")
-    return budget

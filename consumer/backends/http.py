@@ -10,8 +10,7 @@ from typing import Any
 
 import httpx
 
-from consumer.backends.audio import read_audio_facts
-from consumer.backends.base import CloneJob, CloneResult, call_budget
+from consumer.backends.base import CloneJob, CloneResult
 from consumer.backends.errors import (
     BackendTimeout,
     BackendUnavailable,
@@ -35,6 +34,7 @@ class HttpBackend:
 
     def __init__(self, settings: BackendSettings) -> None:
         self._settings = settings
+        self.timeout_seconds = settings.timeout_seconds
         self._urls = settings.http.base_urls()
         self._client: httpx.AsyncClient | None = None
 
@@ -56,19 +56,14 @@ class HttpBackend:
         checks = [self._healthy(url, limit) for url in sorted(set(self._urls.values()))]
         return all(await asyncio.gather(*checks))
 
-    async def clone(self, job: CloneJob, timeout: float | None) -> CloneResult:  # noqa: ASYNC109
+    async def clone(self, job: CloneJob, timeout: float) -> CloneResult:  # noqa: ASYNC109
         url = f"{self._base_url(job.model)}/clone"
         body = clone_request_body(job)
-        budget = call_budget(timeout, self._settings.timeout_seconds)
-        response = await self._post(url, body, budget)
+        response = await self._post(url, body, timeout)
         if not response.is_success:
             raise error_for_response(response)
-        facts = read_audio_facts(response.content)
         return CloneResult(
             audio=response.content,
-            format=facts.format,
-            sample_rate=facts.sample_rate,
-            duration_seconds=facts.duration_seconds,
             cold_start=None,  # the contract does not say
             model_load_seconds=None,
             container_id=None,

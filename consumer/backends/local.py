@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from consumer.backends.base import CloneJob, CloneResult, call_budget
+from consumer.backends.base import CloneJob, CloneResult
 from consumer.backends.errors import (
     BackendTimeout,
     BackendUnavailable,
@@ -84,6 +84,7 @@ class LocalBackend:
 
     def __init__(self, settings: BackendSettings) -> None:
         self._settings = settings
+        self.timeout_seconds = settings.timeout_seconds
         self._models: dict[str, _LoadedModel] = {}  # size → its loaded model
 
     async def start(self) -> None:
@@ -99,15 +100,11 @@ class LocalBackend:
             await self.close()  # the caller never gets a started backend to close
             raise
 
-    async def clone(self, job: CloneJob, timeout: float | None) -> CloneResult:  # noqa: ASYNC109
+    async def clone(self, job: CloneJob, timeout: float) -> CloneResult:  # noqa: ASYNC109
         model = self._model(job.model)
-        budget = call_budget(timeout, self._settings.timeout_seconds)
-        output, cold_start = await _run(model, clone_input(job), budget)
+        output, cold_start = await _run(model, clone_input(job), timeout)
         return CloneResult(
             audio=output.audio,
-            format=output.audio_format.value,
-            sample_rate=output.sample_rate,
-            duration_seconds=output.duration_seconds,
             cold_start=cold_start,
             model_load_seconds=model.engine.load_seconds,
             container_id=None,  # no container: the engine runs in the worker's process

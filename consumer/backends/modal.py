@@ -19,7 +19,7 @@ import modal
 import modal.exception
 import structlog
 
-from consumer.backends.base import CloneJob, CloneResult, call_budget
+from consumer.backends.base import CloneJob, CloneResult
 from consumer.backends.errors import (
     BackendTimeout,
     BackendUnavailable,
@@ -43,7 +43,7 @@ class ModalBackend:
     name = "modal"
 
     def __init__(self, settings: BackendSettings) -> None:
-        self._settings = settings
+        self.timeout_seconds = settings.timeout_seconds
         self._modal = settings.modal
         self._apps = settings.modal.apps()
         self._services: dict[str, Any] = {}  # model size → instance of the deployed class
@@ -77,11 +77,9 @@ class ModalBackend:
     async def ready(self) -> bool:
         return await self._readiness.check()
 
-    async def clone(self, job: CloneJob, timeout: float | None) -> CloneResult:  # noqa: ASYNC109
+    async def clone(self, job: CloneJob, timeout: float) -> CloneResult:  # noqa: ASYNC109
         service = self._service(job.model)
-        deadline = asyncio.get_running_loop().time() + call_budget(
-            timeout, self._settings.timeout_seconds
-        )
+        deadline = asyncio.get_running_loop().time() + timeout
         call = await self._spawn(service, job, deadline)
         return result_from_output(await self._result(call, deadline))
 
@@ -246,9 +244,6 @@ def result_from_output(output: object) -> CloneResult:
     result = service_result(output)
     return CloneResult(
         audio=result.audio,
-        format=result.format,
-        sample_rate=result.sample_rate,
-        duration_seconds=result.duration_seconds,
         cold_start=result.container.cold_start,
         model_load_seconds=result.container.model_load_seconds,
         container_id=result.container.container_id,

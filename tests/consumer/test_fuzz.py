@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from consumer.deadline import Deadline
+from consumer.admission import Deadline
 from consumer.pipeline import check_request
 from consumer.reference import (
     ReferenceFetcher,

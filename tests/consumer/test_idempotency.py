@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from consumer.backends import BackendSettings
-from consumer.idempotency import FINGERPRINT, request_fingerprint
+from consumer.pipeline import FINGERPRINT, request_fingerprint
 from producer.storage import LocalStorage, Storage, object_key
 from schemas.events import (
     AudioFormat,

@@ -44,9 +44,6 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
 def result(**overrides: object) -> CloneResult:
     fields: dict[str, object] = {
         "audio": b"RIFF",
-        "format": "WAV",
-        "sample_rate": 24_000,
-        "duration_seconds": 4.0,
         "cold_start": False,
         "model_load_seconds": 12.5,
         "container_id": "ta-1",
@@ -163,7 +160,7 @@ def test_every_stage_has_its_own_series(
 def test_warm_backend_call_records_duration_audio_and_real_time_factor(
     metrics: Metrics, registry: CollectorRegistry
 ) -> None:
-    metrics.observe_backend_call("modal", "1.7B", 2.5, result(inference_seconds=2.0))
+    metrics.observe_backend_call("modal", "1.7B", 2.5, result(inference_seconds=2.0), 4.0)
 
     call = {"backend": "modal", "model": "1.7B", "cold_start": "false"}
     assert value(registry, "voiceclone_backend_call_duration_seconds_count", **call) == 1
@@ -182,8 +179,8 @@ def test_warm_backend_call_records_duration_audio_and_real_time_factor(
 def test_cold_start_counts_and_observes_model_load(
     metrics: Metrics, registry: CollectorRegistry
 ) -> None:
-    metrics.observe_backend_call("local", "0.6B", 30.0, result(cold_start=True))
-    metrics.observe_backend_call("local", "0.6B", 25.0, result(cold_start=True))
+    metrics.observe_backend_call("local", "0.6B", 30.0, result(cold_start=True), 4.0)
+    metrics.observe_backend_call("local", "0.6B", 25.0, result(cold_start=True), 4.0)
 
     labels = {"backend": "local", "model": "0.6B"}
     assert value(registry, "voiceclone_cold_starts_total", **labels) == 2
@@ -197,7 +194,7 @@ def test_backend_without_inference_time_uses_the_call_duration_for_rtf(
     metrics: Metrics, registry: CollectorRegistry
 ) -> None:
     metrics.observe_backend_call(
-        "http", "1.7B", 6.0, result(cold_start=None, inference_seconds=None)
+        "http", "1.7B", 6.0, result(cold_start=None, inference_seconds=None), 4.0
     )
 
     assert value(registry, "voiceclone_real_time_factor_sum", model="1.7B") == 1.5
@@ -221,7 +218,7 @@ def test_backend_call_context_uses_the_result_set_inside(
     metrics: Metrics, registry: CollectorRegistry
 ) -> None:
     with metrics.backend_call("modal", "1.7B") as call:
-        call.result = result(cold_start=True, duration_seconds=8.0)
+        call.result, call.audio_seconds = result(cold_start=True), 8.0
 
     assert value(registry, "voiceclone_cold_starts_total", backend="modal", model="1.7B") == 1
     assert value(registry, "voiceclone_audio_generated_seconds_total", model="1.7B") == 8.0
@@ -297,7 +294,7 @@ def test_names_and_labels_follow_prometheus_conventions(
     metrics.outcome_published(REQUEST, full_failed(), now=CREATED)
     metrics.dead_lettered("corrupt")
     metrics.observe_stage("upload", "1.7B", 1.0)
-    metrics.observe_backend_call("modal", "1.7B", 1.0, result(cold_start=True))
+    metrics.observe_backend_call("modal", "1.7B", 1.0, result(cold_start=True), 4.0)
     metrics.set_lag("req", 0, 1)
     metrics.rebalanced("assigned", [])
     metrics.retried("publish")

@@ -2,8 +2,8 @@
 storage. What each failure becomes, and that the audio-ready event describes the stored file."""
 
 import io
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import soundfile
 
-from consumer.backends import BackendSettings, CloneResult
+from consumer.admission import Deadline, Expired
+from consumer.backends import Backend, BackendSettings
 from consumer.backends.http import HttpBackend
-from consumer.deadline import Deadline, Expired
 from consumer.errors import CloneError
-from consumer.pipeline import Pipeline, check_request
+from consumer.pipeline import EncodedAudio, Pipeline, check_request
 from consumer.reference import ReferenceFetcher, ReferenceSettings
 from consumer.settings import LimitSettings, RetrySettings
 from consumer.telemetry import Metrics
@@ -46,14 +46,18 @@ async def make_pipeline(
     storage: Storage,
 ) -> AsyncIterator[MakePipeline]:
     """Pipelines on the seed server, file references and `storage`; keyword arguments are
-    LimitSettings fields, `retry=RetrySettings(...)` and `metrics=...` go to the pipeline."""
+    LimitSettings fields, `retry=RetrySettings(...)`, `metrics=...` and `backend=...` (another
+    started backend) go to the pipeline."""
     backend = HttpBackend(BackendSettings(kind="http", http={"base_url": seed_server.url}))
     await backend.start()
     references = ReferenceSettings(allowed_schemes=["file"], file_root=reference_root)
     async with ReferenceFetcher(references) as fetcher:
 
         def make(
-            retry: RetrySettings | None = None, metrics: Metrics | None = None, **limits: Any
+            retry: RetrySettings | None = None,
+            metrics: Metrics | None = None,
+            backend: Backend = backend,
+            **limits: Any,
         ) -> Pipeline:
             settings = LimitSettings(**({"max_text_chars": 100} | limits))
             return Pipeline(settings, fetcher, backend, storage, metrics, retry)
@@ -212,52 +216,80 @@ async def test_reference_failures(
     assert code_of(raised) == (code, False)
 
 
-def backend_result(audio: bytes) -> CloneResult:
-    return CloneResult(
-        audio=audio,
-        format="WAV",
-        sample_rate=44_100,
-        duration_seconds=1.0,
-        cold_start=None,
-        model_load_seconds=None,
-        container_id=None,
-        inference_seconds=None,
-    )
-
-
-@pytest.mark.parametrize(
-    ("audio", "wanted"),
-    [
-        (make_wav(1.0, sample_rate=44_100), AudioFormat.OGG_OPUS),  # Opus has no 44.1 kHz
-        (b"not audio at all", AudioFormat.WAV),
-    ],
-)
-async def test_audio_that_cannot_be_encoded_is_a_failed_inference(
-    pipeline: Pipeline, audio: bytes, wanted: AudioFormat
+async def test_a_request_past_its_deadline_never_reaches_the_backend(
+    pipeline: Pipeline, seed_server: SeedServer, voice_uri: str
 ) -> None:
-    with pytest.raises(GenerationFailed) as raised:
-        await pipeline.encode(backend_result(audio), wanted)
+    request = clone_request(voice_uri)
+    reference = await pipeline.fetch_reference(request)
+    passed = Deadline(time.monotonic() - 0.001)  # e.g. during the reference's fetch
+
+    with pytest.raises(Expired) as raised:
+        await pipeline.clone(request, reference, passed)
+
+    assert code_of(raised) == (ErrorCode.EXPIRED, False)
+    assert seed_server.requests == []
+
+
+async def test_the_backends_own_bound_caps_a_call_the_request_would_let_run_longer(
+    make_pipeline: MakePipeline, seed_server: SeedServer, voice_uri: str
+) -> None:
+    seed_server.delay_seconds = 30
+    settings = BackendSettings(kind="http", timeout_seconds=0.3, http={"base_url": seed_server.url})
+    backend = HttpBackend(settings)
+    await backend.start()
+    pipeline = make_pipeline(backend=backend, retry=RetrySettings(max_attempts=1))
+    in_a_minute = datetime.now(UTC) + timedelta(minutes=1)
+    started = time.monotonic()
+    try:
+        for deadline in (None, in_a_minute):
+            with pytest.raises(CloneError) as raised:
+                await pipeline.process(clone_request(voice_uri, deadline=deadline))
+            assert code_of(raised) == (ErrorCode.INFERENCE_TIMEOUT, True)
+    finally:
+        await backend.close()
+
+    assert time.monotonic() - started < 2.0
+    assert len(seed_server.requests) == 2
+
+
+async def test_a_backend_answer_that_is_not_audio_is_a_failed_inference(
+    pipeline: Pipeline, seed_server: SeedServer, voice_uri: str
+) -> None:
+    seed_server.respond_with = (200, {"audio": "somewhere else"})
+
+    with pytest.raises(CloneError) as raised:
+        await pipeline.process(clone_request(voice_uri))
 
     assert code_of(raised) == (ErrorCode.INFERENCE_FAILED, False)
+    assert "that are not audio" in raised.value.message
+
+
+async def test_audio_that_cannot_be_encoded_is_a_failed_inference(pipeline: Pipeline) -> None:
+    audio = EncodedAudio.read(make_wav(1.0, sample_rate=44_100))
+
+    with pytest.raises(GenerationFailed) as raised:
+        await pipeline.encode(audio, AudioFormat.OGG_OPUS)  # Opus has no 44.1 kHz
+
+    assert code_of(raised) == (ErrorCode.INFERENCE_FAILED, False)
+    assert "the backend's WAV audio cannot be encoded as OGG_OPUS" in raised.value.message
 
 
 @pytest.mark.parametrize(
-    ("audio", "declared"),
+    ("data", "decoded"),
     [
-        (make_wav(1.0, sample_rate=24_000), "WAV"),  # 48 kB as sent, 96 kB decoded
+        (make_wav(1.0, sample_rate=24_000), 96_000),  # 48 kB as sent, 96 kB decoded
         # Ten seconds of silence: a few kB of FLAC, 960 kB once decoded for transcoding.
-        (encode_audio(np.zeros(240_000, dtype=np.float32), 24_000, AudioFormat.FLAC), "FLAC"),
+        (encode_audio(np.zeros(240_000, dtype=np.float32), 24_000, AudioFormat.FLAC), 960_000),
     ],
 )
 async def test_audio_over_the_size_limit_is_refused_before_transcoding_or_storing(
-    make_pipeline: MakePipeline, audio: bytes, declared: str
+    make_pipeline: MakePipeline, data: bytes, decoded: int
 ) -> None:
-    result = replace(backend_result(audio), format=declared)
-    decoded = 96_000 if declared == "WAV" else 960_000
+    audio = EncodedAudio.read(data)
 
     with pytest.raises(GenerationFailed) as raised:
-        await make_pipeline(max_audio_bytes=decoded - 1).encode(result, AudioFormat.WAV)
-    encoded = await make_pipeline(max_audio_bytes=decoded).encode(result, AudioFormat.WAV)
+        await make_pipeline(max_audio_bytes=decoded - 1).encode(audio, AudioFormat.WAV)
+    encoded = await make_pipeline(max_audio_bytes=decoded).encode(audio, AudioFormat.WAV)
 
     assert code_of(raised) == (ErrorCode.INFERENCE_FAILED, False)
     assert f"{decoded} bytes decoded" in raised.value.message

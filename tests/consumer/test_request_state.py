@@ -6,9 +6,9 @@ import asyncio
 import gc
 from pathlib import Path
 
+from consumer.admission import KeyedSemaphores
 from consumer.backends import BackendSettings
 from consumer.backends.base import CloneJob, CloneResult
-from consumer.concurrency import KeyedSemaphores
 from consumer.handler import CancelRegistry
 from consumer.pipeline import StageClock
 from consumer.reference import ReferenceAudio, ReferenceSettings

@@ -15,9 +15,8 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from consumer.admission import TenantAdmission
+from consumer.admission import KeyedSemaphores, TenantAdmission
 from consumer.backends import BackendSettings
-from consumer.concurrency import KeyedSemaphores
 from consumer.errors import CloneError
 from schemas.events import AudioReady, CloneRequest, ErrorCode
 from tests.consumer.test_pipeline import MakePipeline, make_pipeline, storage  # noqa: F401

@@ -46,17 +46,17 @@ async def backend(seed_server: SeedServer) -> AsyncIterator[HttpBackend]:
     await backend.close()
 
 
-async def test_clone_returns_the_wav_with_facts_read_from_it(
+async def test_clone_returns_the_services_wav_as_sent(
     backend: HttpBackend, seed_server: SeedServer, clone_job: CloneJobFactory
 ) -> None:
     job = clone_job(text="x" * 60)
 
     result = await backend.clone(job, timeout=10)
 
-    assert result.format == "WAV"
-    assert result.sample_rate == 24_000
-    assert result.duration_seconds == pytest.approx(60 * SECONDS_PER_CHARACTER, abs=1e-3)
-    assert soundfile.info(io.BytesIO(result.audio)).frames == round(3.0 * 24_000)
+    info = soundfile.info(io.BytesIO(result.audio))
+    assert (info.format, info.samplerate) == ("WAV", 24_000)
+    assert info.duration == pytest.approx(60 * SECONDS_PER_CHARACTER, abs=1e-3)
+    assert info.frames == round(3.0 * 24_000)
     assert (result.cold_start, result.container_id, result.inference_seconds) == (None,) * 3
     path, body = seed_server.requests[0]
     assert path == "/clone"
@@ -73,7 +73,8 @@ async def test_max_new_tokens_is_passed_on(
     result = await backend.clone(job, timeout=10)
 
     assert seed_server.requests[0][1]["max_new_tokens"] == 24
-    assert result.duration_seconds == pytest.approx(24 / TOKENS_PER_SECOND, abs=1e-3)
+    duration = soundfile.info(io.BytesIO(result.audio)).duration
+    assert duration == pytest.approx(24 / TOKENS_PER_SECOND, abs=1e-3)
 
 
 async def test_model_size_selects_its_base_url(
@@ -161,15 +162,6 @@ async def test_wrong_endpoint_is_permanent(
     assert not raised.value.transient
 
 
-async def test_success_that_is_not_audio_is_generation_failed(
-    backend: HttpBackend, seed_server: SeedServer, clone_job: CloneJobFactory
-) -> None:
-    seed_server.respond_with = (200, {"status": "ok"})
-
-    with pytest.raises(GenerationFailed, match="not audio"):
-        await backend.clone(clone_job(), timeout=10)
-
-
 async def test_connection_refused_is_transient(clone_job: CloneJobFactory) -> None:
     backend = await _started(f"http://127.0.0.1:{_closed_port()}")
     try:
@@ -194,33 +186,6 @@ async def test_slow_server_times_out_within_the_budget(
     assert raised.value.transient
     assert raised.value.code == ErrorCode.INFERENCE_TIMEOUT
     await asyncio.wait_for(seed_server.disconnected.wait(), timeout=2)
-
-
-async def test_configured_limit_caps_the_callers_timeout(
-    seed_server: SeedServer, clone_job: CloneJobFactory
-) -> None:
-    seed_server.delay_seconds = 30
-    backend = HttpBackend(
-        BackendSettings(kind="http", timeout_seconds=0.3, http={"base_url": seed_server.url})
-    )
-    await backend.start()
-    started = time.monotonic()
-    try:
-        with pytest.raises(BackendTimeout):
-            await backend.clone(clone_job(), timeout=None)
-    finally:
-        await backend.close()
-
-    assert time.monotonic() - started < 1.0
-
-
-async def test_expired_deadline_sends_nothing(
-    backend: HttpBackend, seed_server: SeedServer, clone_job: CloneJobFactory
-) -> None:
-    with pytest.raises(BackendTimeout):
-        await backend.clone(clone_job(), timeout=0)
-
-    assert seed_server.requests == []
 
 
 async def test_cancelling_a_call_closes_its_connection(

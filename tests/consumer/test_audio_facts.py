@@ -10,7 +10,7 @@ import pytest
 import soundfile
 
 from consumer.backends import GenerationFailed
-from consumer.backends.audio import AudioFacts, _plain_wav_facts, read_audio_facts
+from consumer.pipeline import AudioFacts, _plain_wav_facts, read_audio_facts
 
 
 def _encode(frames: int, channels: int, rate: int, subtype: str, container: str = "WAV") -> bytes:
