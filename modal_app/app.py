@@ -13,7 +13,9 @@ first), `VOICECLONE_MODAL_GPU_SNAPSHOT` (`0` for CPU-only memory snapshots),
 `VOICECLONE_MODAL_GENERATION` (`stock` or `fast`: the engine's generation loop),
 `VOICECLONE_MODAL_MAX_INPUTS` and `VOICECLONE_MODAL_TARGET_INPUTS` (inputs a container serves at
 once with the fast loop, which batches them; defaults per size in `modal_app.profiles`),
-`VOICECLONE_MODAL_COMPILE_STEPS` (`1`: the fast loop's steps through `torch.compile`).
+`VOICECLONE_MODAL_COMPILE_STEPS` (`1`: the fast loop's steps through `torch.compile`),
+`VOICECLONE_MODAL_TRACE_DECODER` (`0`: the speech decoder stays eager; see
+`modal_app.decoder_graph`).
 
 Containers restore from a memory snapshot taken after the model is loaded (with its GPU memory
 where Modal's GPU snapshots are enabled), so a cold start skips import, load and warm-up.
@@ -56,6 +58,7 @@ class DeploySettings:
     max_inputs: int = 1  # with the fast loop: inputs one container serves at once
     target_inputs: int = 1  # with the fast loop: Modal scales out past this many
     compile_steps: bool = False  # EngineOptions.compile_steps (experimental)
+    trace_decoder: bool = True  # EngineOptions.trace_decoder
 
     @property
     def concurrency(self) -> tuple[int, int]:
@@ -84,6 +87,7 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> DeploySettings
         max_inputs=_positive(environ, "VOICECLONE_MODAL_MAX_INPUTS", profile.max_inputs),
         target_inputs=_positive(environ, "VOICECLONE_MODAL_TARGET_INPUTS", profile.target_inputs),
         compile_steps=_flag(environ.get("VOICECLONE_MODAL_COMPILE_STEPS", "0")),
+        trace_decoder=_flag(environ.get("VOICECLONE_MODAL_TRACE_DECODER", "1")),
     )
 
 
@@ -132,6 +136,7 @@ image = (
             "VOICECLONE_MODEL_SIZE": PROFILE.size,  # the container imports this module too
             "VOICECLONE_MODAL_GENERATION": SETTINGS.generation,
             "VOICECLONE_MODAL_COMPILE_STEPS": "1" if SETTINGS.compile_steps else "0",
+            "VOICECLONE_MODAL_TRACE_DECODER": "1" if SETTINGS.trace_decoder else "0",
             "TOKENIZERS_PARALLELISM": "false",
         }
     )
@@ -208,6 +213,7 @@ class Qwen3TTSService(SeedCompatible):
                 generation=SETTINGS.generation,
                 max_batch_rows=PROFILE.batch_rows,
                 compile_steps=SETTINGS.compile_steps,
+                trace_decoder=SETTINGS.trace_decoder,
             ),
         )
         if self._engine.device.type == "cuda":

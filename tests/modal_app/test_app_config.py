@@ -29,6 +29,7 @@ ENV_KEYS = (
     "VOICECLONE_MODAL_MAX_INPUTS",
     "VOICECLONE_MODAL_TARGET_INPUTS",
     "VOICECLONE_MODAL_COMPILE_STEPS",
+    "VOICECLONE_MODAL_TRACE_DECODER",
 )
 EXPECTED = {
     "1.7B": ("voiceclone-qwen3-tts-1-7b", "Qwen/Qwen3-TTS-12Hz-1.7B-Base", ["A10G", "L4"]),
@@ -136,6 +137,14 @@ def test_compiling_the_fast_loop_is_a_deploy_setting_off_by_default(load_app: Lo
 
     compiled, _ = load_app(VOICECLONE_MODAL_GENERATION="fast", VOICECLONE_MODAL_COMPILE_STEPS="1")
     assert compiled.SETTINGS.compile_steps is True
+
+
+def test_the_traced_speech_decoder_is_a_deploy_setting_on_by_default(load_app: LoadApp) -> None:
+    default, _ = load_app()
+    assert default.SETTINGS.trace_decoder is True
+
+    eager, _ = load_app(VOICECLONE_MODAL_TRACE_DECODER="0")
+    assert eager.SETTINGS.trace_decoder is False
 
 
 def test_the_stock_loop_takes_one_input_per_container(load_app: LoadApp) -> None:
