@@ -42,7 +42,12 @@ from torch.jit._fuser import optimized_execution  # torch.jit re-exports it, not
 from modal_app.decode_masks import MaskBuilder, mask_builder
 from modal_app.reference_context import speech_codec
 
-__all__ = ["PROBE_LENGTHS", "install_decoder_graph", "remove_decoder_graph"]
+__all__ = [
+    "PROBE_LENGTHS",
+    "decoder_graph_installed",
+    "install_decoder_graph",
+    "remove_decoder_graph",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +113,12 @@ def remove_decoder_graph(tts: Qwen3TTSModel) -> None:
     decoder = getattr(speech_codec(tts), "decoder", None)
     if decoder is not None:
         decoder.__dict__.pop("forward", None)
+
+
+def decoder_graph_installed(tts: Qwen3TTSModel) -> bool:
+    """Whether the speech decoder runs its traced graph: its instance's own `forward`."""
+    decoder = getattr(speech_codec(tts), "decoder", None)
+    return decoder is not None and "forward" in decoder.__dict__
 
 
 def _traced_forward(decoder: Any, masks: MaskBuilder) -> Callable[[torch.Tensor], torch.Tensor]:

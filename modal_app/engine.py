@@ -41,7 +41,11 @@ from modal_app.contract import (
 )
 from modal_app.decode_activations import cache_snake_parameters
 from modal_app.decode_masks import cache_decode_masks
-from modal_app.decoder_graph import install_decoder_graph, remove_decoder_graph
+from modal_app.decoder_graph import (
+    decoder_graph_installed,
+    install_decoder_graph,
+    remove_decoder_graph,
+)
 from modal_app.errors import RequestStopped
 from modal_app.fastgen import FastTalker, GenerationStopped, LoopStats, RowOptions, row_options
 from modal_app.languages import SUPPORTED_LANGUAGES, normalize_language
@@ -110,8 +114,6 @@ class Engine:
         self.languages = _model_languages(tts)
         self._prompts: PromptCache[VoiceClonePromptItem] = PromptCache(options.prompt_cache_size)
         self._fast: FastTalker | None = None
-        # Whether decodes run the speech decoder's traced graph (set by `warm_up`).
-        self.decoder_traced = False
         if options.generation == "fast":
             self._fast = FastTalker(
                 tts.model.talker,
@@ -169,6 +171,11 @@ class Engine:
         return self._tts
 
     @property
+    def decoder_traced(self) -> bool:
+        """Whether decodes run the speech decoder's traced graph (`warm_up` installs it)."""
+        return decoder_graph_installed(self._tts)
+
+    @property
     def device(self) -> torch.device:
         return self._tts.model.device
 
@@ -191,7 +198,6 @@ class Engine:
         torch_dtype = pick_dtype(str(target), dtype)
         with self._stock_lock:
             remove_decoder_graph(self._tts)  # it holds the old device's tensors; warm_up traces
-            self.decoder_traced = False
             tokenizer = speech_tokenizer(self._tts)
             # transformers wraps `to` so that its stub reads as the unbound `Module.to`.
             self._tts.model.to(device=target, dtype=torch_dtype)  # pyright: ignore[reportCallIssue]
@@ -214,7 +220,7 @@ class Engine:
         if self._fast is not None:
             self._fast.warm_up()
         if self.options.trace_decoder:
-            self.decoder_traced = install_decoder_graph(self._tts)
+            install_decoder_graph(self._tts)
         noise = np.random.default_rng(0).normal(0.0, 0.05, MODEL_SAMPLE_RATE).astype(np.float32)
         with _generation_errors():
             prompt = self._tts.create_voice_clone_prompt(
