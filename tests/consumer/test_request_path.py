@@ -6,7 +6,6 @@ the worker handles one record or commits (in that task, and in the tasks and thr
 starts), for one request answered by a worker run until idle on Kafka in memory, with the HTTP
 backend and local storage."""
 
-import asyncio
 import contextvars
 import sys
 import threading
@@ -18,12 +17,17 @@ from typing import Any
 
 import pytest
 
-from consumer.app import serve
 from consumer.backends import BackendSettings
 from schemas.events import AudioReady
 from tests.fixtures.memory_kafka import MemoryKafka
 from tests.fixtures.seed import SeedServer
-from tests.fixtures.worker import Outcomes, Requests, WorkerSettingsFactory, clone_request
+from tests.fixtures.worker import (
+    Outcomes,
+    Requests,
+    WorkerSettingsFactory,
+    clone_request,
+    run_until_idle,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -99,8 +103,7 @@ async def test_one_request_runs_through_at_most_fourteen_of_our_files(
         await requests.send(request)
 
     with files_run_by_requests() as files:
-        clients = memory_kafka.worker_clients(settings)
-        await asyncio.wait_for(serve(settings, clients=clients, until_idle=True), 60)
+        await run_until_idle(settings, memory_kafka)
 
     async with Outcomes(settings, memory_kafka) as outcomes:
         await outcomes.read_to_end()

