@@ -369,20 +369,20 @@ class Pipeline:
     ) -> T:
         """`attempt()`, again while it fails transiently, within the retry policy and the
         request's deadline; if it gives up, `progress` says how many attempts were made."""
-        attempts = 1
+        attempts = 0
 
-        def again() -> None:
+        async def counted() -> T:
             nonlocal attempts
             attempts += 1
-            self._metrics.retried(stage)
+            return await attempt()
 
         try:
             return await retry(
-                attempt,
+                counted,
                 transient=_transient,
                 policy=self._retry,
                 what=f"{stage} for {request_id}",
-                on_retry=again,
+                on_retry=functools.partial(self._metrics.retried, stage),
                 deadline=deadline.at,
             )
         except VoicecloneError:

@@ -86,7 +86,7 @@ async def retry(
     """`await attempt()` until it succeeds; raise its error when `transient` rejects it or the
     policy (or `deadline`, a `time.monotonic()` value) allows no further attempt.
 
-    `on_retry` is called after each failed attempt that will be repeated, before the wait.
+    `on_retry` is called after each failed attempt that is to be repeated, before the wait.
     """
     started = time.monotonic()
     attempts = 0
@@ -107,7 +107,10 @@ async def retry(
             )
             if on_retry is not None:
                 on_retry()
-        await asyncio.sleep(wait)
+            await asyncio.sleep(wait)
+            # A loaded loop can wake the sleep late, past a bound the wait itself fitted in.
+            if not policy.allows(attempts, started, 0, deadline):
+                raise
 
 
 async def retry_while(

@@ -6,6 +6,7 @@ the clone-failed event's attempts and the dead letter's headers.
 """
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections import Counter
@@ -27,6 +28,7 @@ from consumer.pipeline import Pipeline
 from consumer.reference import ReferenceFetcher, ReferenceSettings
 from consumer.settings import LimitSettings, RetrySettings
 from consumer.telemetry import Metrics
+from producer.retry import RetryPolicy
 from producer.storage import LocalStorage, S3Storage, Storage
 from schemas.events import AudioReady, CloneFailed, CloneRequest, ErrorCode
 from tests.fixtures.memory_kafka import MemoryKafka
@@ -42,6 +44,14 @@ from tests.fixtures.worker import (
 )
 
 pytestmark = pytest.mark.timeout(120)
+
+
+class Unjittered(RetrySettings):
+    """Retry settings whose waits are their nominal lengths, for timing that tests can predict."""
+
+    def policy(self) -> RetryPolicy:
+        return dataclasses.replace(super().policy(), jitter=False)
+
 
 FAST = RetrySettings(max_attempts=3, initial_backoff_seconds=0.01, max_backoff_seconds=0.05)
 BUSY = 503
@@ -236,9 +246,11 @@ async def test_no_attempt_starts_after_the_request_deadline(
     make_pipeline: Callable[..., Pipeline], flaky: FlakyServer
 ) -> None:
     flaky.clone_failures = [BUSY] * 100
-    patient = RetrySettings(max_attempts=100, initial_backoff_seconds=0.2, max_backoff_seconds=0.2)
-    request = request_for(flaky, deadline=datetime.now(UTC) + timedelta(seconds=1))
-    deadline = time.monotonic() + 1
+    # Waits of exactly 0.2 s put the last attempt ~0.1 s before the deadline, never in its last
+    # milliseconds, where the deadline would cut the call itself short (EXPIRED, a case of its own).
+    patient = Unjittered(max_attempts=100, initial_backoff_seconds=0.2, max_backoff_seconds=0.2)
+    request = request_for(flaky, deadline=datetime.now(UTC) + timedelta(seconds=1.1))
+    deadline = time.monotonic() + 1.1
 
     with pytest.raises(CloneError) as raised:
         await make_pipeline(retry=patient).process(request)

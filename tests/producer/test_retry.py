@@ -1,5 +1,6 @@
 """The one retry loop: exponential, jittered waits, and every bound on trying again."""
 
+import asyncio
 import time
 
 import pytest
@@ -115,6 +116,25 @@ async def test_no_attempt_starts_past_the_deadline() -> None:
 
     assert operation.calls > 5
     assert max(operation.started) < deadline + SLEEP_OVERSHOOT
+
+
+async def test_a_wait_that_wakes_past_the_deadline_starts_no_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    last = Flaky("the only attempt")
+    operation = Operation(last, Flaky("never tried"))
+    deadline = time.monotonic() + 0.1
+    oversleep = asyncio.sleep
+
+    async def late(seconds: float) -> None:  # a busy loop: the wait fits, the wake-up does not
+        await oversleep(seconds + 0.15)
+
+    monkeypatch.setattr("producer.retry.asyncio.sleep", late)
+    with pytest.raises(Flaky) as raised:
+        await retry(operation, transient=transient, policy=fast(), what="test", deadline=deadline)
+
+    assert raised.value is last
+    assert operation.calls == 1
 
 
 async def test_retry_while_has_no_bound_and_waits_the_same_each_time() -> None:
