@@ -74,28 +74,30 @@ async def test_an_object_store_outage_is_waited_out_or_failed_after_the_budget(
             await outcomes.wait_for(ids, within_s=60)
             scrape = await scrape_worker(settings)
 
-    assert outage >= OUTAGE_S
-    assert outcomes.duplicates() == {}
     answered = [outcomes.first(request_id) for request_id in ids]  # none lost
     failed = [o for o in answered if isinstance(o, CloneFailed)]
     ready = [o for o in answered if isinstance(o, AudioReady)]
-    assert len(failed) + len(ready) == REQUESTS
+    waited = {e["what"].rpartition(" ")[2] for e in logs if e["event"] == "retrying"}
+    waited_and_done = [o for o in ready if o.request_id in waited]
+    storage_retries = [
+        e for e in logs if e["event"] == "retrying" and e["what"].startswith("storage")
+    ]
+    summary = (
+        f"storage-outage: requests={REQUESTS} outage_s={outage:.1f} ready={len(ready)} "
+        f"waited_and_done={len(waited_and_done)} storage_failed={len(failed)} "
+        f"storage_retries={len(storage_retries)} lost=0"
+    )
+    print(f"\n{summary}")
+    assert outage >= OUTAGE_S
+    assert outcomes.duplicates() == {}, summary
+    assert len(failed) + len(ready) == REQUESTS, summary
     for failure in failed:  # only after the whole budget
         assert (failure.error_code, failure.retryable) == (ErrorCode.STORAGE_FAILED, True), failure
         assert failure.attempts == RETRY.max_attempts, failure
-    waited = {e["what"].rpartition(" ")[2] for e in logs if e["event"] == "retrying"}
-    waited_and_done = [o for o in ready if o.request_id in waited]
-    assert waited_and_done, "no request waited the outage out"
+    assert waited_and_done, f"no request waited the outage out; {summary}"
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     for outcome in ready:  # each object is there, with the bytes its sha256 names
         await download_audio(outcome, downloads)
-    storage_retries = [
-        e for e in logs if e["event"] == "retrying" and e["what"].startswith("storage")
-    ]
-    assert scrape.value("voiceclone_retries_total", reason="storage") == len(storage_retries) > 0
-    print(
-        f"\nstorage-outage: requests={REQUESTS} outage_s={outage:.1f} ready={len(ready)} "
-        f"waited_and_done={len(waited_and_done)} storage_failed={len(failed)} "
-        f"storage_retries={len(storage_retries)} lost=0"
-    )
+    metric = scrape.value("voiceclone_retries_total", reason="storage")
+    assert metric == len(storage_retries) > 0, summary
