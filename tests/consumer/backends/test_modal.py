@@ -201,7 +201,6 @@ async def test_clone_returns_the_services_audio_and_facts(
     assert (result.cold_start, result.model_load_seconds) == (True, 41.5)
     assert (result.container_id, result.inference_seconds) == ("ta-123", 2.25)
     assert result.capped is True
-    assert result.capped is True
     assert fake_modal.apps[APP_LARGE].arguments == [
         {
             "text": job.text,
