@@ -2,6 +2,8 @@
 readers only with the offsets of the requests they answer, never twice, never when aborted, and
 a partition's older producer is fenced by the newer one."""
 
+import asyncio
+import gc
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -226,6 +228,9 @@ async def test_a_partitions_new_owner_fences_the_old_one_which_drops_its_work_an
     new = publisher_for(kafka_bootstrap, topics, group_id, prefix)
     await old.start()
     await new.start()
+    reported: list[str] = []  # what asyncio reports as left unhandled (none: the fence is)
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
     try:
         await old.open([moved, kept])
         await stage(old, topics, 0, 1)
@@ -241,5 +246,8 @@ async def test_a_partitions_new_owner_fences_the_old_one_which_drops_its_work_an
     finally:
         await new.stop()
         await old.stop()
+        gc.collect()  # an unread future reports itself when collected
+        loop.set_exception_handler(None)
+    assert reported == []
     assert sorted(await committed_outcomes(kafka_bootstrap, topics)) == ["k0", "r0", "r1"]
     assert await committed_offset(kafka_bootstrap, group_id, moved) == 2
