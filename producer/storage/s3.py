@@ -60,9 +60,11 @@ _TRANSIENT_CODES = frozenset(
         "InternalError",
         "ServiceUnavailable",
         "XMinioServerNotInitialized",
+        "ClientDisconnected",  # MinIO's answer to a request its own shutdown or restart cut off
     }
 )
-_TRANSIENT_STATUSES = frozenset({408, 429})
+# 499: the request was cut off before it completed (a HEAD's answer has no body, so no code).
+_TRANSIENT_STATUSES = frozenset({408, 429, 499})
 # Transport trouble: the request may not have reached S3, or the answer did not come back.
 _TRANSPORT_ERRORS = (
     HTTPClientError,
